@@ -1,0 +1,108 @@
+"""lm-evaluation-harness tasks, from the hub or from local JSONL files in the hub's field layout.
+
+The prompts, choices and targets are lm-eval's own: each document goes through the task's
+`process_docs`, `fewshot_context` (zero-shot) and `construct_requests`, so the (context,
+continuation) pairs are exactly the ones lm-eval's `simple_evaluate` scores.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pruning.tasks import Document, MultipleChoice, Task, TaskError
+
+# Local folder names that differ from the lm-eval task name.
+LOCAL_NAMES = {"wikitext": "wikitext2"}
+DATA_DIR_ENV = "PRUNETRACK_DATA_DIR"
+
+
+@lru_cache(maxsize=1)
+def _task_manager():
+    from lm_eval.tasks import TaskManager
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    return TaskManager()
+
+
+def local_file(name: str, split: str, data_dir: str | None) -> Path | None:
+    """`<data_dir>/<name>/<split>.jsonl` if it exists (data_dir defaults to $PRUNETRACK_DATA_DIR)."""
+    data_dir = data_dir or os.environ.get(DATA_DIR_ENV)
+    if not data_dir:
+        return None
+    path = Path(data_dir) / LOCAL_NAMES.get(name, name) / f"{split}.jsonl"
+    return path if path.is_file() else None
+
+
+def build_lm_eval_task(name: str, split: str, data_dir: str | None = None):
+    """The lm-eval Task object for `name`, reading `split` from a local JSONL file when one exists.
+
+    Returns (task, docs) where docs are the documents of `split` after lm-eval's processing.
+    """
+    manager = _task_manager()
+    entry = manager.task_index.get(name)
+    if entry is None or entry.kind.name not in ("TASK", "PY_TASK"):
+        raise TaskError(f"unknown task {name!r}; allowed: pydoc_ppl, pydoc_cloze, zero_shot_7, or an lm-eval task name")
+    path = local_file(name, split, data_dir)
+    overrides = None
+    if path is not None:
+        overrides = {
+            "dataset_path": "json",
+            "dataset_name": None,
+            "dataset_kwargs": {"data_files": {"validation": str(path)}},
+            "training_split": None,
+            "validation_split": "validation",
+            "test_split": None,
+            "fewshot_split": None,
+        }
+    try:
+        task = manager._factory.build(entry, overrides=overrides, registry=manager.task_index)
+    except Exception as err:  # datasets raises many kinds when the hub is unreachable
+        hint = f"; put {split}.jsonl under <data_dir>/{LOCAL_NAMES.get(name, name)}/ or set {DATA_DIR_ENV}"
+        raise TaskError(f"cannot load task {name!r} ({split}): {str(err).splitlines()[0]}{hint}") from None
+    if path is not None or split == "validation":
+        has_eval = task.has_test_docs() or task.has_validation_docs()
+        docs = list(task.eval_docs) if has_eval else []
+    else:
+        docs = list(task.training_docs()) if task.has_training_docs() else []
+    return task, docs
+
+
+def _gold_index(task, doc, choices: list[str]) -> int:
+    """The correct choice, resolved exactly as lm-eval's process_results does."""
+    gold = task.doc_to_text(doc) if task.multiple_input else task.doc_to_target(doc)
+    if isinstance(gold, str):
+        gold = choices.index(gold) if gold in choices else -1
+    if isinstance(gold, list) or not 0 <= gold < len(choices):
+        raise TaskError(f"task {task.config.task!r}: unsupported gold label {gold!r}")
+    return gold
+
+
+def load(name: str, split: str, data_dir: str | None = None) -> Task:
+    """Convert an lm-eval task's documents into prunetrack examples."""
+    task, docs = build_lm_eval_task(name, split, data_dir)
+    path = local_file(name, split, data_dir)
+    source = f"jsonl:{path}" if path else "lm_eval"
+    if task.OUTPUT_TYPE == "loglikelihood_rolling":
+        examples = [Document(i, task.doc_to_target(doc)) for i, doc in enumerate(docs)]
+        return Task(name, split, "perplexity", examples, source=source)
+    if task.OUTPUT_TYPE != "multiple_choice":
+        raise TaskError(
+            f"task {name!r} is {task.OUTPUT_TYPE}; allowed: multiple_choice or loglikelihood_rolling tasks"
+        )
+    examples = []
+    for i, doc in enumerate(docs):
+        context = task.fewshot_context(doc, num_fewshot=0)
+        requests = task.construct_requests(doc=doc, ctx=context, metadata=(name, i, 1))
+        choices = task.doc_to_choice(doc)
+        examples.append(
+            MultipleChoice(
+                doc_id=i,
+                requests=tuple(tuple(r.arguments) for r in requests),
+                gold=_gold_index(task, doc, choices),
+                choice_lengths=tuple(float(len(c)) for c in choices),
+            )
+        )
+    return Task(name, split, "multiple_choice", examples, source=source)

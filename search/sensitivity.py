@@ -1,0 +1,131 @@
+"""Block sensitivity: the baseline plus every single-block removal, per task, tracked in MLflow.
+
+importance[i] = baseline accuracy - accuracy without block i (multiple choice), or
+log(perplexity without block i) - log(baseline perplexity) (perplexity tasks).
+The study's `importance` metric is the mean of the per-task importances.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from pruning.evaluate import Evaluator
+from pruning.models import load_model
+from pruning.tasks import load_task, parse_task_list
+from search import tracking
+from search.cli import common_parser, run_main
+from search.configs import StudyContext, drop, evaluate_config, task_identity
+
+
+def open_context(args, client, parent_id: str, exp_id: str) -> StudyContext:
+    """Load the model and tasks named by the common parameters and build the study context."""
+    tasks = [
+        load_task(name, args.split, args.n_samples or None, args.seed, args.data_dir or None)
+        for name in parse_task_list(args.tasks)
+    ]
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, revision=args.revision or None,
+                        blocks_path=args.blocks_path or None)
+    evaluator = Evaluator(loaded, tasks, args.batch_size, reuse_budget_gb=args.reuse_budget_gb)
+    identity = {
+        "model": loaded.name,
+        "revision": loaded.revision,
+        "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
+        "tasks": [task_identity(t) for t in tasks],
+        "split": args.split,
+        "n_samples": args.n_samples,
+        "seed": args.seed,
+    }
+    tracking.log(client, parent_id, params={"num_blocks": loaded.num_blocks, "revision": loaded.revision,
+                                           "blocks_path": loaded.blocks_path})
+    return StudyContext(client, exp_id, parent_id, evaluator, identity)
+
+
+def study_params(args) -> dict:
+    """The parent run's params (the MLproject parameters)."""
+    keys = ("model", "tasks", "split", "n_samples", "batch_size", "seed", "device", "dtype")
+    return {k: getattr(args, k) for k in keys}
+
+
+def run_sensitivity(ctx: StudyContext) -> dict:
+    """Evaluate the baseline and each single-block removal; log importances to the parent run."""
+    n = ctx.evaluator.loaded.num_blocks
+    configs = [()] + [(i,) for i in range(n)]
+    results = {}
+    with tqdm(configs, desc="sensitivity", unit="config") as bar:
+        for removed in bar:
+            results[removed] = evaluate_config(ctx, removed)
+            bar.set_postfix(ctx.counts)
+    baseline = results[()][0]
+    report = {"baseline": baseline, "num_blocks": n, "child_runs": {}, "importance": {}, "metrics": {}}
+    for task in ctx.tasks:
+        report["importance"][task.name] = [drop(task, baseline[task.name], results[(i,)][0][task.name]) for i in range(n)]
+        report["metrics"][task.name] = [results[(i,)][0][task.name] for i in range(n)]
+    report["importance_mean"] = np.mean([report["importance"][t.name] for t in ctx.tasks], axis=0).tolist()
+    report["child_runs"] = {",".join(map(str, r)) or "baseline": results[r][1] for r in configs}
+    report["counts"] = dict(ctx.counts)
+    _log_report(ctx, report)
+    return report
+
+
+def _log_report(ctx: StudyContext, report: dict) -> None:
+    client, run_id = ctx.client, ctx.parent_id
+    for task, values in report["importance"].items():
+        tracking.log_series(client, run_id, f"importance/{task}", values)
+    tracking.log_series(client, run_id, "importance", report["importance_mean"])
+    baseline = {f"baseline_{m}_{t}": v for t, ms in report["baseline"].items() for m, v in ms.items()}
+    tracking.log(client, run_id, metrics={**baseline, "configs_evaluated": report["counts"]["evaluated"],
+                                          "configs_reused": report["counts"]["reused"]})
+    tracking.log_json(client, run_id, "sensitivity.json", report)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "importance.png"
+        plot_importance(report, path)
+        client.log_artifact(run_id, str(path))
+
+
+def plot_importance(report: dict, path: Path) -> None:
+    """Bar chart of each block's importance, one panel per task plus the mean."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = list(report["importance"].items()) + [("mean", report["importance_mean"])]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6, report["num_blocks"] * 0.3), 2.2 * len(panels)), squeeze=False)
+    for ax, (name, values) in zip(axes[:, 0], panels):
+        ax.bar(range(len(values)), values, color=["tab:red" if v == max(values) else "tab:blue" for v in values])
+        ax.set_title(f"importance: {name}", fontsize=9)
+        ax.set_xticks(range(len(values)))
+        ax.tick_params(labelsize=7)
+    axes[-1, 0].set_xlabel("block")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def summary(report: dict, k: int = 5) -> str:
+    """The most and least important blocks, for the terminal."""
+    mean = np.array(report["importance_mean"])
+    order = np.argsort(-mean)
+    top = ", ".join(f"{i} ({mean[i]:.3f})" for i in order[:k])
+    bottom = ", ".join(f"{i} ({mean[i]:.3f})" for i in order[::-1][:k])
+    counts = report["counts"]
+    return (f"most important blocks:  {top}\nleast important blocks: {bottom}\n"
+            f"configurations evaluated: {counts['evaluated']}, reused from the store: {counts['reused']}")
+
+
+def main(argv=None) -> None:
+    args = common_parser("Block sensitivity study").parse_args(argv)
+    client = tracking.connect(args.tracking_uri or None)
+    with tracking.study_run(client, "sensitivity", f"sensitivity/{args.model}", study_params(args)) as (run_id, exp_id):
+        ctx = open_context(args, client, run_id, exp_id)
+        report = run_sensitivity(ctx)
+    print(summary(report))
+    print(f"parent run: {run_id}\nsee it: mlflow ui --backend-store-uri {client.tracking_uri}  (then open http://127.0.0.1:5000)")
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main(main))
