@@ -39,8 +39,8 @@ def open_context(args, client, parent_id: str, exp_id: str) -> StudyContext:
         "n_samples": args.n_samples,
         "seed": args.seed,
     }
-    tracking.log(client, parent_id, params={"num_blocks": loaded.num_blocks, "revision": loaded.revision,
-                                           "blocks_path": loaded.blocks_path})
+    tracking.log(client, parent_id, params={"num_blocks": loaded.num_blocks, "model_revision": loaded.revision,
+                                           "model_blocks_path": loaded.blocks_path})
     return StudyContext(client, exp_id, parent_id, evaluator, identity)
 
 

@@ -1,7 +1,8 @@
 """Offline tasks built deterministically from the documentation text that ships with Python.
 
 The corpus is `pydoc_data.topics` (79 help topics). Topics are assigned to the train or
-validation split by a stable hash of their name (about one in five is validation).
+validation split by a stable hash of their name (about one in five is validation);
+validation passages and contexts that also occur in a train topic are dropped.
 
 - `pydoc_ppl`: passages of about 150 words; metric: perplexity.
 - `pydoc_cloze`: a 32-word context and four candidate next words: the true one and
@@ -37,6 +38,7 @@ def topics(split: str) -> tuple[tuple[str, str], ...]:
     return tuple((name, all_topics[name]) for name in sorted(all_topics) if _split_of(name) == split)
 
 
+@lru_cache(maxsize=3)
 def corpus_text(split: str | None = None) -> str:
     """The pydoc topics of one split (or all of them) joined by blank lines."""
     splits = ("train", "validation") if split is None else (split,)
@@ -48,6 +50,11 @@ def _words(text: str) -> list[re.Match]:
     return list(re.finditer(r"\S+", text))
 
 
+def _leaks(split: str, passage: str) -> bool:
+    """Validation text that also appears in a train topic (pydoc repeats some sections)."""
+    return split == "validation" and passage in corpus_text("train")
+
+
 def passages(split: str) -> list[Document]:
     """Consecutive ~150-word slices of each topic, original formatting kept."""
     docs = []
@@ -55,7 +62,9 @@ def passages(split: str) -> list[Document]:
         words = _words(text)
         for start in range(0, len(words) - PASSAGE_WORDS // 2, PASSAGE_WORDS):
             end = min(start + PASSAGE_WORDS, len(words)) - 1
-            docs.append(Document(len(docs), text[words[start].start() : words[end].end()]))
+            passage = text[words[start].start() : words[end].end()]
+            if not _leaks(split, passage):
+                docs.append(Document(len(docs), passage))
     return docs
 
 
@@ -78,6 +87,9 @@ def cloze_items(split: str) -> list[MultipleChoice]:
             gold = rng.randrange(NUM_CHOICES)
             choices.insert(gold, target)
             context = text[words[i - CONTEXT_WORDS].start() : words[i - 1].end()]
+            if _leaks(split, context):
+                i += CLOZE_SPACING
+                continue
             items.append(
                 MultipleChoice(
                     doc_id=len(items),

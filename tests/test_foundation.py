@@ -1,0 +1,175 @@
+"""Model loading, block removal, tasks and scoring on tiny random models and the default model."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from pruning.evaluate import Evaluator, encode_request, rolling_windows
+from pruning.models import LoadedModel, ModelError, blocks_removed, find_blocks_path, load_model
+from pruning.tasks import TaskError, builtin, load_task, parse_task_list
+
+ROOT = Path(__file__).resolve().parents[1]
+FAMILIES = {
+    "llama": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2),
+    "mistral": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2),
+    "qwen2": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2),
+    "gpt2": dict(n_embd=32, n_head=4),
+    "gpt_neox": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4),
+    "opt": dict(hidden_size=32, ffn_dim=64, num_attention_heads=4, word_embed_proj_dim=32),
+}
+LAYER_FIELD = {"gpt2": "n_layer"}
+
+
+def tiny(family: str, layers: int = 4) -> torch.nn.Module:
+    torch.manual_seed(0)
+    field = LAYER_FIELD.get(family, "num_hidden_layers")
+    config = AutoConfig.for_model(family, vocab_size=128, **{field: layers}, **FAMILIES[family])
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_block_removal_is_exact_and_reversible(family):
+    lm = tiny(family)
+    loaded = LoadedModel(lm, None, family, "local", find_blocks_path(lm))
+    ids = torch.randint(0, 128, (2, 9))
+    before = lm(ids).logits
+    state = {k: v.clone() for k, v in lm.state_dict().items()}
+    with blocks_removed(loaded, [1, 2]):
+        assert loaded.num_blocks == 2
+        pruned = lm(ids, use_cache=False).logits
+    assert not torch.allclose(pruned, before)
+    assert loaded.num_blocks == 4
+    assert torch.equal(lm(ids).logits, before)
+    assert all(torch.equal(v, state[k]) for k, v in lm.state_dict().items())
+
+
+def test_removed_model_generates_with_renumbered_cache():
+    lm = tiny("llama")
+    loaded = LoadedModel(lm, None, "llama", "local", find_blocks_path(lm))
+    ids = torch.randint(0, 128, (1, 5))
+    with blocks_removed(loaded, [0]):
+        cached = lm.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True)
+        uncached = lm.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False)
+        assert lm.config.num_hidden_layers == 3
+        assert [b.self_attn.layer_idx for b in loaded.blocks] == [0, 1, 2]
+    assert torch.equal(cached, uncached)
+    assert [b.self_attn.layer_idx for b in loaded.blocks] == [0, 1, 2, 3]
+
+
+def test_bad_block_index_and_unknown_path():
+    lm = tiny("llama")
+    loaded = LoadedModel(lm, None, "llama", "local", find_blocks_path(lm))
+    with pytest.raises(ModelError, match="block index 7 out of range; allowed: 0..3"):
+        with blocks_removed(loaded, [7]):
+            pass
+    with pytest.raises(ModelError, match="blocks_path 'model.nothing'"):
+        find_blocks_path(lm, "model.nothing")
+
+
+def test_unknown_model_is_one_clear_line():
+    with pytest.raises(ModelError, match="unknown model 'no-such-org/no-such-model'") as info:
+        load_model("no-such-org/no-such-model")
+    assert "\n" not in str(info.value)
+
+
+def test_builtin_tasks_are_deterministic_and_split():
+    a = load_task("pydoc_cloze", "validation", 20, seed=3)
+    b = load_task("pydoc_cloze", "validation", 20, seed=3)
+    assert a.examples == b.examples and len(a.examples) == 20
+    train = {ex.requests[0][0] for ex in load_task("pydoc_cloze", "train").examples}
+    validation = {ex.requests[0][0] for ex in load_task("pydoc_cloze", "validation").examples}
+    assert not train & validation
+    assert all(len(ex.requests) == 4 and 0 <= ex.gold < 4 for ex in a.examples)
+    assert {ex.gold for ex in a.examples} != {a.examples[0].gold}
+    assert load_task("pydoc_ppl", "validation", 5).kind == "perplexity"
+
+
+def test_task_errors():
+    with pytest.raises(TaskError, match="unknown split 'test'"):
+        load_task("pydoc_ppl", "test")
+    with pytest.raises(TaskError, match="unknown task 'nope'"):
+        load_task("nope")
+    assert parse_task_list("zero_shot_7,piqa")[:2] == ["boolq", "piqa"]
+
+
+def test_rolling_windows_cover_every_token_once():
+    tokens = list(range(10, 33))
+    windows = rolling_windows(tokens, 1, 8)
+    predicted = [t for _, cont in windows for t in cont]
+    assert predicted == tokens
+    for ctx, cont in windows[1:]:
+        assert len(ctx) + len(cont) == 9  # full context of max_length + 1
+
+
+def test_encoding_moves_trailing_space_to_continuation(default_model):
+    ctx, cont = encode_request(default_model.tokenizer, "Question: why?\nAnswer: ", "because")
+    assert default_model.tokenizer.decode(ctx + cont) == "Question: why?\nAnswer: because"
+    assert default_model.tokenizer.decode(cont).startswith(" ")
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    return load_model("default")
+
+
+@pytest.mark.slow
+def test_activation_reuse_gives_identical_scores(default_model):
+    tasks = [load_task("pydoc_ppl", "validation", 2), load_task("pydoc_cloze", "validation", 6)]
+    reuse = Evaluator(default_model, tasks, 4, reuse=True)
+    plain = Evaluator(default_model, tasks, 4, reuse=False)
+    reuse.evaluate(())
+    for removed in [(3,), (17, 25), (29,)]:
+        a, b = reuse.evaluate(removed), plain.evaluate(removed)
+        assert {k: v.per_example for k, v in a.items()} == {k: v.per_example for k, v in b.items()}
+
+
+@pytest.mark.slow
+def test_default_model_has_real_signal(default_model):
+    tasks = [load_task("pydoc_ppl", "validation", 4), load_task("pydoc_cloze", "validation", 40)]
+    ev = Evaluator(default_model, tasks, 8)
+    base = ev.evaluate(())
+    assert base["pydoc_cloze"].metrics["acc"] >= 0.6  # chance is 0.25
+    assert 10 < base["pydoc_ppl"].metrics["ppl"] < 30
+    no_first, no_middle = ev.evaluate((0,)), ev.evaluate((15,))
+    assert no_first["pydoc_ppl"].metrics["ppl"] > 100 * no_middle["pydoc_ppl"].metrics["ppl"]
+    assert no_first["pydoc_cloze"].metrics["acc"] < no_middle["pydoc_cloze"].metrics["acc"] - 0.2
+
+
+@pytest.mark.slow
+def test_mlflow_run_sensitivity_end_to_end(tmp_path):
+    """`mlflow run . -e sensitivity --env-manager local` on a small sample, twice."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "sensitivity", "--env-manager", "local",
+           "-P", "n_samples=2", "-P", "tasks=pydoc_ppl"]
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    client = MlflowClient(uri)
+    exps = [e.experiment_id for e in client.search_experiments()]
+    children = client.search_runs(exps, "tags.`prunetrack.kind` = 'config'")
+    assert len(children) == 31 and all(r.info.status == "FINISHED" for r in children)
+    assert {r.data.tags["removed_blocks"] for r in children} == {""} | {str(i) for i in range(30)}
+    parent = client.search_runs(exps, "tags.`prunetrack.kind` = 'sensitivity'")[0]
+    history = client.get_metric_history(parent.info.run_id, "importance")
+    importance = [m.value for m in sorted(history, key=lambda m: m.step)]
+    assert len(importance) == 30 and max(range(30), key=importance.__getitem__) == 0
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "reused from the store: 31" in second.stdout
+    assert len(client.search_runs(exps, "tags.`prunetrack.kind` = 'config'")) == 31
+
+
+def test_unreachable_tracking_uri_is_one_line(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "search.sensitivity", "--tracking_uri", "http://127.0.0.1:9"],
+                         capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "3"})
+    assert out.returncode == 2
+    assert out.stderr.strip().startswith("error: cannot reach tracking store 'http://127.0.0.1:9'")
+    assert len(out.stderr.strip().splitlines()) == 1
