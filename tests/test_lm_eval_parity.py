@@ -1,0 +1,67 @@
+"""Our scorer against lm-eval's own simple_evaluate with its HF model class, same examples."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from pruning.evaluate import Evaluator
+from pruning.tasks import builtin, load_task
+from pruning.tasks.harness import build_lm_eval_task
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+N = 200
+
+
+def _write_layouts(folder: Path) -> None:
+    """piqa and arc_easy JSONL in the Hugging Face layouts, made from the builtin cloze items."""
+    items = builtin.cloze_items("train")[: N]
+    (folder / "piqa").mkdir()
+    (folder / "arc_easy").mkdir()
+    with open(folder / "piqa" / "validation.jsonl", "w") as f:
+        for ex in items:
+            (ctx, a), (_, b) = ex.requests[ex.gold], ex.requests[(ex.gold + 1) % 4]
+            label = ex.doc_id % 2
+            sols = (a, b) if label == 0 else (b, a)
+            f.write(json.dumps({"goal": ctx, "sol1": sols[0].strip(), "sol2": sols[1].strip(), "label": label}) + "\n")
+    with open(folder / "arc_easy" / "validation.jsonl", "w") as f:
+        for ex in items:
+            choices = [c.strip() for _, c in ex.requests]
+            f.write(json.dumps({"id": str(ex.doc_id), "question": ex.requests[0][0][-120:],
+                                "choices": {"text": choices, "label": list("ABCD")},
+                                "answerKey": "ABCD"[ex.gold]}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    if all((SHARED / t / "validation.jsonl").is_file() for t in ("piqa", "arc_easy")):
+        return str(SHARED)
+    folder = tmp_path_factory.mktemp("layouts")
+    _write_layouts(folder)
+    return str(folder)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["piqa", "arc_easy"])
+def test_acc_and_acc_norm_equal_lm_eval(name, data_dir):
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    from pruning.models import load_model
+
+    loaded = load_model("default")
+    task = load_task(name, "validation", N, seed=0, data_dir=data_dir)
+    assert len(task.examples) == N
+    ours = Evaluator(loaded, [task], batch_size=8, reuse=False).evaluate(())[name]
+
+    lm_task, docs = build_lm_eval_task(name, "validation", data_dir)
+    keep = [ex.doc_id for ex in task.examples]
+    lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=8)
+    out = simple_evaluate(model=lm, tasks=[lm_task], samples={name: keep}, log_samples=True)
+    theirs = out["results"][name]
+    assert ours.metrics["acc"] == pytest.approx(theirs["acc,none"], abs=1e-12)
+    assert ours.metrics["acc_norm"] == pytest.approx(theirs["acc_norm,none"], abs=1e-12)
+    per_doc = {s["doc_id"]: s for s in out["samples"][name]}
+    assert sorted(per_doc) == keep
+    assert [int(per_doc[d]["acc"]) for d in keep] == ours.per_example["acc"]
