@@ -34,17 +34,21 @@ _EPS = 1e-12  # floor for denominators in ratios and normalisations
 
 
 def calibration_text(source: str = "pydoc") -> str:
-    """The calibration corpus: `pydoc` (Python's own topic docs), a .txt file or a .jsonl file.
+    """The calibration corpus: `pydoc` (Python's own topic docs), a .txt file, a .jsonl file,
+    or a hub dataset `hf:<name>[:<config>]` (its train split).
 
-    A .jsonl record contributes its "text" field, or else its first string field.
+    A .jsonl record or dataset row contributes its "text" field, or else its first string field.
     """
     if source == "pydoc":
         from pydoc_data.topics import topics
 
         return "\n\n".join(topics[key] for key in sorted(topics))
+    if source.startswith("hf:"):
+        return _hub_text(source)
     path = Path(source)
     if path.suffix not in (".txt", ".jsonl"):
-        raise ModelError(f"unknown calibration source {source!r}; allowed: pydoc, a .txt file, a .jsonl file")
+        raise ModelError(f"unknown calibration source {source!r}; allowed: pydoc, a .txt file, a .jsonl file, "
+                         "hf:<dataset>[:<config>]")
     if not path.is_file():
         raise ModelError(f"calibration file not found: {source!r}")
     if path.suffix == ".txt":
@@ -62,6 +66,22 @@ def calibration_text(source: str = "pydoc") -> str:
             raise ModelError(f"{source}:{number}: no string field")
         texts.append(record["text"] if isinstance(record.get("text"), str) else strings[0])
     return "\n\n".join(texts)
+
+
+def _hub_text(source: str) -> str:
+    import datasets
+
+    name, _, config = source.removeprefix("hf:").partition(":")
+    try:
+        rows = datasets.load_dataset(name, config or None, split="train")
+    except Exception as err:  # offline, unknown name, missing config
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ModelError(f"cannot load calibration dataset {source!r}: {first}") from None
+    column = "text" if "text" in rows.column_names else next(
+        (c for c, f in rows.features.items() if getattr(f, "dtype", None) == "string"), None)
+    if column is None:
+        raise ModelError(f"calibration dataset {source!r} has no text column")
+    return "\n\n".join(t for t in rows[column] if t and t.strip())
 
 
 def calibration_batches(
@@ -118,7 +138,8 @@ class GradStats:
     max_abs: float
 
 
-def _check_family(model: nn.Module) -> None:
+def check_family(model: nn.Module) -> None:
+    """Refuse a model whose family the width pruner cannot slice (one-line ModelError)."""
     model_type = getattr(model.config, "model_type", None)
     if model_type not in SUPPORTED_FAMILIES:
         raise ModelError(
@@ -216,7 +237,7 @@ def taylor_importance(model: nn.Module, batches, *, order: str = "first") -> tup
     """
     if order not in ("first", "second"):
         raise ModelError(f"unknown Taylor order {order!r}; allowed: first, second")
-    _check_family(model)
+    check_family(model)
     batches = list(batches)
     if not batches:
         raise ModelError("no calibration batches")
@@ -315,6 +336,19 @@ def _normalize(scores: torch.Tensor, method: str) -> torch.Tensor:
     return scores / max(scale, _EPS)
 
 
+def check_prune_options(ratio: float, normalization: str = "none", max_layer_rate: float = 1.0,
+                        min_heads: int = 1, min_channels: int = 1) -> None:
+    """Validate `global_prune`'s options without touching a model (so callers can fail before compute)."""
+    if not 0 < ratio < 1:
+        raise ModelError(f"pruning_ratio {ratio} out of range; allowed: 0 < ratio < 1")
+    if normalization not in NORMALIZATIONS:
+        raise ModelError(f"unknown normalization {normalization!r}; allowed: {', '.join(NORMALIZATIONS)}")
+    if not 0 < max_layer_rate <= 1:
+        raise ModelError(f"max_layer_rate {max_layer_rate} out of range; allowed: 0 < rate <= 1")
+    if min_heads < 1 or min_channels < 1:
+        raise ModelError(f"min_heads {min_heads} / min_channels {min_channels} out of range; allowed: >= 1")
+
+
 def global_prune(
     model: nn.Module,
     groups: list[LayerGroups],
@@ -339,15 +373,8 @@ def global_prune(
     The layers are then sliced physically and their sizes stored in
     `config.prunetrack_layers`.
     """
-    if not 0 < ratio < 1:
-        raise ModelError(f"pruning_ratio {ratio} out of range; allowed: 0 < ratio < 1")
-    if normalization not in NORMALIZATIONS:
-        raise ModelError(f"unknown normalization {normalization!r}; allowed: {', '.join(NORMALIZATIONS)}")
-    if not 0 < max_layer_rate <= 1:
-        raise ModelError(f"max_layer_rate {max_layer_rate} out of range; allowed: 0 < rate <= 1")
-    if min_heads < 1 or min_channels < 1:
-        raise ModelError(f"min_heads {min_heads} / min_channels {min_channels} out of range; allowed: >= 1")
-    _check_family(model)
+    check_prune_options(ratio, normalization, max_layer_rate, min_heads, min_channels)
+    check_family(model)
     blocks = _blocks(model)
     if len(groups) != len(blocks):
         raise ModelError(f"got importances for {len(groups)} blocks; the model has {len(blocks)}")

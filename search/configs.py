@@ -55,6 +55,19 @@ def task_identity(task: Task) -> dict:
     return {"name": task.name, "split": task.split, "n": len(task.examples), "data": digest}
 
 
+def study_identity(loaded, tasks: list[Task], split: str, n_samples: int, seed: int) -> dict:
+    """What makes two evaluations of a configuration the same: model, revision, dtype and data."""
+    return {
+        "model": loaded.name,
+        "revision": loaded.revision,
+        "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
+        "tasks": [task_identity(t) for t in tasks],
+        "split": split,
+        "n_samples": n_samples,
+        "seed": seed,
+    }
+
+
 def removed_tag(removed) -> str:
     """The `removed_blocks` tag: comma-separated, sorted, empty for the baseline."""
     return ",".join(str(b) for b in sorted(removed))
@@ -65,6 +78,12 @@ def _metrics_from(run, tasks: list[Task]) -> dict[str, dict[str, float]]:
     return {t.name: {m: values[metric_name(m, t.name)] for m in METRICS[t.kind]} for t in tasks}
 
 
+def lookup(ctx: StudyContext, removed: tuple[int, ...]) -> tuple[dict[str, dict[str, float]], str] | None:
+    """(metrics by task, run id) of the first FINISHED run with the hash of `removed`, or None."""
+    finished = tracking.find_runs(ctx.client, ctx.hash_of(removed), "FINISHED")
+    return (_metrics_from(finished[0], ctx.tasks), finished[0].info.run_id) if finished else None
+
+
 def evaluate_config(ctx: StudyContext, removed: tuple[int, ...], progress=None) -> tuple[dict[str, dict[str, float]], str, bool]:
     """Metrics per task for `removed`, from a FINISHED run with the same hash or a new child run.
 
@@ -72,10 +91,10 @@ def evaluate_config(ctx: StudyContext, removed: tuple[int, ...], progress=None) 
     """
     conf_hash = ctx.hash_of(removed)
     tracking.close_dead_runs(ctx.client, conf_hash)
-    finished = tracking.find_runs(ctx.client, conf_hash, "FINISHED")
-    if finished:
+    found = lookup(ctx, removed)
+    if found:
         ctx.counts["reused"] += 1
-        return _metrics_from(finished[0], ctx.tasks), finished[0].info.run_id, True
+        return *found, True
     name = f"remove[{removed_tag(removed)}]" if removed else "baseline"
     tags = {tracking.KIND: "config", "removed_blocks": removed_tag(removed), "num_removed": str(len(removed))}
     params = {**{k: v for k, v in ctx.identity.items() if k != "tasks"}, "tasks": ",".join(t.name for t in ctx.tasks),

@@ -18,7 +18,7 @@ from pruning.models import load_model
 from pruning.tasks import load_task, parse_task_list
 from search import tracking
 from search.cli import common_parser, run_main
-from search.configs import StudyContext, drop, evaluate_config, task_identity
+from search.configs import StudyContext, drop, evaluate_config, study_identity
 
 
 def open_context(args, client, parent_id: str, exp_id: str) -> StudyContext:
@@ -30,15 +30,7 @@ def open_context(args, client, parent_id: str, exp_id: str) -> StudyContext:
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, revision=args.revision or None,
                         blocks_path=args.blocks_path or None)
     evaluator = Evaluator(loaded, tasks, args.batch_size, reuse_budget_gb=args.reuse_budget_gb)
-    identity = {
-        "model": loaded.name,
-        "revision": loaded.revision,
-        "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
-        "tasks": [task_identity(t) for t in tasks],
-        "split": args.split,
-        "n_samples": args.n_samples,
-        "seed": args.seed,
-    }
+    identity = study_identity(loaded, tasks, args.split, args.n_samples, args.seed)
     tracking.log(client, parent_id, params={"num_blocks": loaded.num_blocks, "model_revision": loaded.revision,
                                            "model_blocks_path": loaded.blocks_path})
     return StudyContext(client, exp_id, parent_id, evaluator, identity)

@@ -1,0 +1,189 @@
+"""Taylor-importance global width pruning as one tracked MLflow run.
+
+Calibrate, score every attention KV group and MLP channel by first- (or second-) order
+Taylor importance, remove `pruning_ratio` of the prunable parameters globally, then
+evaluate the smaller model. The run holds the parameters, the zero-shot accuracies and
+their mean, the perplexity, the gradient statistics (per layer with step=layer, and the
+cross-layer ratios and ranges), the per-layer pruning rates, the group importances and
+the pruned model itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pruning import taylor
+from pruning.evaluate import Evaluator, max_length_of
+from pruning.models import ModelError, load_model
+from pruning.tasks import load_task, parse_task_list
+from search import tracking
+from search.cli import run_main
+from search.configs import StudyContext, evaluate_config, metric_name, study_identity
+
+LAYER_SERIES = ("layer_pruning_rate", "layer_heads_kept", "layer_channels_kept",
+                "layer_grad_norm", "layer_grad_mean", "layer_grad_std", "layer_grad_max")
+
+
+@dataclass
+class PruneSettings:
+    """Everything that defines one pruning run (the `prune` entry point's parameters)."""
+
+    model: str = "default"
+    revision: str = ""
+    pruning_ratio: float = 0.2
+    taylor_seq_len: int = 64
+    taylor_num_samples: int = 128
+    taylor_batch_size: int = 8
+    taylor_order: str = "first"
+    calibration: str = "pydoc"
+    normalization: str = "none"
+    protect_first_last: bool = False
+    max_layer_rate: float = 1.0
+    extreme_threshold: float = 0.8
+    tasks: str = "pydoc_cloze"
+    ppl_task: str = "pydoc_ppl"
+    split: str = "validation"
+    n_samples: int = 100
+    batch_size: int = 8
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    data_dir: str = ""
+    baseline: bool = True
+    save_model: bool = True
+
+    def check(self) -> None:
+        """Validate what can be validated without a model (one-line errors)."""
+        taylor.check_prune_options(self.pruning_ratio, self.normalization, self.max_layer_rate)
+        if self.taylor_order not in ("first", "second"):
+            raise ModelError(f"unknown taylor_order {self.taylor_order!r}; allowed: first, second")
+        if not 0 < self.extreme_threshold <= 1:
+            raise ModelError(f"extreme_threshold {self.extreme_threshold} out of range; allowed: 0 < t <= 1")
+        for name in ("taylor_num_samples", "taylor_batch_size", "taylor_seq_len", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ModelError(f"{name} {getattr(self, name)} out of range; allowed: >= 1")
+
+
+def prune_and_evaluate(client, run_id: str, exp_id: str, settings: PruneSettings) -> dict[str, float]:
+    """Prune the model as `settings` say, logging everything to run `run_id`; returns its metrics.
+
+    Every check that needs no computation (options, tasks, calibration source, model family,
+    sequence length against the model's context) runs before the first forward pass.
+    """
+    settings.check()
+    task_names = parse_task_list(settings.tasks)
+    if settings.ppl_task and settings.ppl_task not in task_names:
+        task_names.append(settings.ppl_task)
+    tasks = [load_task(n, settings.split, settings.n_samples or None, settings.seed, settings.data_dir or None)
+             for n in task_names]
+    loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype, revision=settings.revision or None)
+    taylor.check_family(loaded.model)
+    batches = taylor.calibration_batches(
+        loaded.tokenizer, settings.calibration, settings.taylor_seq_len, settings.taylor_num_samples,
+        settings.seed, settings.taylor_batch_size, max_length_of(loaded.model))
+    evaluator = Evaluator(loaded, tasks, settings.batch_size, reuse=False)
+    tracking.log(client, run_id, params={"num_blocks": loaded.num_blocks, "model_revision": loaded.revision})
+
+    metrics: dict[str, float] = {}
+    if settings.baseline:  # the unpruned model, a configuration run shared with every study on the same data
+        identity = study_identity(loaded, tasks, settings.split, settings.n_samples, settings.seed)
+        ctx = StudyContext(client, exp_id, run_id, evaluator, identity)
+        baseline, _, _ = evaluate_config(ctx, ())
+        metrics.update(_task_metrics(baseline, tasks, settings.ppl_task, prefix="baseline_"))
+
+    start = time.perf_counter()
+    groups, stats = taylor.taylor_importance(loaded.model, batches, order=settings.taylor_order)
+    report = taylor.global_prune(
+        loaded.model, groups, settings.pruning_ratio, normalization=settings.normalization,
+        protect_first_last=settings.protect_first_last, max_layer_rate=settings.max_layer_rate,
+        extreme_threshold=settings.extreme_threshold)
+    metrics["taylor_seconds"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    scores = evaluator.evaluate(())
+    metrics["eval_seconds"] = time.perf_counter() - start
+    metrics.update(_task_metrics({t: s.metrics for t, s in scores.items()}, tasks, settings.ppl_task))
+    metrics.update({f"n_{s.task}": s.n for s in scores.values()})
+    metrics.update(taylor.gradient_summary(stats))
+    metrics.update(n_params_before=report.n_params_before, n_params_after=report.n_params_after,
+                   pruning_rate=1 - report.n_params_after / report.n_params_before,
+                   pruned_fraction=report.pruned_fraction, extreme_pruning_layers=report.extreme_pruning_layers)
+    _log(client, run_id, loaded, metrics, report, groups, stats, scores, settings)
+    return metrics
+
+
+def _task_metrics(by_task: dict[str, dict[str, float]], tasks, ppl_task: str, prefix: str = "") -> dict[str, float]:
+    """`<metric>_<task>` for every task, `acc_mean` over the multiple-choice tasks, `ppl` of `ppl_task`."""
+    out = {prefix + metric_name(m, task): v for task, ms in by_task.items() for m, v in ms.items()}
+    accs = [by_task[t.name]["acc"] for t in tasks if t.kind == "multiple_choice"]
+    if accs:
+        out[prefix + "acc_mean"] = float(np.mean(accs))
+    if ppl_task:
+        out[prefix + "ppl"] = by_task[ppl_task]["ppl"]
+    return out
+
+
+def _log(client, run_id, loaded, metrics, report, groups, stats, scores, settings) -> None:
+    tracking.log(client, run_id, metrics=metrics)
+    series = {
+        "layer_pruning_rate": report.layer_rates,
+        "layer_heads_kept": report.heads_kept,
+        "layer_channels_kept": report.channels_kept,
+        "layer_grad_norm": [s.norm for s in stats],
+        "layer_grad_mean": [s.mean_abs for s in stats],
+        "layer_grad_std": [s.std for s in stats],
+        "layer_grad_max": [s.max_abs for s in stats],
+    }
+    for name in LAYER_SERIES:
+        tracking.log_series(client, run_id, name, series[name])
+    tracking.log_json(client, run_id, "prune_report.json", {"settings": asdict(settings), "metrics": metrics, **series})
+    for s in scores.values():
+        tracking.log_json(client, run_id, f"{s.task}.json", {"task": s.task, "kind": s.kind, **s.per_example}, "per_example")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "group_importance.npz"
+        np.savez_compressed(path, **{f"heads_{b}": g.head_importance.numpy() for b, g in enumerate(groups)},
+                            **{f"channels_{b}": g.channel_importance.numpy() for b, g in enumerate(groups)})
+        client.log_artifact(run_id, str(path))
+        if settings.save_model:
+            taylor.save_pruned(loaded.model, loaded.tokenizer, Path(tmp) / "pruned_model")
+            client.log_artifacts(run_id, str(Path(tmp) / "pruned_model"), "pruned_model")
+
+
+def _flag(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean; allowed: true, false")
+
+
+def parser() -> argparse.ArgumentParser:
+    """The `prune` entry point's arguments: one per PruneSettings field, plus the tracking URI."""
+    p = argparse.ArgumentParser(description="Taylor-importance global width pruning, tracked in MLflow")
+    for name, default in asdict(PruneSettings()).items():
+        kind = _flag if isinstance(default, bool) else type(default)
+        p.add_argument(f"--{name}", type=kind, default=default)
+    p.add_argument("--tracking_uri", default="", help="overrides MLFLOW_TRACKING_URI")
+    return p
+
+
+def main(argv=None) -> None:
+    args = vars(parser().parse_args(argv))
+    tracking_uri = args.pop("tracking_uri")
+    settings = PruneSettings(**args)
+    settings.check()
+    client = tracking.connect(tracking_uri or None)
+    with tracking.study_run(client, "prune", f"prune/{settings.model}", asdict(settings)) as (run_id, exp_id):
+        metrics = prune_and_evaluate(client, run_id, exp_id, settings)
+    shown = ", ".join(f"{k} {metrics[k]:.4g}" for k in ("acc_mean", "ppl", "grad_norm_ratio", "pruning_rate") if k in metrics)
+    print(f"pruned {settings.model} by {settings.pruning_ratio:g}: {shown}\nrun: {run_id}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main(main))
