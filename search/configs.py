@@ -12,7 +12,8 @@ from pruning.evaluate import SCORER_VERSION, Evaluator
 from pruning.tasks import Task
 from search import tracking
 
-METRICS = {"multiple_choice": ("acc", "acc_norm"), "perplexity": ("ppl", "word_perplexity", "bits_per_byte")}
+METRICS = {"multiple_choice": ("acc", "acc_norm"), "perplexity": ("ppl", "word_perplexity", "bits_per_byte"),
+           "generation": ("score",)}
 
 
 def metric_name(metric: str, task: str) -> str:
@@ -22,9 +23,12 @@ def metric_name(metric: str, task: str) -> str:
 
 def drop(task: Task, baseline: dict[str, float], value: dict[str, float]) -> float:
     """How much worse a configuration is than the baseline on `task`'s primary metric:
-    accuracy points lost for multiple choice, increase in log-perplexity for perplexity."""
+    accuracy points lost for multiple choice, score lost for generation (VQA) tasks, increase in
+    log-perplexity for perplexity."""
     if task.kind == "multiple_choice":
         return baseline["acc"] - value["acc"]
+    if task.kind == "generation":
+        return baseline["score"] - value["score"]
     return math.log(value["ppl"]) - math.log(baseline["ppl"])
 
 

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from pruning.evaluate import Evaluator
 from pruning.models import load_model
 from pruning.tasks import load_task, parse_task_list
+from pruning.vlm import SCORER_VERSION as GENERATION_SCORER, GenerationEvaluator
 from search import tracking
 from search.cli import common_parser, run_main
 from search.configs import StudyContext, drop, evaluate_config, study_identity
@@ -29,10 +30,15 @@ def open_context(args, client, parent_id: str, exp_id: str) -> StudyContext:
     ]
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, revision=args.revision or None,
                         blocks_path=args.blocks_path or None)
-    evaluator = Evaluator(loaded, tasks, args.batch_size, reuse_budget_gb=args.reuse_budget_gb)
     identity = study_identity(loaded, tasks, args.split, args.n_samples, args.seed)
+    if any(t.kind == "generation" for t in tasks):  # VQA tasks: scored by generation
+        evaluator = GenerationEvaluator(loaded, tasks, args.batch_size)
+        identity["generation_scorer"] = GENERATION_SCORER
+    else:
+        evaluator = Evaluator(loaded, tasks, args.batch_size, reuse_budget_gb=args.reuse_budget_gb)
     tracking.log(client, parent_id, params={"num_blocks": loaded.num_blocks, "model_revision": loaded.revision,
-                                           "model_blocks_path": loaded.blocks_path})
+                                           "model_blocks_path": loaded.blocks_path},
+                 tags={f"task_type/{t.name}": t.task_type for t in tasks if t.task_type})
     return StudyContext(client, exp_id, parent_id, evaluator, identity)
 
 

@@ -21,6 +21,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from search import profiles
+
 KIND = "prunetrack.kind"
 ERROR = "prunetrack.error"
 HOST, PID = "prunetrack.host", "prunetrack.pid"
@@ -32,19 +34,56 @@ class TrackingError(RuntimeError):
 
 
 def connect(tracking_uri: str | None = None) -> MlflowClient:
-    """A client for the store, checked with one request before any compute."""
+    """A client for the store named by `tracking_uri` (a URI or a profile), else $PRUNETRACK_PROFILE,
+    $MLFLOW_TRACKING_URI, MLflow's default. Checked before any compute: the server answers and accepts
+    the credentials, its artifact storage answers, and it holds the run `mlflow run` started."""
     import mlflow
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    uri = mlflow.get_tracking_uri()
+    try:
+        uri, source = profiles.resolve(tracking_uri)
+    except profiles.ProfileError as err:
+        raise TrackingError(str(err)) from None
+    launcher = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if os.environ.get("MLFLOW_RUN_ID") and launcher and launcher.rstrip("/") != uri.rstrip("/"):
+        raise TrackingError(f"mlflow run started run {os.environ['MLFLOW_RUN_ID']} in {launcher!r} but {source} names "
+                            f"{uri!r}: give mlflow run the same store (MLFLOW_TRACKING_URI={uri} mlflow run ...)")
+    mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     try:
-        client.search_experiments(max_results=1)
+        experiments = client.search_experiments(max_results=1)
     except Exception as err:  # unreachable server, bad URL, refused credentials
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise TrackingError(f"cannot reach tracking store {uri!r}: {first[:300]}") from None
+        status = _http_status(err)
+        if status == 401:
+            raise TrackingError(f"tracking store {uri!r} refused the credentials (HTTP 401): set "
+                                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account of the server") from None
+        if status == 403:  # no permission, or a Host header the server does not allow
+            raise TrackingError(f"tracking store {uri!r} refused the request (HTTP 403): {_reason(err)}") from None
+        raise TrackingError(f"cannot reach tracking store {uri!r}: {_reason(err)}") from None
+    if experiments:  # every experiment's artifacts live in the store's artifact storage
+        location = experiments[0].artifact_location
+        try:
+            get_artifact_repository(location, tracking_uri=uri).list_artifacts()
+        except Exception as err:  # missing bucket, unreachable S3, no S3 credentials
+            raise TrackingError(f"cannot reach the artifact storage {location!r} of {uri!r}: {_reason(err)}") from None
     return client
+
+
+def _http_status(err: Exception) -> int | None:
+    """The HTTP status of a failed request: requests' errors carry the response, MLflow's the code."""
+    response = getattr(err, "response", None)
+    if response is not None:
+        return response.status_code
+    return err.get_http_status_code() if hasattr(err, "get_http_status_code") else None
+
+
+def _reason(err: Exception) -> str:
+    """One line saying why a request failed: the server's own message where it sent one."""
+    try:
+        text = err.response.json()["message"]
+    except Exception:
+        text = str(err)
+    return (text.strip().splitlines()[0] if text.strip() else type(err).__name__)[:300]
 
 
 def config_hash(identity: dict) -> str:

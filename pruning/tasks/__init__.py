@@ -41,14 +41,10 @@ class Task:
 
     name: str
     split: str
-    kind: str  # "multiple_choice" or "perplexity"
+    kind: str  # "multiple_choice", "perplexity" or "generation"
     examples: list = field(repr=False)
     source: str = "builtin"
     task_type: str | None = None
-
-    @property
-    def primary_metric(self) -> str:
-        return "acc" if self.kind == "multiple_choice" else "ppl"
 
 
 def sample(examples: list, n_samples: int | None, seed: int) -> list:
@@ -69,10 +65,10 @@ def load_task(
     """Load task `name` on `split`, sampling `n_samples` examples with `seed`.
 
     Names: the builtin `pydoc_ppl` and `pydoc_cloze`, or any lm-eval-harness
-    multiple-choice or perplexity task; with `data_dir`, `<data_dir>/<name>/<split>.jsonl`
-    replaces the hub download.
+    multiple-choice or perplexity task, or a VQA task (`pruning.tasks.vqa.TASKS`); with
+    `data_dir`, `<data_dir>/<name>/<split>.jsonl` replaces the hub download.
     """
-    from pruning.tasks import builtin, harness
+    from pruning.tasks import builtin, harness, vqa
 
     if split not in SPLITS:
         raise TaskError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
@@ -80,6 +76,8 @@ def load_task(
         raise TaskError(f"n_samples must be at least 1, got {n_samples}")
     if name in builtin.TASKS:
         task = builtin.load(name, split)
+    elif vqa.is_vqa(name, split, data_dir):
+        task = vqa.load(name, split, data_dir)
     else:
         task = harness.load(name, split, data_dir)
     if not task.examples:
