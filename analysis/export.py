@@ -1,0 +1,196 @@
+"""Upload the reports and figures of chosen runs to S3 with a manifest; a rerun uploads nothing new.
+
+    python -m analysis.export --dest s3://bucket/prefix [--run_ids A,B | --experiment E] [--kinds ...]
+                              [--endpoint_url URL]
+
+Every artifact of each chosen run goes to dest/<run_id>/<path>; an object already there with the
+same size and MD5 (ETag) is skipped. dest/manifest.json lists every exported run (id, kind, params,
+the commit it ran from, its objects), the exporter's code version and the time; it is rewritten
+only when the runs it lists change. The endpoint is --endpoint_url, else $AWS_ENDPOINT_URL, else
+$MLFLOW_S3_ENDPOINT_URL, else AWS. Credentials come from boto3's own chain (environment, profile)
+and are never logged; passwords in URLs are masked in params and the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mimetypes
+import os
+import re
+import tempfile
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from analysis import job, store
+from analysis.store import AnalysisError
+from search import tracking
+
+KIND = "export"
+DEFAULT_KINDS = "consistency,correlation,beam_summary,beam_search,study"
+ROOT = Path(__file__).resolve().parents[1]
+_PASSWORD = re.compile(r"(://[^/:@\s]*):[^/@\s]*@")
+
+
+def public(text: str) -> str:
+    """`text` with the password of any URL in it masked."""
+    return _PASSWORD.sub(r"\1:***@", str(text))
+
+
+def parse_dest(dest: str) -> tuple[str, str]:
+    """(bucket, prefix) of s3://bucket/prefix."""
+    match = re.fullmatch(r"s3://([^/]+)/?(.*)", dest.strip())
+    if not match:
+        raise AnalysisError(f"dest {dest!r} is not an S3 location; allowed: s3://bucket/prefix")
+    return match.group(1), match.group(2).strip("/")
+
+
+def endpoint(explicit: str = "") -> str | None:
+    """The S3 endpoint URL: explicit, else $AWS_ENDPOINT_URL, else $MLFLOW_S3_ENDPOINT_URL, else None (AWS)."""
+    return explicit or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None
+
+
+def s3_error(err: Exception, bucket: str, url: str | None) -> AnalysisError:
+    """One line saying why S3 refused (never the credentials themselves)."""
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    where = f"at {public(url)}" if url else "on AWS"
+    if isinstance(err, NoCredentialsError):
+        return AnalysisError("no S3 credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE")
+    if isinstance(err, EndpointConnectionError):
+        return AnalysisError(f"cannot reach the S3 endpoint {public(url or 'of AWS')}")
+    if isinstance(err, ClientError):
+        code = err.response.get("Error", {}).get("Code", "")
+        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if status == 404 or code in ("404", "NoSuchBucket"):
+            return AnalysisError(f"bucket {bucket!r} does not exist {where}")
+        if status == 403 or code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied"):
+            return AnalysisError(f"S3 {where} refused the credentials for bucket {bucket!r} ({code or status}); "
+                                 "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE")
+        return AnalysisError(f"S3 {where} failed on bucket {bucket!r}: {code or status}")
+    return AnalysisError(f"S3 {where} failed on bucket {bucket!r}: {type(err).__name__}")
+
+
+def chosen_runs(client, run_ids: list[str], experiment: str, kinds: list[str]) -> list:
+    """The runs named, else every FINISHED run of `kinds` (in `experiment`), oldest first."""
+    if run_ids:
+        return [store.get_run(client, r) for r in run_ids]
+    found = [run for kind in kinds for run in store.runs(client, kind, experiment)]
+    if not found:
+        raise AnalysisError(f"no FINISHED run of kind {', '.join(kinds)} in {public(client.tracking_uri)}"
+                            + (f", experiment {experiment!r}" if experiment else ""))
+    return sorted(found, key=lambda r: (r.info.start_time, r.info.run_id))
+
+
+def _git_commit(root: Path) -> str | None:
+    """The commit checked out in `root`'s git folder, read from its files (no git process)."""
+    git = root / ".git"
+    try:
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref: "):
+            return head
+        ref = head.removeprefix("ref: ")
+        if (git / ref).is_file():
+            return (git / ref).read_text().strip()
+        return next((line.split()[0] for line in (git / "packed-refs").read_text().splitlines() if line.endswith(" " + ref)), None)
+    except OSError:
+        return None
+
+
+def code_version() -> dict:
+    """The exporter's git commit (when run from a checkout) and prunetrack's package version."""
+    try:
+        package = version("prunetrack")
+    except PackageNotFoundError:
+        package = None
+    return {"git_commit": _git_commit(ROOT), "prunetrack": package}
+
+
+def _existing(s3, bucket: str, prefix: str) -> dict[str, tuple[int, str]]:
+    """{key: (size, etag)} of the objects under `prefix`."""
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/" if prefix else "")
+    return {o["Key"]: (o["Size"], o["ETag"].strip('"')) for page in pages for o in page.get("Contents", [])}
+
+
+def _key(prefix: str, *parts: str) -> str:
+    return "/".join(p for p in (prefix, *parts) if p)
+
+
+def export(client, s3, bucket: str, prefix: str, runs: list) -> dict:
+    """Upload the runs' artifacts and the manifest; the counts and the manifest."""
+    existing = _existing(s3, bucket, prefix)
+    counts = {"uploaded": 0, "skipped": 0}
+
+    def put(key: str, data: bytes) -> str:
+        md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
+        if existing.get(key) == (len(data), md5):
+            counts["skipped"] += 1
+        else:
+            s3.put_object(Bucket=bucket, Key=key, Body=data, ContentType=mimetypes.guess_type(key)[0] or "application/octet-stream")
+            counts["uploaded"] += 1
+        return md5
+
+    listed = {}
+    for run in runs:
+        run_id = run.info.run_id
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(client.download_artifacts(run_id, "", tmp))
+            objects = []
+            for path in sorted(p for p in local.rglob("*") if p.is_file()):
+                data = path.read_bytes()
+                key = _key(prefix, run_id, path.relative_to(local).as_posix())
+                objects.append({"key": key, "size": len(data), "md5": put(key, data)})
+        listed[run_id] = {"kind": run.data.tags.get(tracking.KIND), "run_name": run.info.run_name,
+                          "experiment_id": run.info.experiment_id, "status": run.info.status,
+                          "start_time": run.info.start_time, "source_commit": run.data.tags.get("mlflow.source.git.commit"),
+                          "params": {k: public(v) for k, v in sorted(run.data.params.items())}, "objects": objects}
+    manifest_key = _key(prefix, "manifest.json")
+    previous = {}
+    if manifest_key in existing:
+        previous = json.loads(s3.get_object(Bucket=bucket, Key=manifest_key)["Body"].read())
+    merged = {**previous.get("runs", {}), **listed}
+    if merged == previous.get("runs"):
+        manifest = previous
+        counts["skipped"] += 1
+    else:
+        manifest = {"destination": f"s3://{bucket}/{prefix}", "tracking_uri": public(client.tracking_uri),
+                    "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "code_version": code_version(), "runs": merged}
+        put(manifest_key, json.dumps(manifest, indent=1, sort_keys=True).encode())
+    return {**counts, "manifest": manifest}
+
+
+def main(argv=None) -> None:
+    p = job.parser("Upload the reports and figures of chosen runs to S3")
+    p.add_argument("--dest", required=True, help="s3://bucket/prefix")
+    p.add_argument("--run_ids", default="", help="comma-separated run ids (default: every FINISHED run of --kinds)")
+    p.add_argument("--experiment", default="", help="only runs in this experiment (name or id)")
+    p.add_argument("--kinds", default=DEFAULT_KINDS, help="prunetrack.kind values to export when no run ids are given")
+    p.add_argument("--endpoint_url", default="", help="S3-compatible endpoint (default $AWS_ENDPOINT_URL, $MLFLOW_S3_ENDPOINT_URL)")
+    args = p.parse_args(argv)
+    bucket, prefix = parse_dest(args.dest)
+    client = tracking.connect(args.tracking_uri or None)
+    runs = chosen_runs(client, [r.strip() for r in args.run_ids.split(",") if r.strip()], args.experiment,
+                       [k.strip() for k in args.kinds.split(",") if k.strip()])
+    import boto3
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    url = endpoint(args.endpoint_url)
+    try:
+        s3 = boto3.client("s3", endpoint_url=url)
+        s3.head_bucket(Bucket=bucket)
+        result = export(client, s3, bucket, prefix, runs)
+    except (BotoCoreError, ClientError) as err:
+        raise s3_error(err, bucket, url) from None
+    params = {"dest": args.dest, "run_ids": ",".join(r.info.run_id for r in runs), "experiment": args.experiment,
+              "kinds": args.kinds, "endpoint_url": public(url or "")}
+    metrics = {"uploaded": result["uploaded"], "skipped": result["skipped"], "n_runs": len(runs)}
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "manifest.json").write_text(json.dumps(result["manifest"], indent=1, sort_keys=True))
+        run_id = job.publish(client, KIND, params, Path(tmp), args.output_dir, metrics)
+    print(f"exported {len(runs)} runs to {args.dest}: uploaded {result['uploaded']}, skipped {result['skipped']} "
+          f"(already there, same size and MD5)\nanalysis run: {run_id}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(job.run_main(main))
