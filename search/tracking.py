@@ -175,12 +175,12 @@ def find_runs(client: MlflowClient, conf_hash: str, status: str | None = None) -
     return client.search_runs(_all_experiment_ids(client), query, order_by=["attributes.start_time ASC"])
 
 
-def _process_alive(run) -> bool:
-    tags = run.data.tags
-    if tags.get(HOST) != socket.gethostname():
-        return True  # another machine: cannot tell, assume alive
+def process_alive(host: str, pid) -> bool:
+    """Whether process `pid` on `host` may still run (always assumed for another host)."""
+    if host != socket.gethostname():
+        return True
     try:
-        os.kill(int(tags.get(PID, "0")), 0)
+        os.kill(int(pid), 0)
     except (ProcessLookupError, ValueError):
         return False
     except PermissionError:
@@ -192,7 +192,7 @@ def close_dead_runs(client: MlflowClient, conf_hash: str) -> int:
     """Mark RUNNING runs of `conf_hash` whose process on this machine is gone as KILLED."""
     closed = 0
     for run in find_runs(client, conf_hash, "RUNNING"):
-        if not _process_alive(run):
+        if not process_alive(run.data.tags.get(HOST), run.data.tags.get(PID, "0")):
             client.set_tag(run.info.run_id, ERROR, "process died before the run finished")
             client.set_terminated(run.info.run_id, "KILLED")
             closed += 1

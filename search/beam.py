@@ -1,0 +1,267 @@
+"""Beam search over removed blocks, tracked in MLflow, resumable and shared by any number of workers.
+
+Step 1 evaluates every single-block removal (reusing sensitivity runs already in the store); step k
+extends each kept configuration by one more block, removes duplicate sets, evaluates them and keeps
+the `beam_width` best. A configuration's score is its drop (search.configs.drop) averaged over the
+tasks (criterion `mean`) or on one task; ties go to the smaller sorted tuple. Criterion `all` runs
+one beam per task beside the mean beam: every configuration is evaluated on all tasks at once, so
+the beams share evaluations. The recommendations for removing 1..max_removed blocks are the mean
+beam's best (or the named task's), with the mean drop +- std over the tasks.
+
+Every evaluation is a child run found by its configuration hash, so a rerun continues where the
+last one stopped; with `storage`, workers split each step's candidates (search.work), wait for
+each other, and compute the same beams from the store.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from pruning.tasks import parse_task_list
+from search import tracking
+from search.cli import SearchError, common_parser, run_main
+from search.configs import StudyContext, drop
+from search.sensitivity import open_context, study_params
+from search.work import Outcome, Worker, shared_claims
+
+KIND = "beam_search"
+RESULTS = "beam_search_results.json"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the search explores and how it ranks."""
+
+    beam_width: int
+    max_removed: int
+    min_active_blocks: int
+    protect: tuple[int, ...]
+    criterion: str  # mean, all, or a task name
+
+    def steps(self, num_blocks: int) -> int:
+        """How many blocks the search removes at most."""
+        return min(self.max_removed, num_blocks - self.min_active_blocks, num_blocks - len(self.protect))
+
+
+def parse_blocks(text: str) -> tuple[int, ...]:
+    """Sorted block indices from `0,3,5-7` (ranges inclusive); empty for ''."""
+    blocks = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        first, dash, last = part.partition("-")
+        try:
+            span = range(int(first), int(last if dash else first) + 1)
+        except ValueError:
+            span = range(0)
+        if not span:
+            raise SearchError(f"protect {text!r} is not a list of block indices; allowed: e.g. 0,29 or 0-3,29")
+        blocks.update(span)
+    return tuple(sorted(blocks))
+
+
+def settings_of(args) -> Settings:
+    """The search parameters, checked before any compute."""
+    tasks = parse_task_list(args.tasks)
+    for name in ("beam_width", "max_removed", "min_active_blocks"):
+        if getattr(args, name) < 1:
+            raise SearchError(f"{name} must be at least 1, got {getattr(args, name)}")
+    if args.retries < 0 or args.retry_delay < 0:
+        raise SearchError(f"retries and retry_delay must be >= 0, got {args.retries} and {args.retry_delay}")
+    if args.criterion not in ("mean", "all", *tasks):
+        raise SearchError(f"unknown criterion {args.criterion!r}; allowed: mean, all, {', '.join(tasks)}")
+    return Settings(args.beam_width, args.max_removed, args.min_active_blocks, parse_blocks(args.protect), args.criterion)
+
+
+def check_blocks(settings: Settings, num_blocks: int) -> None:
+    """Reject protected blocks outside the model and limits that leave nothing to remove."""
+    bad = [b for b in settings.protect if not 0 <= b < num_blocks]
+    if bad:
+        raise SearchError(f"protect block {bad[0]} out of range; allowed: 0..{num_blocks - 1}")
+    if settings.steps(num_blocks) < 1:
+        raise SearchError(f"nothing to remove from {num_blocks} blocks with min_active_blocks="
+                          f"{settings.min_active_blocks} and protect={','.join(map(str, settings.protect))}; "
+                          f"allowed: min_active_blocks 1..{num_blocks - 1}, at least one block not protected")
+
+
+def criteria(criterion: str, tasks: list[str]) -> list[str]:
+    """The beams to run; the first one gives the recommendations."""
+    return ["mean", *tasks] if criterion == "all" else [criterion]
+
+
+def extend(beam: list[tuple[int, ...]], allowed: list[int]) -> list[tuple[int, ...]]:
+    """Every kept configuration plus one more allowed block, without duplicate sets, sorted."""
+    return sorted({tuple(sorted((*kept, b))) for kept in beam for b in allowed if b not in kept})
+
+
+def score(row: dict, criterion: str) -> float:
+    """A candidate's ranking value (lower is better); NaN ranks last."""
+    value = row["mean_drop"] if criterion == "mean" else row["drops"][criterion]
+    return math.inf if math.isnan(value) else value
+
+
+def select(rows: dict[tuple[int, ...], dict], candidates: list[tuple[int, ...]], criterion: str, width: int):
+    """The `width` best evaluated candidates by `criterion`, ties broken by the sorted tuple."""
+    ok = [c for c in candidates if rows[c]["drops"] is not None]
+    return sorted(ok, key=lambda c: (score(rows[c], criterion), c))[:width]
+
+
+def candidate_row(ctx: StudyContext, baseline: dict, outcome: Outcome) -> dict:
+    """What a step reports about one candidate: metrics and drop per task, or its error."""
+    row = {"removed_blocks": list(outcome.removed), "config_hash": outcome.conf_hash, "run_id": outcome.run_id,
+           "status": "FAILED" if outcome.error else "FINISHED", "metrics": outcome.metrics, "drops": None,
+           "mean_drop": None, "error": outcome.error}
+    if outcome.metrics is not None:
+        row["drops"] = {t.name: drop(t, baseline[t.name], outcome.metrics[t.name]) for t in ctx.tasks}
+        row["mean_drop"] = float(np.mean(list(row["drops"].values())))
+    return row
+
+
+def best_entry(row: dict, k: int, num_blocks: int, previous: float, complete: bool) -> dict:
+    """One line of the recommendation table: removing `k` blocks."""
+    drops = list(row["drops"].values())
+    removed = row["removed_blocks"]
+    return {"num_removed": k, "removed_blocks": removed, "mean_drop": row["mean_drop"],
+            "std_drop": float(np.std(drops)), "n_datasets": len(drops), "incremental_drop": row["mean_drop"] - previous,
+            "num_active_blocks": num_blocks - k, "active_blocks": [b for b in range(num_blocks) if b not in removed],
+            "drops": row["drops"], "config_hash": row["config_hash"], "run_id": row["run_id"], "complete": complete}
+
+
+def run_beam_search(ctx: StudyContext, worker: Worker, settings: Settings) -> dict:
+    """Run the search, logging each step and the results to the parent run; return the results."""
+    n = ctx.evaluator.loaded.num_blocks
+    tasks = [t.name for t in ctx.tasks]
+    base = worker.run([()])[()]
+    if base.error:
+        raise RuntimeError(f"the baseline (no block removed) could not be evaluated: {base.error}")
+    allowed = [b for b in range(n) if b not in settings.protect]
+    names = criteria(settings.criterion, tasks)
+    beams = {c: [()] for c in names}
+    best = {c: [] for c in names}  # per step: the best kept entry of each beam
+    complete = dict.fromkeys(names, True)  # no candidate of this beam has failed so far
+    failed = []
+    for k in range(1, settings.steps(n) + 1):
+        candidates = {c: extend(beams[c], allowed) for c in names}
+        union = sorted(set().union(*candidates.values()))
+        if not union:
+            break
+        outcomes = worker.run(union)
+        rows = {r: candidate_row(ctx, base.metrics, outcomes[r]) for r in union}
+        step = {"step": k, "candidates": [rows[r] for r in union], "beams": {},
+                "failed": [rows[r] for r in union if rows[r]["error"]]}
+        failed += [{**row, "step": k} for row in step["failed"]]
+        for c in names:
+            complete[c] &= all(rows[r]["error"] is None for r in candidates[c])
+            beams[c] = select(rows, candidates[c], c, settings.beam_width)
+            step["beams"][c] = [{"removed_blocks": list(r), "score": score(rows[r], c)} for r in beams[c]]
+            if beams[c]:
+                previous = best[c][-1]["mean_drop"] if best[c] else 0.0
+                best[c].append(best_entry(rows[beams[c][0]], k, n, previous, complete[c]))
+        tracking.log_json(ctx.client, ctx.parent_id, f"beam_step{k}.json", step)
+        _log_step(ctx, names, best, k)
+        print(f"step {k}: {len(union)} candidates, best {names[0]}: "
+              f"{best[names[0]][-1]['removed_blocks'] if best[names[0]] else 'none'}", file=sys.stderr)
+    main = best[names[0]]
+    results = {
+        "model": ctx.identity["model"], "tasks": tasks, "num_blocks": n, "settings": asdict(settings),
+        "baseline": base.metrics, "baseline_run_id": base.run_id,
+        "recommendations": main,
+        "num_active_blocks": {str(n): list(range(n)), **{str(e["num_active_blocks"]): e["active_blocks"] for e in main}},
+        "per_task": {c: best[c] for c in names if c != "mean"},
+        "failed": failed,
+        "worker": {"parent_run_id": ctx.parent_id, **ctx.counts},
+    }
+    _log_results(ctx, results)
+    return results
+
+
+def _log_step(ctx: StudyContext, names: list[str], best: dict, k: int) -> None:
+    metrics = {}
+    main = best[names[0]]
+    if len(main) == k:
+        entry = main[-1]
+        metrics = {"mean_drop": entry["mean_drop"], "std_drop": entry["std_drop"], "incremental_drop": entry["incremental_drop"],
+                   **{f"drop/{t}": d for t, d in entry["drops"].items()}}
+    metrics.update({f"best_drop/{c}": best[c][-1]["drops"][c] for c in names if c != "mean" and len(best[c]) == k})
+    tracking.log(ctx.client, ctx.parent_id, metrics=metrics, step=k)
+
+
+def _log_results(ctx: StudyContext, results: dict) -> None:
+    baseline = {f"baseline_{m}_{t}": v for t, ms in results["baseline"].items() for m, v in ms.items()}
+    counts = {f"configs_{k}": v for k, v in ctx.counts.items()}
+    tracking.log(ctx.client, ctx.parent_id, metrics={**baseline, **counts},
+                 tags={"prunetrack.failed_configs": len(results["failed"])})
+    tracking.log_json(ctx.client, ctx.parent_id, RESULTS, results)
+    ctx.client.log_text(ctx.parent_id, summary(results), "recommendations.md")
+
+
+def summary(results: dict) -> str:
+    """The recommendation table (markdown), per-task bests, and failures."""
+    criterion = results["settings"]["criterion"]
+    ranking = "mean drop over the tasks" if criterion in ("mean", "all") else f"drop on {criterion}"
+    lines = [f"## Removing 1..{len(results['recommendations'])} of {results['num_blocks']} blocks "
+             f"(ranked by {ranking}; tasks: {', '.join(results['tasks'])})", "",
+             "| removed | blocks | mean drop | std | datasets | increment | active blocks |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for e in results["recommendations"]:
+        flag = "" if e["complete"] else " (some candidates failed)"
+        lines.append(f"| {e['num_removed']} | {e['removed_blocks']}{flag} | {e['mean_drop']:.4f} | {e['std_drop']:.4f} "
+                     f"| {e['n_datasets']} | {e['incremental_drop']:+.4f} | {e['num_active_blocks']} -> {e['active_blocks']} |")
+    if results["per_task"]:
+        lines.append("")
+    for task, entries in results["per_task"].items():
+        lines.append(f"best on {task}: " + ", ".join(f"{e['removed_blocks']} ({e['drops'][task]:.4f})" for e in entries))
+    if results["failed"]:
+        lines.append(f"\nFAILED configurations ({len(results['failed'])}), not ranked: "
+                     + "; ".join(f"{f['removed_blocks']}: {f['error']}" for f in results["failed"]))
+    return "\n".join(lines) + "\n"
+
+
+def close_dead_studies(client, exp_id: str, key: str, current: str) -> None:
+    """Mark RUNNING parent runs of the same search whose process on this machine is gone as KILLED."""
+    for run in client.search_runs([exp_id], f"tags.beam_key = '{key}' and attributes.status = 'RUNNING'"):
+        tags = run.data.tags
+        if run.info.run_id != current and not tracking.process_alive(tags.get(tracking.HOST, ""), tags.get(tracking.PID, "0")):
+            client.set_tag(run.info.run_id, tracking.ERROR, "process died before the search finished")
+            client.set_terminated(run.info.run_id, "KILLED")
+
+
+def parser():
+    """The command line: the common parameters plus the search's (the MLproject names)."""
+    p = common_parser("Beam search over removed blocks")
+    p.add_argument("--beam_width", type=int, default=3, help="configurations kept per step")
+    p.add_argument("--max_removed", type=int, default=4, help="stop after removing this many blocks")
+    p.add_argument("--min_active_blocks", type=int, default=1, help="never keep fewer blocks than this")
+    p.add_argument("--protect", default="", help="blocks never removed, e.g. 0,29 or 0-3")
+    p.add_argument("--criterion", default="all", help="mean, all (mean plus one beam per task), or a task name")
+    p.add_argument("--retries", type=int, default=3, help="retries of a failing evaluation")
+    p.add_argument("--retry_delay", type=float, default=60.0, help="seconds between retries")
+    p.add_argument("--storage", default="", help="database shared by workers: postgresql://..., sqlite:///path or a file")
+    return p
+
+
+def main(argv=None) -> None:
+    """Run a beam search study: `python -m search.beam ...` or `mlflow run . -e beam_search`."""
+    args = parser().parse_args(argv)
+    settings = settings_of(args)
+    client = tracking.connect(args.tracking_uri or None)
+    params = {**study_params(args), **asdict(settings), "protect": args.protect, "retries": args.retries,
+              "retry_delay": args.retry_delay}
+    with shared_claims(args.storage) as claims:
+        params["storage"] = claims.shown if claims else ""
+        with tracking.study_run(client, KIND, f"{KIND}/{args.model}", params) as (run_id, exp_id):
+            ctx = open_context(args, client, run_id, exp_id)
+            check_blocks(settings, ctx.evaluator.loaded.num_blocks)
+            key = tracking.config_hash({**ctx.identity, **asdict(settings)})
+            tracking.log(client, run_id, tags={"beam_key": key})
+            close_dead_studies(client, exp_id, key, run_id)
+            worker = Worker(ctx, args.batch_size, args.reuse_budget_gb, args.retries, args.retry_delay, claims)
+            results = run_beam_search(ctx, worker, settings)
+    print(summary(results))
+    print(f"parent run: {run_id}\nsee it: mlflow ui --backend-store-uri {client.tracking_uri}  (then open http://127.0.0.1:5000)")
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main(main))

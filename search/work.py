@@ -1,0 +1,283 @@
+"""Evaluating configurations reliably: retries, out-of-memory recovery, and work split between
+workers that share a storage database.
+
+Workers claim a configuration by inserting its hash into table `prunetrack_claims` of the shared
+database (PostgreSQL, MySQL or SQLite, through SQLAlchemy); the primary key lets exactly one
+insert win. A claim whose owner is gone (same host: its process has exited; another host: no
+heartbeat for STALE_S seconds) is taken over by an update conditioned on the row's version, which
+again only one worker wins. Results live in the MLflow store: a worker that did not evaluate a
+configuration waits until its claim is settled and reads the FINISHED run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlalchemy as sa
+import torch
+
+from pruning.evaluate import Evaluator
+from search import tracking
+from search.cli import SearchError
+from search.configs import StudyContext, evaluate_config, lookup, removed_tag
+
+TABLE = "prunetrack_claims"
+RUNNING, DONE, FAILED = "running", "done", "failed"
+HEARTBEAT_S = 30  # a worker refreshes the heartbeat of its claims this often
+STALE_S = 300  # a claim from another host without a heartbeat for this long is taken over
+POLL_S = 1.0  # how often a waiting worker looks at the claims
+
+
+def storage_url(storage: str) -> sa.URL:
+    """The SQLAlchemy URL of `storage`: a database URL, or a file path for an SQLite database."""
+    if "://" not in storage:
+        return sa.URL.create("sqlite", database=str(Path(storage).expanduser().resolve()))
+    try:
+        return sa.make_url(storage)
+    except sa.exc.ArgumentError:
+        raise SearchError(f"storage {storage!r} is not a database URL; allowed: postgresql://..., "
+                          "mysql://..., sqlite:///path, or a file path") from None
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A row of the claims table."""
+
+    conf_hash: str
+    owner: str  # host:pid:token
+    status: str  # running, done or failed
+    version: int
+    heartbeat: float  # last sign of life, or when the claim was settled (epoch seconds)
+    error: str | None
+
+
+class Claims:
+    """Exclusive claims on configurations in a database shared by the workers.
+
+    Use it as a context manager: inside, a thread keeps this worker's claims alive; on exit,
+    claims it still holds unsettled are released so that another worker takes them at once.
+    """
+
+    def __init__(self, storage: str):
+        url = storage_url(storage)
+        self.shown = url.render_as_string(hide_password=True)
+        if url.drivername == "postgresql":  # SQLAlchemy 2.1 would pick psycopg 3; the project installs psycopg2
+            url = url.set(drivername="postgresql+psycopg2")
+        connect_args = {"timeout": 60} if url.get_backend_name() == "sqlite" else {}
+        self.engine = sa.create_engine(url, connect_args=connect_args, pool_pre_ping=True)
+        self.table = sa.Table(
+            TABLE, sa.MetaData(),
+            sa.Column("config_hash", sa.String(64), primary_key=True),
+            sa.Column("owner", sa.String(300), nullable=False),
+            sa.Column("status", sa.String(16), nullable=False),
+            sa.Column("version", sa.Integer, nullable=False),
+            sa.Column("heartbeat", sa.Double, nullable=False),
+            sa.Column("error", sa.Text),
+        )
+        try:
+            self.table.metadata.create_all(self.engine)
+        except sa.exc.SQLAlchemyError as err:
+            try:
+                exists = sa.inspect(self.engine).has_table(TABLE)  # another worker created it first
+            except sa.exc.SQLAlchemyError:
+                exists = False
+            if not exists:
+                first = str(err.orig if getattr(err, "orig", None) else err).strip().splitlines()[0]
+                raise SearchError(f"cannot use storage {self.shown!r}: {first[:300]}") from None
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.started = time.time()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="claims-heartbeat", daemon=True)
+
+    def __enter__(self) -> Claims:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        t = self.table
+        with self.engine.begin() as conn:
+            conn.execute(sa.delete(t).where(t.c.owner == self.owner, t.c.status == RUNNING))
+        self.engine.dispose()
+
+    def _beat(self) -> None:
+        t = self.table
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(sa.update(t).where(t.c.owner == self.owner, t.c.status == RUNNING)
+                                 .values(heartbeat=time.time()))
+            except sa.exc.SQLAlchemyError as err:  # the next beat tries again
+                print(f"warning: claims heartbeat failed: {str(err).splitlines()[0]}", file=sys.stderr)
+
+    def rows(self, hashes: list[str]) -> dict[str, Claim]:
+        """The claims on `hashes` that exist, by hash."""
+        t = self.table
+        with self.engine.connect() as conn:
+            found = conn.execute(sa.select(t).where(t.c.config_hash.in_(hashes))).all()
+        return {r.config_hash: Claim(r.config_hash, r.owner, r.status, r.version, r.heartbeat, r.error) for r in found}
+
+    def take(self, conf_hash: str, current: Claim | None) -> bool:
+        """Claim `conf_hash`, new or taken over from `current`; True when this worker won it."""
+        t = self.table
+        values = {"owner": self.owner, "status": RUNNING, "heartbeat": time.time(), "error": None}
+        try:
+            with self.engine.begin() as conn:
+                if current is None:
+                    conn.execute(sa.insert(t).values(config_hash=conf_hash, version=1, **values))
+                    return True
+                won = conn.execute(sa.update(t).where(t.c.config_hash == conf_hash, t.c.version == current.version)
+                                   .values(version=current.version + 1, **values))
+                return won.rowcount == 1
+        except sa.exc.IntegrityError:  # another worker inserted it first
+            return False
+
+    def settle(self, conf_hash: str, error: str | None = None) -> None:
+        """Record this worker's claim on `conf_hash` as done, or failed with `error`."""
+        t = self.table
+        with self.engine.begin() as conn:
+            conn.execute(sa.update(t).where(t.c.config_hash == conf_hash, t.c.owner == self.owner)
+                         .values(status=FAILED if error else DONE, error=error, heartbeat=time.time(),
+                                 version=t.c.version + 1))
+
+    def alive(self, claim: Claim) -> bool:
+        """Whether the owner of a running claim may still be working on it."""
+        host, pid, _ = claim.owner.rsplit(":", 2)
+        if host != socket.gethostname():
+            return time.time() - claim.heartbeat < STALE_S
+        if int(pid) == os.getpid():
+            return claim.owner == self.owner  # an earlier search of this process left it
+        return tracking.process_alive(host, pid)
+
+
+@dataclass
+class Outcome:
+    """A configuration's result: metrics per task and the run, or the error that ended it."""
+
+    removed: tuple[int, ...]
+    conf_hash: str
+    metrics: dict[str, dict[str, float]] | None = None
+    run_id: str | None = None
+    error: str | None = None
+
+
+def error_line(err: BaseException) -> str:
+    """`Type: first line of the message`, as a failed run's `prunetrack.error` tag holds it."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"[:5000]
+
+
+def free_memory() -> None:
+    """Release what a failed evaluation left behind (host garbage, cached CUDA blocks)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class Worker:
+    """Evaluates a study's configurations: retries failures, halves the batch size on CUDA
+    out-of-memory, and with `claims` evaluates only what no other worker holds."""
+
+    def __init__(self, ctx: StudyContext, batch_size: int, reuse_budget_gb: float, retries: int = 3,
+                 retry_delay: float = 60.0, claims: Claims | None = None):
+        self.ctx, self.batch_size, self.reuse_budget_gb = ctx, batch_size, reuse_budget_gb
+        self.retries, self.retry_delay, self.claims = retries, retry_delay, claims
+        ctx.counts.setdefault("failed", 0)
+
+    def run(self, configs: list[tuple[int, ...]]) -> dict[tuple[int, ...], Outcome]:
+        """Outcomes of all `configs`: evaluated here, reused from the store, or by other workers."""
+        if self.claims is None:
+            return {removed: self.evaluate(removed) for removed in configs}
+        hashes = {removed: self.ctx.hash_of(removed) for removed in configs}
+        settled: dict[tuple[int, ...], Outcome] = {}
+        told = False
+        while len(settled) < len(configs):
+            rows = self.claims.rows(list(hashes.values()))
+            for removed in [r for r in configs if r not in settled]:
+                claim = rows.get(hashes[removed])
+                if claim is not None and claim.status == DONE:
+                    found = lookup(self.ctx, removed)
+                    if found:
+                        self.ctx.counts["reused"] += 1
+                        settled[removed] = Outcome(removed, hashes[removed], *found)
+                        continue  # else the store lost it: evaluate again
+                elif claim is not None and claim.status == FAILED and claim.heartbeat >= self.claims.started:
+                    settled[removed] = Outcome(removed, hashes[removed], error=claim.error)
+                    continue  # failed while this worker ran; one that failed before is retried
+                elif claim is not None and claim.status == RUNNING and self.claims.alive(claim):
+                    continue
+                if self.claims.take(hashes[removed], claim):
+                    self._close_orphans(claim)
+                    settled[removed] = outcome = self.evaluate(removed)
+                    self.claims.settle(outcome.conf_hash, outcome.error)
+                    break  # the other claims have moved on meanwhile: read them again
+            else:
+                if len(settled) < len(configs):
+                    if not told:
+                        print(f"waiting for {len(configs) - len(settled)} configurations held by other workers",
+                              file=sys.stderr)
+                        told = True
+                    time.sleep(POLL_S)
+        return {removed: settled[removed] for removed in configs}
+
+    def evaluate(self, removed: tuple[int, ...]) -> Outcome:
+        """Evaluate `removed` (or reuse its FINISHED run), retrying failures; a configuration
+        that fails `retries + 1` times comes back with its error (its runs are FAILED)."""
+        conf_hash, name = self.ctx.hash_of(removed), f"remove[{removed_tag(removed)}]"
+        failures = 0
+        while True:
+            try:
+                metrics, run_id, _ = evaluate_config(self.ctx, removed)
+                return Outcome(removed, conf_hash, metrics, run_id)
+            except Exception as err:  # any failure of one evaluation; Ctrl-C and exits pass
+                message = error_line(err)
+                free_memory()
+                if isinstance(err, torch.cuda.OutOfMemoryError) and self.batch_size > 1:
+                    self._halve_batch()
+                    print(f"warning: {name}: {message}; retrying with batch_size {self.batch_size}", file=sys.stderr)
+                    continue
+                failures += 1
+                if failures > self.retries:
+                    self.ctx.counts["failed"] += 1
+                    print(f"error: {name} failed {failures} times, recorded FAILED: {message}", file=sys.stderr)
+                    return Outcome(removed, conf_hash, error=message)
+                print(f"warning: {name} failed (attempt {failures} of {self.retries + 1}): {message}; "
+                      f"retrying in {self.retry_delay:g} s", file=sys.stderr)
+                time.sleep(self.retry_delay)
+
+    def _halve_batch(self) -> None:
+        """Score with half the batch size from now on (a new evaluator of the same kind)."""
+        old = self.ctx.evaluator
+        self.batch_size //= 2
+        extra = {"reuse_budget_gb": self.reuse_budget_gb} if isinstance(old, Evaluator) else {}
+        self.ctx.evaluator = type(old)(old.loaded, self.ctx.tasks, self.batch_size, **extra)
+
+    def _close_orphans(self, claim: Claim | None) -> None:
+        """Mark the RUNNING runs that the dead owner of a taken-over claim left as KILLED."""
+        if claim is None or claim.status != RUNNING:
+            return
+        host, pid, _ = claim.owner.rsplit(":", 2)
+        for run in tracking.find_runs(self.ctx.client, claim.conf_hash, "RUNNING"):
+            if (run.data.tags.get(tracking.HOST), run.data.tags.get(tracking.PID)) == (host, pid):
+                self.ctx.client.set_tag(run.info.run_id, tracking.ERROR, f"worker {claim.owner} stopped before finishing")
+                self.ctx.client.set_terminated(run.info.run_id, "KILLED")
+
+
+@contextlib.contextmanager
+def shared_claims(storage: str):
+    """Claims on the shared `storage` while a search runs; None when there is no storage."""
+    if not storage:
+        yield None
+        return
+    with Claims(storage) as claims:
+        yield claims

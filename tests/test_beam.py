@@ -1,0 +1,424 @@
+"""Beam search over removed blocks: brute-force agreement, kill -9 and resume, workers sharing
+PostgreSQL, out-of-memory and failure handling, bad input, and `mlflow run -e beam_search`."""
+
+import itertools
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+import torch
+from mlflow.tracking import MlflowClient
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+import pruning.evaluate
+from pruning.evaluate import Evaluator
+from pruning.models import load_model
+from pruning.tasks import load_task
+from search import beam, sensitivity, tracking, work
+from search.cli import SearchError, run_main
+from search.configs import drop
+
+ROOT = Path(__file__).resolve().parents[1]
+POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
+TASKS = ["pydoc_ppl", "pydoc_cloze"]
+N_BLOCKS, WIDTH, STEPS = 6, 2, 3
+# 1 thread: the tiny model gains nothing from more, and the 2 cores are shared
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def quiet_and_local(tmp_path_factory):
+    """One torch thread; artifacts of in-process runs go to a temporary folder, not the repo."""
+    threads, cwd = torch.get_num_threads(), os.getcwd()
+    torch.set_num_threads(1)
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(cwd)
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    """A random 6-block Llama with a character tokenizer, saved like a hub model."""
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    chars = sorted(set("".join(topics.values())))
+    vocab = {"[UNK]": 0, "<s>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>", eos_token="<s>").save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=N_BLOCKS,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.3)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return str(folder)
+
+
+def argv(model: str, uri: str, *extra: str) -> list[str]:
+    return ["--model", model, "--tasks", ",".join(TASKS), "--n_samples", "4", "--batch_size", "16", "--tracking_uri", uri,
+            "--beam_width", str(WIDTH), "--max_removed", str(STEPS), "--retry_delay", "0", *extra]
+
+
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory) -> Path:
+    """An empty tracking store with MLflow's schema (creating one takes seconds; copying it does not)."""
+    path = tmp_path_factory.mktemp("template") / "mlflow.db"
+    tracking.connect(f"sqlite:///{path}")
+    return path
+
+
+@pytest.fixture
+def store(empty_store, tmp_path):
+    """Make a fresh SQLite tracking store at a path, before any worker touches it."""
+    def make(path: Path = tmp_path / "mlflow.db") -> tuple[str, MlflowClient]:
+        shutil.copy(empty_store, path)
+        uri = f"sqlite:///{path}"
+        return uri, tracking.connect(uri)
+
+    return make
+
+
+def runs(client: MlflowClient, kind: str, status: str | None = None) -> list:
+    query = f"tags.`prunetrack.kind` = '{kind}'" + (f" and attributes.status = '{status}'" if status else "")
+    exps = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(exps, query, order_by=["attributes.start_time ASC"])
+
+
+def finished_results(client: MlflowClient) -> list[dict]:
+    return [tracking.load_json(client, r.info.run_id, beam.RESULTS) for r in runs(client, "beam_search", "FINISHED")]
+
+
+def comparable(results: dict, steps: int = STEPS) -> dict:
+    """What must be the same in any store, for removing 1..steps blocks (run ids differ)."""
+    def strip(entries):
+        return [{k: v for k, v in e.items() if k != "run_id"} for e in entries[:steps]]
+
+    return {"baseline": results["baseline"], "failed": results["failed"], "recommendations": strip(results["recommendations"]),
+            "per_task": {t: strip(e) for t, e in results["per_task"].items()},
+            "num_active_blocks": {k: v for k, v in results["num_active_blocks"].items() if int(k) >= N_BLOCKS - steps}}
+
+
+def assert_close(a, b, path="results"):
+    """Equal structures; numbers equal to 1e-9 (relative)."""
+    if isinstance(a, float) or isinstance(b, float):
+        assert math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12), f"{path}: {a} != {b}"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), f"{path}: {sorted(a)} != {sorted(b)}"
+        for k in a:
+            assert_close(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), f"{path}: {a} != {b}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_close(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, f"{path}: {a} != {b}"
+
+
+def assert_each_config_once(client: MlflowClient) -> Counter:
+    """Every configuration hash has exactly one FINISHED run; returns the statuses of all config runs."""
+    config_runs = runs(client, "config")
+    finished = Counter(r.data.tags["config_hash"] for r in config_runs if r.info.status == "FINISHED")
+    assert finished and set(finished.values()) == {1}, finished
+    assert {r.data.tags["config_hash"] for r in config_runs} == set(finished)
+    return Counter(r.info.status for r in config_runs)
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir, empty_store, tmp_path_factory):
+    """An uninterrupted search in its own store, after a sensitivity study of the same model."""
+    path = tmp_path_factory.mktemp("reference") / "mlflow.db"
+    shutil.copy(empty_store, path)
+    uri, client = f"sqlite:///{path}", MlflowClient(f"sqlite:///{path}")
+    common = ["--model", model_dir, "--tasks", ",".join(TASKS), "--n_samples", "4", "--batch_size", "16", "--tracking_uri", uri]
+    assert run_main(sensitivity.main, common) == 0
+    assert run_main(beam.main, argv(model_dir, uri)) == 0
+    (results,) = finished_results(client)
+    return results, uri
+
+
+def brute_force(model_dir: str) -> dict[tuple, dict[str, float]]:
+    """Drop per task of every removal of 1..STEPS blocks, evaluated directly."""
+    loaded = load_model(model_dir)
+    tasks = [load_task(t, "validation", 4, 0) for t in TASKS]
+    evaluator = Evaluator(loaded, tasks, 16)
+    base = {t: s.metrics for t, s in evaluator.evaluate(()).items()}
+    table = {}
+    for k in range(1, STEPS + 1):
+        for removed in itertools.combinations(range(N_BLOCKS), k):
+            scores = evaluator.evaluate(removed)
+            table[removed] = {t.name: drop(t, base[t.name], scores[t.name].metrics) for t in tasks}
+    return table
+
+
+def reference_beam(table, key, width: int) -> list[list[tuple]]:
+    """The kept beam of each step, written out independently of search.beam."""
+    beam_, kept = [()], []
+    for _ in range(STEPS):
+        candidates = {tuple(sorted(c + (b,))) for c in beam_ for b in range(N_BLOCKS) if b not in c}
+        beam_ = sorted(candidates, key=lambda c: (key(table[c]), c))[:width]
+        kept.append(beam_)
+    return kept
+
+
+def test_beam_equals_brute_force_reference_and_finds_global_optimum(model_dir, reference):
+    results, uri = reference
+    client = MlflowClient(uri)
+    table = brute_force(model_dir)
+    mean = lambda drops: float(np.mean(list(drops.values())))  # noqa: E731
+    keys = {"mean": mean, **{t: (lambda drops, t=t: drops[t]) for t in TASKS}}
+    parent = runs(client, "beam_search", "FINISHED")[0].info.run_id
+    for k in range(1, STEPS + 1):
+        step = tracking.load_json(client, parent, f"beam_step{k}.json")
+        for name, key in keys.items():
+            expected = reference_beam(table, key, WIDTH)[k - 1]
+            assert [tuple(e["removed_blocks"]) for e in step["beams"][name]] == expected, (k, name)
+        for row in step["candidates"]:
+            assert_close(row["drops"], table[tuple(row["removed_blocks"])])
+    for k, entry in enumerate(results["recommendations"], start=1):
+        best = reference_beam(table, mean, WIDTH)[k - 1][0]
+        drops = list(table[best].values())
+        assert tuple(entry["removed_blocks"]) == best
+        assert entry["mean_drop"] == pytest.approx(np.mean(drops)) and entry["std_drop"] == pytest.approx(np.std(drops))
+        assert entry["n_datasets"] == 2 and entry["complete"]
+        previous = results["recommendations"][k - 2]["mean_drop"] if k > 1 else 0.0
+        assert entry["incremental_drop"] == pytest.approx(entry["mean_drop"] - previous)
+        assert entry["active_blocks"] == [b for b in range(N_BLOCKS) if b not in best]
+        assert results["num_active_blocks"][str(N_BLOCKS - k)] == entry["active_blocks"]
+        for task in TASKS:
+            assert tuple(results["per_task"][task][k - 1]["removed_blocks"]) == reference_beam(table, keys[task], WIDTH)[k - 1][0]
+    # the baseline and every single-block removal came from the sensitivity study
+    assert results["worker"]["reused"] == 1 + N_BLOCKS and results["failed"] == []
+    history = client.get_metric_history(parent, "mean_drop")
+    assert [m.step for m in sorted(history, key=lambda m: m.step)] == [1, 2, 3]
+
+    # a beam at least as wide as C(6, 2) sees every combination: the global optimum for each k
+    assert run_main(beam.main, argv(model_dir, uri, "--beam_width", "15", "--criterion", "mean")) == 0
+    wide = finished_results(client)[-1]
+    for k, entry in enumerate(wide["recommendations"], start=1):
+        optimum = min((c for c in table if len(c) == k), key=lambda c: (mean(table[c]), c))
+        assert tuple(entry["removed_blocks"]) == optimum
+    assert wide["worker"]["reused"] > 0 and wide["per_task"] == {}
+
+
+STALLING_WORKER = """
+import os, sys, time
+import pruning.evaluate as evaluate
+plain, calls = evaluate.Evaluator.evaluate, []
+def stall(self, *args, **kwargs):
+    calls.append(args)
+    if len(calls) == 4:  # inside the 4th evaluation, its run RUNNING: wait to be killed
+        open(os.environ["STALLED"], "w").close()
+        time.sleep(600)
+    return plain(self, *args, **kwargs)
+evaluate.Evaluator.evaluate = stall
+from search.beam import main
+from search.cli import run_main
+raise SystemExit(run_main(main, sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["alone", "with-storage"])
+def test_kill_minus_9_then_resume_equals_uninterrupted_run(model_dir, reference, store, tmp_path, shared):
+    uri, client = store()
+    args = argv(model_dir, uri, "--max_removed", "2", *(["--storage", str(tmp_path / "claims.db")] if shared else []))
+    log, stalled = tmp_path / "killed.log", tmp_path / "stalled"
+    proc = subprocess.Popen([sys.executable, "-c", STALLING_WORKER, *args], cwd=tmp_path, env={**ENV, "STALLED": str(stalled)},
+                            stdout=subprocess.DEVNULL, stderr=log.open("w"))
+    deadline = time.time() + 180
+    while not stalled.exists():
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.time() < deadline, "the worker did not reach its 4th evaluation"
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()  # reaped: its pid no longer exists
+    (running,) = [r.info.run_id for r in runs(client, "config", "RUNNING")]
+    (dead_parent,) = [r.info.run_id for r in runs(client, "beam_search", "RUNNING")]
+
+    assert run_main(beam.main, args) == 0  # the same command again
+    (resumed,) = finished_results(client)
+    assert_close(comparable(resumed), comparable(reference[0], steps=2))
+    statuses = assert_each_config_once(client)
+    assert statuses["KILLED"] == 1 and sum(statuses.values()) == statuses["FINISHED"] + 1
+    assert resumed["worker"]["reused"] == 3  # the baseline and the first two single blocks
+    killed, parent = client.get_run(running), client.get_run(dead_parent)
+    assert killed.info.status == parent.info.status == "KILLED"
+    assert parent.data.tags[tracking.ERROR] == "process died before the search finished"
+    expected = f"worker {socket.gethostname()}:{proc.pid}:" if shared else "process died before the run finished"
+    assert killed.data.tags[tracking.ERROR].startswith(expected)
+    if shared:  # the dead worker's claim was taken over and settled
+        claims = work.Claims(str(tmp_path / "claims.db"))
+        assert {c.status for c in claims.rows([r.data.tags["config_hash"] for r in runs(client, "config")]).values()} == {"done"}
+
+
+def postgres_or_skip() -> sa.Engine:
+    engine = sa.create_engine(POSTGRES.replace("postgresql:", "postgresql+psycopg2:"))
+    try:
+        with engine.connect():
+            pass
+    except sa.exc.OperationalError as err:
+        pytest.skip(f"PostgreSQL not reachable at {POSTGRES}: {str(err).splitlines()[0]}")
+    return engine
+
+
+def test_three_workers_on_postgresql_evaluate_each_configuration_once(model_dir, reference, store, tmp_path):
+    engine = postgres_or_skip()
+    uri, client = store()
+    tracking.experiment_id(client, f"beam_search/{model_dir}")
+    cmd = [sys.executable, "-m", "search.beam", *argv(model_dir, uri, "--max_removed", "2", "--storage", POSTGRES)]
+    logs = [tmp_path / f"worker{i}.log" for i in range(3)]
+    workers = [subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=log.open("w")) for log in logs]
+    for proc, log in zip(workers, logs):
+        assert proc.wait(timeout=400) == 0, log.read_text()[-3000:]
+
+    statuses = assert_each_config_once(client)
+    assert set(statuses) == {"FINISHED"}
+    results = finished_results(client)
+    assert len(results) == 3
+    same = [{k: v for k, v in r.items() if k != "worker"} for r in results]  # run ids included
+    assert same[1] == same[0] and same[2] == same[0]
+    assert_close(comparable(results[0]), comparable(reference[0], steps=2))
+    steps = [tracking.load_json(client, results[0]["worker"]["parent_run_id"], f"beam_step{k}.json") for k in (1, 2)]
+    assert statuses["FINISHED"] == 1 + sum(len(s["candidates"]) for s in steps) == sum(r["worker"]["evaluated"] for r in results)
+    hashes = [r.data.tags["config_hash"] for r in runs(client, "config")]
+    table = sa.Table(work.TABLE, sa.MetaData(), autoload_with=engine)
+    with engine.begin() as conn:
+        claims = conn.execute(sa.select(table.c.status).where(table.c.config_hash.in_(hashes))).scalars().all()
+        conn.execute(sa.delete(table).where(table.c.config_hash.in_(hashes)))
+    assert claims == ["done"] * len(hashes)
+
+
+def test_out_of_memory_retries_with_half_the_batch_size(model_dir, reference, store, monkeypatch):
+    uri, client = store()
+    plain, calls = Evaluator.evaluate, []
+
+    def flaky(self, removed=(), progress=None):
+        calls.append((tuple(removed), max(len(b.request_index) for p in self.prepared for b in p.batches)))
+        if [c for c, _ in calls].count((2,)) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return plain(self, removed, progress)
+
+    monkeypatch.setattr(pruning.evaluate.Evaluator, "evaluate", flaky)
+    assert run_main(beam.main, argv(model_dir, uri, "--max_removed", "1", "--criterion", "mean")) == 0
+    first = calls.index(((2,), 16))
+    assert calls[first + 1] == ((2,), 8)
+    assert {size for _, size in calls[: first + 1]} == {16} and {size for _, size in calls[first + 1 :]} == {8}
+    (results,) = finished_results(client)  # the same scores as without the failure
+    assert_close(comparable(results, 1)["recommendations"], comparable(reference[0], 1)["recommendations"])
+    assert_close(results["baseline"], reference[0]["baseline"])
+    oom = [r for r in runs(client, "config") if r.data.tags["removed_blocks"] == "2"]
+    assert [r.info.status for r in oom] == ["FAILED", "FINISHED"]
+    assert oom[0].data.tags[tracking.ERROR].startswith("OutOfMemoryError: CUDA out of memory")
+
+
+def test_configuration_that_keeps_failing_is_recorded_and_reported(model_dir, store, monkeypatch, capsys):
+    uri, client = store()
+    plain = Evaluator.evaluate
+
+    def broken(self, removed=(), progress=None):
+        if tuple(removed) == (1,):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return plain(self, removed, progress)
+
+    monkeypatch.setattr(pruning.evaluate.Evaluator, "evaluate", broken)
+    args = argv(model_dir, uri, "--max_removed", "1", "--criterion", "mean", "--retries", "1")
+    assert run_main(beam.main, args) == 0
+    (results,) = finished_results(client)
+    (failed,) = results["failed"]
+    assert failed["removed_blocks"] == [1] and failed["step"] == 1
+    assert failed["error"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
+    assert [e["complete"] for e in results["recommendations"]] == [False]
+    parent = runs(client, "beam_search")[0]
+    step1 = tracking.load_json(client, parent.info.run_id, "beam_step1.json")
+    assert [1] not in [e["removed_blocks"] for e in step1["beams"]["mean"]]
+    assert [r["removed_blocks"] for r in step1["failed"]] == [[1]]
+    assert parent.data.tags["prunetrack.failed_configs"] == "1" and parent.data.metrics["configs_failed"] == 1
+    attempts = [r for r in runs(client, "config") if r.data.tags["removed_blocks"] == "1"]
+    assert [r.info.status for r in attempts] == ["FAILED", "FAILED"]
+    assert all("illegal memory access" in r.data.tags[tracking.ERROR] for r in attempts)
+    err = capsys.readouterr()
+    assert "remove[1] failed 2 times, recorded FAILED" in err.err and "FAILED configurations (1)" in err.out
+
+    monkeypatch.undo()  # the same command later: the failed configuration is evaluated again
+    assert run_main(beam.main, args) == 0
+    again = finished_results(client)[-1]
+    assert again["failed"] == [] and all(e["complete"] for e in again["recommendations"])
+    retried = [r for r in runs(client, "config") if r.data.tags["removed_blocks"] == "1"]
+    assert [r.info.status for r in retried] == ["FAILED", "FAILED", "FINISHED"]
+
+
+def test_claims_are_exclusive_and_taken_over_from_dead_or_silent_owners(tmp_path):
+    path = str(tmp_path / "claims.db")
+    first, second = work.Claims(path), work.Claims(path)
+    assert first.take("h1", None) and not second.take("h1", None)
+    table = first.table
+
+    def set_owner(owner: str, heartbeat: float) -> work.Claim:
+        with first.engine.begin() as conn:
+            conn.execute(sa.update(table).values(owner=owner, heartbeat=heartbeat))
+        return second.rows(["h1"])["h1"]
+
+    assert second.alive(set_owner("elsewhere:123:abcd", time.time()))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    assert not second.alive(set_owner(f"{socket.gethostname()}:{dead.pid}:abcd", time.time()))
+    silent = set_owner("elsewhere:123:abcd", time.time() - work.STALE_S - 1)
+    assert not second.alive(silent)
+    assert second.take("h1", silent) and not first.take("h1", silent)  # one winner
+    first.settle("h1", "boom")  # no longer its claim: nothing changes
+    second.settle("h1", "RuntimeError: boom")
+    claim = first.rows(["h1"])["h1"]
+    assert (claim.status, claim.error, claim.owner) == ("failed", "RuntimeError: boom", second.owner)
+    with pytest.raises(SearchError, match="cannot use storage 'postgresql://postgres:\\*\\*\\*@127.0.0.1:1/x'"):
+        work.Claims("postgresql://postgres:secret@127.0.0.1:1/x")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--beam_width", "0"], "error: beam_width must be at least 1, got 0"),
+    (["--criterion", "median"], "error: unknown criterion 'median'; allowed: mean, all, pydoc_ppl, pydoc_cloze"),
+    (["--protect", "0,x"], "error: protect '0,x' is not a list of block indices; allowed: e.g. 0,29 or 0-3,29"),
+    (["--protect", "0,9"], "error: protect block 9 out of range; allowed: 0..5"),
+    (["--min_active_blocks", "6"], "error: nothing to remove from 6 blocks with min_active_blocks=6"),
+    (["--storage", "postgresql://nobody@127.0.0.1:1/x"], "error: cannot use storage 'postgresql://nobody@127.0.0.1:1/x'"),
+])
+def test_bad_input_is_one_line_before_any_evaluation(model_dir, store, capsys, extra, message):
+    uri, client = store()
+    assert run_main(beam.main, argv(model_dir, uri, *extra)) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith(message), errors
+    assert runs(client, "config") == []
+
+
+@pytest.mark.slow
+def test_mlflow_run_beam_search_end_to_end(store, tmp_path):
+    """`mlflow run . -e beam_search --env-manager local` on the default model, blocks 27..29 removable."""
+    uri, client = store()
+    env = {**ENV, "MLFLOW_TRACKING_URI": uri, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "beam_search", "--env-manager", "local",
+           "-P", "tasks=pydoc_ppl", "-P", "n_samples=2", "-P", "protect=0-26", "-P", "max_removed=2", "-P", "beam_width=2"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (parent,) = runs(client, "beam_search", "FINISHED")
+    assert parent.data.params["beam_width"] == "2" and parent.data.params["protect"] == "0-26"
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"beam_step1.json", "beam_step2.json", beam.RESULTS, "recommendations.md"} <= artifacts
+    results = tracking.load_json(client, parent.info.run_id, beam.RESULTS)
+    first, second = results["recommendations"]
+    assert len(first["removed_blocks"]) == 1 and set(first["removed_blocks"]) <= {27, 28, 29}
+    assert len(second["active_blocks"]) == 28 and set(second["removed_blocks"]) <= {27, 28, 29}
+    assert results["num_active_blocks"]["30"] == list(range(30)) and results["num_active_blocks"]["28"] == second["active_blocks"]
+    children = runs(client, "config")
+    assert all(r.info.status == "FINISHED" for r in children)
+    assert len(children) == 1 + 3 + 3  # the baseline, 3 single blocks, the 3 pairs of 27..29
+    assert "| 2 |" in done.stdout and "28 -> [" in done.stdout
