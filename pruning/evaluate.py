@@ -5,11 +5,23 @@ spaces move to the continuation, the continuation is the tail of the whole encod
 empty context is replaced by the BOS/EOS token), documents are cut into lm-eval's rolling
 windows, and `acc` / `acc_norm` follow lm-eval's definitions: argmax of the summed
 log-likelihood, and of the log-likelihood divided by the choice's character length.
+
+What makes it fast, with the same scores:
+- shared context: the choices of a multiple-choice example are packed together, their common
+  tokens once and then each choice's own tokens; a 4D attention mask lets every choice see
+  only the shared tokens and itself, and its position ids continue from the shared tokens,
+  so each choice is computed exactly as if it were alone; a row holds several examples, so
+  there is little padding;
+- logits only at the scored positions; rows batched by length, longest first;
+- activation reuse across block removals (`Evaluator`).
 """
 
 from __future__ import annotations
 
+import bisect
+import inspect
 import math
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -19,8 +31,12 @@ from torch import nn
 
 from pruning.tasks import Task
 
-SCORER_VERSION = "1"  # part of every configuration hash: bump when scores would change
+SCORER_VERSION = "2"  # part of every configuration hash: bump when scores would change
 DEFAULT_MAX_LENGTH = 2048
+# Families whose packed rows (shared context) score like separate rows, checked in tests/test_evaluate.py.
+SHARED_CONTEXT_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2", "gpt_neox", "opt")
+_LOGPROB_CHUNK = 2**26  # logits converted to float32 at a time
+ROW_TOKENS = 256  # packed rows hold several examples up to this many tokens
 
 
 @dataclass
@@ -39,13 +55,25 @@ class TaskScore:
 
 @dataclass
 class Batch:
-    """Right-padded token ids and, per request, where its continuation lies."""
+    """Right-padded rows, which positions are scored, and the tokens they must predict.
+
+    A plain row is one request. A packed row (shared context) holds examples one after the
+    other, each as its requests' common prefix and then every request's remaining tokens. Each
+    prefix and each request remainder is a segment (ids unique in the row, padding -1); a token
+    attends to its own segment and to `prefixes`, the prefix segment of its example, and its
+    `position_ids` count from its example's start, so every request is computed as if alone.
+    """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
-    request_index: list[int]
-    spans: list[tuple[int, int]]  # [start, end) of the continuation's target positions
-    targets: list[torch.Tensor]
+    scored: torch.Tensor  # bool (rows, width): positions whose next-token log-probability counts
+    targets: torch.Tensor  # the token each scored position predicts, in row-major order
+    owners: torch.Tensor  # the scored request (unit) each scored position belongs to
+    request_index: list[list[int]]  # per row, the units it scores
+    n_requests: int  # requests answered by this batch, duplicates included
+    segments: torch.Tensor | None = None  # packed rows only
+    prefixes: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
 
 
 @dataclass
@@ -57,7 +85,9 @@ class PreparedTask:
     n_requests: int
     groups: list[list[int]]  # request indices per example
     target_lengths: list[int]  # scored tokens per request
-    n_tokens: int  # tokens fed to the model per scoring pass
+    n_tokens: int  # tokens fed to the model per scoring pass, padding excluded
+    unit_of: np.ndarray  # request -> scored unit (identical requests of an example are scored once)
+    shared_context: bool
 
 
 def max_length_of(model: nn.Module) -> int:
@@ -121,26 +151,144 @@ def _pairs_of(task: Task, tokenizer, max_length: int) -> tuple[list[tuple[list[i
     return pairs, groups
 
 
-def prepare(task: Task, tokenizer, batch_size: int, max_length: int, pad_id: int) -> PreparedTask:
-    """Tokenize `task` and batch its requests, longest first, as lm-eval orders them."""
+def shares_context(model: nn.Module, max_length: int) -> bool:
+    """Whether packed rows with a custom 4D mask are scored exactly like separate rows on `model`:
+    a tested family, attention that applies the mask as given (sdpa, eager), and no sliding
+    window shorter than a row may be."""
+    config = model.config
+    window = getattr(config, "sliding_window", None)
+    sliding = set(getattr(config, "layer_types", None) or ["sliding_attention"]) - {"full_attention"}
+    return (
+        config.model_type in SHARED_CONTEXT_FAMILIES
+        and config._attn_implementation in ("sdpa", "eager")
+        and "position_ids" in inspect.signature(model.forward).parameters
+        and not (isinstance(window, int) and sliding and window < max_length)
+    )
+
+
+def _item(units: list[tuple[int, list[int], list[int]]], packed: bool) -> dict:
+    """Tokens and scored spans of one request, or (packed) of an example's requests together:
+    their common prefix once, then each request's remaining tokens, with segment ids (prefix 0,
+    requests 1, 2, ...) and position ids that, for every request, continue from the prefix."""
+    if not packed:
+        (unit, seq, cont), = units
+        return {"tokens": seq, "spans": [(unit, len(seq) - len(cont), len(seq), cont)]}
+    starts = [len(seq) - len(cont) for _, seq, cont in units]
+    # the common prefix of the requests, up to the first scored position (commonprefix works on lists)
+    shared = min(len(os.path.commonprefix([seq for _, seq, _ in units])), *starts)
+    tokens, segments, positions, spans = list(units[0][1][:shared]), [0] * shared, list(range(shared)), []
+    for s, ((unit, seq, cont), start) in enumerate(zip(units, starts), 1):
+        offset = len(tokens) - shared  # where this request's position `shared` lands in the item
+        spans.append((unit, offset + start, offset + len(seq), cont))
+        tokens += seq[shared:]
+        segments += [s] * (len(seq) - shared)
+        positions += range(shared, len(seq))
+    return {"tokens": tokens, "spans": spans, "segments": segments, "positions": positions, "n_segments": len(units) + 1}
+
+
+def _fill_rows(items: list[dict], capacity: int) -> list[list[int]]:
+    """Items per row, best fit in decreasing length, so that rows are about `capacity` tokens."""
+    rows, free = [], []  # free: sorted (space left, row)
+    for i in sorted(range(len(items)), key=lambda i: -len(items[i]["tokens"])):
+        n = len(items[i]["tokens"])
+        k = bisect.bisect_left(free, (n, -1))
+        if k == len(free):
+            rows.append([i])
+            space, row = capacity - n, len(rows) - 1
+        else:
+            space, row = free.pop(k)
+            rows[row].append(i)
+            space -= n
+        bisect.insort(free, (space, row))
+    return rows
+
+
+def _batch(rows: list[list[dict]], weights: np.ndarray, pad_id: int, packed: bool) -> Batch:
+    widths = [sum(len(item["tokens"]) for item in row) for row in rows]
+    shape = (len(rows), max(widths))
+    ids = torch.full(shape, pad_id, dtype=torch.long)
+    mask = torch.zeros(shape, dtype=torch.long)
+    scored = torch.zeros(shape, dtype=torch.bool)
+    segments = torch.full(shape, -1, dtype=torch.long) if packed else None
+    prefixes = torch.full(shape, -1, dtype=torch.long) if packed else None
+    positions = torch.zeros(shape, dtype=torch.long) if packed else None
+    targets, owners = [], []
+    for r, row in enumerate(rows):
+        at, first_segment = 0, 0
+        for item in row:  # items, and spans within them, in position order: targets are row-major
+            end = at + len(item["tokens"])
+            ids[r, at:end] = torch.tensor(item["tokens"])
+            mask[r, at:end] = 1
+            if packed:
+                segments[r, at:end] = torch.tensor(item["segments"]) + first_segment
+                prefixes[r, at:end] = first_segment
+                positions[r, at:end] = torch.tensor(item["positions"])
+                first_segment += item["n_segments"]
+            for unit, start, stop, cont in item["spans"]:
+                scored[r, at + start : at + stop] = True
+                targets += cont
+                owners += [unit] * len(cont)
+            at = end
+    request_index = [[unit for item in row for unit, *_ in item["spans"]] for row in rows]
+    n_requests = int(sum(weights[unit] for units in request_index for unit in units))
+    return Batch(ids, mask, scored, torch.tensor(targets), torch.tensor(owners), request_index, n_requests,
+                 segments, prefixes, positions)
+
+
+def prepare(task: Task, tokenizer, batch_size: int, max_length: int, pad_id: int,
+            shared_context: bool = True) -> PreparedTask:
+    """Tokenize `task` and batch it by length, longest first, `batch_size` rows a batch.
+
+    With `shared_context`, all requests of a multiple-choice example share their common prefix
+    (see `_item`), and rows hold several examples, up to ROW_TOKENS tokens (or the longest
+    example), so that there is little padding. Identical requests of an example are scored once.
+    """
     pairs, groups = _pairs_of(task, tokenizer, max_length)
-    full = [(ctx + cont)[-(max_length + 1) :][:-1] for ctx, cont in pairs]
-    order = sorted(range(len(pairs)), key=lambda i: (-len(full[i]) - 1, i))
-    batches = []
-    for start in range(0, len(order), batch_size):
-        index = order[start : start + batch_size]
-        width = max(len(full[i]) for i in index)
-        ids = torch.full((len(index), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(index), width), dtype=torch.long)
-        spans, targets = [], []
-        for row, i in enumerate(index):
-            seq, cont = full[i], pairs[i][1]
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
-            spans.append((len(seq) - len(cont), len(seq)))
-            targets.append(torch.tensor(cont))
-        batches.append(Batch(ids, mask, index, spans, targets))
-    return PreparedTask(task, batches, len(pairs), groups, [len(cont) for _, cont in pairs], sum(len(s) for s in full))
+    seqs = [(ctx + cont)[-(max_length + 1) :][:-1] for ctx, cont in pairs]
+    packed = shared_context and task.kind == "multiple_choice"
+    unit_of = np.zeros(len(pairs), dtype=np.int64)
+    items, n_units = [], 0
+    for group in groups:
+        units = {}
+        for i in group:
+            key = (tuple(seqs[i]), tuple(pairs[i][1]))
+            if key not in units:
+                units[key] = (n_units, seqs[i], pairs[i][1])
+                n_units += 1
+            unit_of[i] = units[key][0]
+        members = list(units.values())
+        items += [_item(members, True)] if packed else [_item([u], False) for u in members]
+    if packed:
+        capacity = max(ROW_TOKENS, *(len(item["tokens"]) for item in items))
+        rows = [[items[i] for i in row] for row in _fill_rows(items, capacity)]
+    else:
+        rows = [[item] for item in items]
+    rows.sort(key=lambda row: -sum(len(item["tokens"]) for item in row))  # stable: ties keep task order
+    weights = np.bincount(unit_of, minlength=n_units)
+    batches = [_batch(rows[s : s + batch_size], weights, pad_id, packed) for s in range(0, len(rows), batch_size)]
+    return PreparedTask(task, batches, len(pairs), groups, [len(cont) for _, cont in pairs],
+                        sum(len(item["tokens"]) for item in items), unit_of, packed)
+
+
+def packed_attention_mask(segments: torch.Tensor, prefixes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive (rows, 1, width, width) mask of packed rows: a token sees, causally, its own segment
+    and the prefix segment of its example (padding, segment -1, sees padding: no row is empty)."""
+    width = segments.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=segments.device).tril()
+    key = segments[:, None, :]
+    allowed = causal & ((key == segments[:, :, None]) | (key == prefixes[:, :, None]))
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def _target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) for each row of `logits` (float32 log-softmax, a slice at a time)."""
+    step = max(1, _LOGPROB_CHUNK // logits.shape[-1])
+    parts = []
+    for i in range(0, len(targets), step):
+        logprobs = torch.log_softmax(logits[i : i + step].float(), dim=-1)
+        parts.append(logprobs.gather(-1, targets[i : i + step, None])[:, 0])
+    return torch.cat(parts)
 
 
 @torch.no_grad()
@@ -150,25 +298,21 @@ def loglikelihoods(model: nn.Module, prepared: PreparedTask, progress=None, befo
     `before_batch(i)` is called before batch i runs (activation reuse uses it).
     """
     device = next(model.parameters()).device
-    out = np.zeros(prepared.n_requests, dtype=np.float64)
+    dtype = model.get_input_embeddings().weight.dtype
+    sums = np.zeros(int(prepared.unit_of.max()) + 1, dtype=np.float64)
     for b, batch in enumerate(prepared.batches):
         if before_batch is not None:
             before_batch(b)
-        keep = batch.input_ids.shape[1] - min(start for start, _ in batch.spans)
-        logits = model(
-            input_ids=batch.input_ids.to(device),
-            attention_mask=batch.attention_mask.to(device),
-            use_cache=False,
-            logits_to_keep=keep,
-        ).logits
-        offset = batch.input_ids.shape[1] - logits.shape[1]
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        for row, (i, (start, end), target) in enumerate(zip(batch.request_index, batch.spans, batch.targets)):
-            picked = logprobs[row, start - offset : end - offset].gather(-1, target.to(device)[:, None])
-            out[i] = picked.sum().item()
+        inputs = {"input_ids": batch.input_ids.to(device), "attention_mask": batch.attention_mask.to(device)}
+        if batch.segments is not None:
+            inputs["attention_mask"] = packed_attention_mask(batch.segments.to(device), batch.prefixes.to(device), dtype)
+            inputs["position_ids"] = batch.position_ids.to(device)
+        logits = model(**inputs, use_cache=False, logits_to_keep=batch.scored.to(device)).logits
+        picked = _target_logprobs(logits, batch.targets.to(device))
+        np.add.at(sums, batch.owners.numpy(), picked.double().cpu().numpy())
         if progress is not None:
-            progress.update(len(batch.request_index))
-    return out
+            progress.update(batch.n_requests)
+    return sums[prepared.unit_of]
 
 
 def score(model: nn.Module, prepared: PreparedTask, progress=None, before_batch=None) -> TaskScore:
@@ -204,7 +348,6 @@ def score(model: nn.Module, prepared: PreparedTask, progress=None, before_batch=
     return TaskScore(task.name, task.kind, metrics, per_example)
 
 
-
 class _Replay(nn.Module):
     """Stands in for the first blocks: returns the stored output of the last of them."""
 
@@ -221,20 +364,26 @@ class Evaluator:
     """Scores a fixed set of tasks with any set of blocks removed.
 
     With `reuse`, the first pass of the unpruned model keeps each block's output for every
-    batch (in host memory, within `reuse_budget_gb`; when they do not all fit, only every
-    s-th block is kept). A configuration whose first removed block is k then starts from the
-    kept state closest below k instead of recomputing blocks that are identical to the
-    unpruned model's. Batches are the same in both passes, so the scores are the same.
+    batch (within `reuse_budget_gb`: on the model's GPU when they fit beside it, else in host
+    memory; when they do not all fit the budget, only every s-th block is kept). A
+    configuration whose first removed block is k then starts from the kept state closest below
+    k instead of recomputing blocks that are identical to the unpruned model's. Batches are
+    the same in both passes, so the scores are the same. `shared_context` packs the choices of
+    a multiple-choice example into one row where the model allows it (`shares_context`).
     """
 
     def __init__(self, loaded, tasks: list[Task], batch_size: int = 8, max_length: int | None = None,
-                 reuse: bool = True, reuse_budget_gb: float = 4.0):
+                 reuse: bool = True, reuse_budget_gb: float = 4.0, shared_context: bool = True):
         self.loaded = loaded
         max_length = max_length or max_length_of(loaded.model)
         pad = loaded.tokenizer.pad_token_id
-        self.prepared = [prepare(t, loaded.tokenizer, batch_size, max_length, pad) for t in tasks]
+        shared = shared_context and shares_context(loaded.model, max_length)
+        self.prepared = [prepare(t, loaded.tokenizer, batch_size, max_length, pad, shared) for t in tasks]
         self.reuse = reuse and loaded.num_blocks > 1
-        self.stride = self._stride(reuse_budget_gb)
+        width = loaded.model.get_input_embeddings().embedding_dim
+        itemsize = next(loaded.model.parameters()).element_size()
+        self._block_bytes = sum(b.input_ids.numel() for p in self.prepared for b in p.batches) * width * itemsize
+        self.stride = max(1, math.ceil((loaded.num_blocks - 1) * self._block_bytes / (reuse_budget_gb * 2**30)))
         self._states: dict = {}
         self._as_tuple = False
         self._baseline: dict[str, TaskScore] | None = None
@@ -243,16 +392,19 @@ class Evaluator:
     def n_requests(self) -> int:
         return sum(p.n_requests for p in self.prepared)
 
-    def _stride(self, budget_gb: float) -> int:
-        width = self.loaded.model.get_input_embeddings().embedding_dim
-        itemsize = next(self.loaded.model.parameters()).element_size()
-        per_block = sum(b.input_ids.numel() for p in self.prepared for b in p.batches) * width * itemsize
-        return max(1, math.ceil((self.loaded.num_blocks - 1) * per_block / (budget_gb * 2**30)))
-
     @property
     def stored_blocks(self) -> list[int]:
         """Blocks whose outputs are kept: every `stride`-th, never the last."""
         return list(range(self.stride - 1, self.loaded.num_blocks - 1, self.stride))
+
+    def storage_device(self) -> torch.device:
+        """Where kept states live: the model's GPU when they fit with a quarter of it left free,
+        else host memory (pinned, filled asynchronously)."""
+        device = self.loaded.device
+        if device.type != "cuda":
+            return torch.device("cpu")
+        free, total = torch.cuda.mem_get_info(device)
+        return device if len(self.stored_blocks) * self._block_bytes < free - total // 4 else torch.device("cpu")
 
     def evaluate(self, removed=(), progress=None) -> dict[str, TaskScore]:
         """Scores per task with `removed` blocks taken out."""
@@ -286,12 +438,17 @@ class Evaluator:
     def _record(self, progress) -> dict[str, TaskScore]:
         """Score the unpruned model while keeping the outputs of the stored blocks."""
         current = {}
+        to_host = self.storage_device().type == "cpu" and self.loaded.device.type == "cuda"
 
         def keep(block: int):
             def hook(module, args, output):
                 self._as_tuple = isinstance(output, tuple)
-                state = output[0] if self._as_tuple else output
-                self._states[(*current["key"], block)] = state.detach().to("cpu", copy=True)
+                state = (output[0] if self._as_tuple else output).detach()
+                if to_host:
+                    state = torch.empty(state.shape, dtype=state.dtype, pin_memory=True).copy_(state, non_blocking=True)
+                else:
+                    state = state.clone()
+                self._states[(*current["key"], block)] = state
 
             return hook
 

@@ -65,3 +65,34 @@ def test_acc_and_acc_norm_equal_lm_eval(name, data_dir):
     per_doc = {s["doc_id"]: s for s in out["samples"][name]}
     assert sorted(per_doc) == keep
     assert [int(per_doc[d]["acc"]) for d in keep] == ours.per_example["acc"]
+
+
+@pytest.mark.slow
+def test_pruned_model_with_reuse_and_shared_context_equals_lm_eval(data_dir):
+    """A removed block, scored from kept activations with packed choices, against lm-eval run on
+    the pruned model: the same log-likelihoods (float tolerance) and the same acc/acc_norm per doc."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    from pruning.models import blocks_removed, load_model
+
+    loaded = load_model("default")
+    name, removed, n = "arc_easy", (12,), 60
+    task = load_task(name, "validation", n, seed=1, data_dir=data_dir)
+    evaluator = Evaluator(loaded, [task], batch_size=8)
+    assert evaluator.reuse and evaluator.prepared[0].shared_context
+    evaluator.evaluate(())
+    ours = evaluator.evaluate(removed)[name]
+
+    lm_task, _ = build_lm_eval_task(name, "validation", data_dir)
+    keep = [ex.doc_id for ex in task.examples]
+    with blocks_removed(loaded, removed):
+        lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=8)
+        out = simple_evaluate(model=lm, tasks=[lm_task], samples={name: keep}, log_samples=True, bootstrap_iters=0)
+    per_doc = {s["doc_id"]: s for s in out["samples"][name]}
+    theirs = [[float(r[0]) for r in per_doc[d]["filtered_resps"]] for d in keep]
+    diff = max(abs(a - b) for x, y in zip(ours.per_example["loglikelihoods"], theirs) for a, b in zip(x, y))
+    assert diff < 1e-4
+    assert [int(per_doc[d]["acc"]) for d in keep] == ours.per_example["acc"]
+    assert [int(per_doc[d]["acc_norm"]) for d in keep] == ours.per_example["acc_norm"]
+    assert ours.metrics["acc"] == pytest.approx(out["results"][name]["acc,none"], abs=1e-12)

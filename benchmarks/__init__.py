@@ -1,0 +1,1 @@
+"""Speed measurements of the scorer (not tests): python -m benchmarks.run [--quick]."""

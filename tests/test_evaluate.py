@@ -1,0 +1,161 @@
+"""Shared-context scoring and the benchmarks: same log-likelihoods and accuracies as separate rows."""
+
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # benchmarks/ is not an installed package
+
+from benchmarks.run import bench_forward, bench_sensitivity, markdown, summary, word_tokenizer  # noqa: E402
+from pruning.evaluate import SHARED_CONTEXT_FAMILIES, Evaluator, packed_attention_mask, shares_context  # noqa: E402
+from pruning.models import LoadedModel, find_blocks_path, load_model  # noqa: E402
+from pruning.tasks import MultipleChoice, Task, load_task  # noqa: E402
+
+VOCAB = 128
+SMALL = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
+CONFIGS = {
+    "llama": SMALL, "mistral": SMALL, "qwen2": SMALL, "qwen3": {**SMALL, "head_dim": 8},
+    "phi3": {**SMALL, "pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0},
+    "gemma": {**SMALL, "head_dim": 8}, "gpt2": dict(n_embd=32, n_head=4),
+    "gpt_neox": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4),
+    "opt": dict(hidden_size=32, ffn_dim=64, num_attention_heads=4, word_embed_proj_dim=32),
+}
+LAYER_FIELD = {"gpt2": "n_layer"}
+
+
+def tiny(family: str, layers: int = 4) -> LoadedModel:
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(family, vocab_size=VOCAB, **{LAYER_FIELD.get(family, "num_hidden_layers"): layers},
+                                  **CONFIGS[family])
+    lm = AutoModelForCausalLM.from_config(config).eval()
+    return LoadedModel(lm, word_tokenizer(VOCAB), family, "local", find_blocks_path(lm))
+
+
+def words(rng: random.Random, n: int) -> str:
+    return " ".join(f"w{rng.randrange(1, VOCAB)}" for _ in range(n))
+
+
+def mc_task(n: int = 12, seed: int = 0) -> Task:
+    """Examples of every shape: shared contexts, per-choice contexts with one continuation
+    (winogrande), an empty context, a repeated choice, trailing context spaces."""
+    rng = random.Random(seed)
+    examples = []
+    for i in range(n):
+        context = words(rng, rng.randrange(3, 14))
+        choices = [" " + words(rng, rng.randrange(1, 6)) for _ in range(rng.randrange(2, 5))]
+        if i % 4 == 1:
+            requests = [(f"{context} {c.strip()}", " w7 w9") for c in choices]
+        elif i % 4 == 2:
+            choices[-1] = choices[0]
+            requests = [(context + " ", c.strip()) for c in choices]
+        else:
+            requests = [("" if i % 4 == 3 else context, c) for c in choices]
+        examples.append(MultipleChoice(i, tuple(requests), rng.randrange(len(choices)),
+                                       tuple(float(len(c)) for c in choices)))
+    return Task("synthetic_mc", "validation", "multiple_choice", examples, source="generated")
+
+
+def lls(scores) -> np.ndarray:
+    return np.concatenate([np.concatenate(s.per_example["loglikelihoods"]) for s in scores.values()])
+
+
+def assert_same_scores(a, b, tol: float) -> None:
+    assert np.abs(lls(a) - lls(b)).max() < tol
+    for name in a:
+        assert a[name].per_example["acc"] == b[name].per_example["acc"]
+        assert a[name].per_example["acc_norm"] == b[name].per_example["acc_norm"]
+
+
+def test_packed_mask_sees_own_prefix_and_request():
+    # example A: prefix (segment 0), two choices (1, 2); example B: prefix 3, one choice 4; padding
+    segments = torch.tensor([[0, 0, 1, 1, 2, 3, 4, -1]])
+    prefixes = torch.tensor([[0, 0, 0, 0, 0, 3, 3, -1]])
+    allowed = packed_attention_mask(segments, prefixes, torch.float32)[0, 0] == 0
+    assert allowed.int().tolist() == [
+        [1, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 1, 0, 0, 0],
+        [0, 0, 0, 0, 0, 1, 0, 0],
+        [0, 0, 0, 0, 0, 1, 1, 0],
+        [0, 0, 0, 0, 0, 0, 0, 1],  # padding sees itself: no empty row
+    ]
+
+
+@pytest.mark.parametrize("family", SHARED_CONTEXT_FAMILIES)
+def test_shared_context_scores_like_separate_rows(family):
+    loaded = tiny(family)
+    task = mc_task()
+    shared = Evaluator(loaded, [task], 4, max_length=64, reuse=False)
+    separate = Evaluator(loaded, [task], 4, max_length=64, reuse=False, shared_context=False)
+    packed = shared.prepared[0]
+    assert packed.shared_context and not separate.prepared[0].shared_context
+    assert packed.n_tokens < separate.prepared[0].n_tokens
+    assert len(packed.batches) == 1 and packed.batches[0].input_ids.shape[0] < len(task.examples)  # rows hold examples
+    assert_same_scores(shared.evaluate(()), separate.evaluate(()), 1e-4)
+
+
+def test_repeated_choices_tie_exactly():
+    scores = Evaluator(tiny("llama"), [mc_task()], 4, max_length=64, reuse=False).evaluate(())["synthetic_mc"]
+    repeated = scores.per_example["loglikelihoods"][2]
+    assert repeated[0] == repeated[-1]
+
+
+def test_sliding_window_longer_than_rows_is_needed():
+    mistral = tiny("mistral").model  # sliding window 4096, context 131072
+    assert not shares_context(mistral, 8192)
+    assert shares_context(mistral, 4096)
+    mistral.config._attn_implementation = "flash_attention_2"  # takes no 4D mask
+    assert not shares_context(mistral, 64)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_shared_context_composes_with_reuse_and_removal(family):
+    loaded = tiny(family, layers=6)
+    tasks = [mc_task(10, seed=1), mc_task(7, seed=2)]
+    tasks[1].name = "synthetic_mc_2"
+    fast = Evaluator(loaded, tasks, 3, max_length=64, reuse=True)
+    shared = Evaluator(loaded, tasks, 3, max_length=64, reuse=False)
+    separate = Evaluator(loaded, tasks, 3, max_length=64, reuse=False, shared_context=False)
+    assert fast.stored_blocks == [0, 1, 2, 3, 4]
+    for removed in [(), (0,), (2,), (1, 4), (3, 5), (5,)]:
+        a, b, c = fast.evaluate(removed), shared.evaluate(removed), separate.evaluate(removed)
+        assert {k: v.per_example for k, v in a.items()} == {k: v.per_example for k, v in b.items()}
+        assert_same_scores(a, c, 1e-4)
+
+
+def test_sensitivity_benchmark_on_a_tiny_model():
+    out = bench_sensitivity(tiny("llama"), [mc_task(6)], 4)
+    assert out["configs"] == 5 and out["max_abs_diff"] == 0.0
+    assert out["speedup"] > 0 and out["tasks"]["synthetic_mc"]["tokens_per_pass"] > 0
+
+
+def test_forward_benchmark_on_a_tiny_model():
+    shape = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=64)
+    forward = bench_forward(torch.device("cpu"), shape, batch_size=2, seq_len=16, n_batches=2, repeats=2,
+                            peak_tflops=1.0, dtype=torch.float32)
+    assert forward["tokens_per_pass"] == 64 and forward["stored_blocks"] == 1
+    params = 2 * (2 * (32 * 32 * 2 + 32 * 16 * 2 + 3 * 32 * 64 + 2 * 32) + 32 + 32 * VOCAB)
+    assert forward["gflop_per_token"] * 1e9 == params + 2 * 2 * 32 * 16
+    for key in ("plain", "ours", "ours_recording"):
+        assert forward[key]["tokens_per_s"] > 0 and forward[key]["mfu"] > 0
+    results = {"device": "cpu", "forward": {**forward, "device": "cpu", "date": "today"}}
+    assert summary(results)["mfu"] == forward["ours"]["mfu"]
+    assert "| forward, random 2 x 32 Llama, float32 (ours: scoring) |" in markdown(results)
+
+
+@pytest.mark.slow
+def test_shared_context_on_the_default_model():
+    loaded = load_model("default")
+    tasks = [load_task("pydoc_cloze", "validation", 12, seed=1)]
+    shared = Evaluator(loaded, tasks, 8, reuse=False).evaluate(())
+    separate = Evaluator(loaded, tasks, 8, reuse=False, shared_context=False).evaluate(())
+    assert_same_scores(shared, separate, 1e-4)
