@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
@@ -22,7 +21,7 @@ EXPERIMENT = "analysis"
 
 def parser(description: str) -> argparse.ArgumentParser:
     """The options every analysis takes: the tracking store and an optional output folder."""
-    p = argparse.ArgumentParser(description=description)
+    p = tracking.ArgumentParser(description=description)
     p.add_argument("--tracking_uri", default="", help="tracking URI or profile (overrides MLFLOW_TRACKING_URI)")
     p.add_argument("--output_dir", default="", help="also write the outputs to this folder")
     return p
@@ -42,12 +41,7 @@ def publish(client: MlflowClient, kind: str, params: dict, outputs: Path, output
 def run_main(main, argv=None) -> int:
     """Run `main(argv)`; a user error becomes one line `error: ...` on stderr and exit code 2.
 
-    The same contract as search.cli.run_main, which cannot be imported here: search.cli pulls in
-    the model side (pruning, torch), and analysis never does.
+    The same contract as search.cli.run_main (search.tracking.guarded), which cannot be imported here:
+    search.cli pulls in the model side (pruning, torch), and analysis never does.
     """
-    try:
-        main(argv)
-    except (AnalysisError, tracking.TrackingError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return tracking.guarded(main, argv, (AnalysisError,))

@@ -2,9 +2,14 @@
 
     python -m benchmarks.run [--quick] [--device auto] [--gpu-only]
 
-1. sensitivity: the baseline and every single-block removal of the default model, with
-   activation reuse and without (each configuration timed back to back, order alternating);
-   speedup and the largest difference of any metric or per-example value.
+1. sensitivity: the baseline and every single-block removal of the default model, step-wide
+   (all configurations together, chunk by chunk) against each configuration alone, on the same
+   chunks; speedup and the largest difference of any metric or per-example value. Once with a
+   budget for all the data's block states, once at user-scale proportions (`scale_sensitivity`:
+   a budget holding 1/30 of them, as 4 GB does for Llama-3-8B on the seven tasks, on piqa,
+   arc_easy and hellaswag from ../shared/data).
+4. racing: the same beam search with and without racing, each in a fresh store: example-
+   configurations scored, wall time, and whether the recommendations are identical.
 2. multiple choice: our scorer against lm-eval-harness's own HF model class (`HFLM`) scoring
    the requests lm-eval's task builds, on the same documents; speedup, and whether acc and
    acc_norm (per document, by lm-eval's `process_results`) are identical. Both in float32,
@@ -15,6 +20,7 @@
    transformers (`model(input_ids)`, logits only), our scorer (float32 log-likelihood of every
    position) and our scorer while keeping activations for reuse.
 
+Parts 1, 4 and 2 run on the CPU or the named device; 3 on CUDA only.
 Writes benchmarks/results/latest.json and latest.md. A part that did not run keeps its
 previous numbers there, each part with its own machine and date.
 """
@@ -51,10 +57,16 @@ LLAMA3_8B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                  intermediate_size=14336, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
 # dense bf16 datasheet peaks, TFLOP/s; the first name contained in the device name wins
 PEAK_TFLOPS = {"H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "H200": 989, "A100": 312}
-SIZES = {  # examples per task (sensitivity, multiple choice); GPU batches of 8 x 1024 tokens
-    True: {"sensitivity_n": 4, "mc_n": 24, "gpu_batches": 4, "mc_repeats": 1},
-    False: {"sensitivity_n": 50, "mc_n": 200, "gpu_batches": 8, "mc_repeats": 2},
+SCALE_TASKS = ("piqa", "arc_easy", "hellaswag")  # part 1 at user-scale proportions: real tasks, else builtin ones
+RACING_TASKS = ("arc_easy", "winogrande", "openbookqa")  # part 4: the three shortest real tasks (CPU time)
+PARTS = ("sensitivity", "scale", "racing", "mc", "forward")
+SIZES = {  # examples per task; racing: beam width and most blocks removed; GPU batches of 8 x 1024 tokens
+    True: {"sensitivity_n": 4, "scale_n": 8, "racing_n": 64, "racing_width": 3, "racing_removed": 2,
+           "mc_n": 24, "gpu_batches": 4, "mc_repeats": 1},
+    False: {"sensitivity_n": 50, "scale_n": 100, "racing_n": 200, "racing_width": 3, "racing_removed": 3,
+            "mc_n": 200, "gpu_batches": 8, "mc_repeats": 2},
 }
+SCALE_BUDGET_SHARE = 1 / 30  # 4 GB of kept states against ~110 GB for Llama-3-8B on the seven tasks
 
 
 def machine(device: torch.device) -> str:
@@ -111,6 +123,14 @@ def data_dir(requested: str | None, n: int, scratch: Path) -> tuple[str, str]:
     return str(scratch), "generated from the builtin pydoc cloze items (real subsets absent)"
 
 
+def real_tasks(wanted: tuple[str, ...], requested: str | None) -> tuple[tuple[str, ...], str | None]:
+    """(tasks, data folder): `wanted` from real subsets when present, else the builtin tasks."""
+    for folder in filter(None, (requested, os.environ.get(DATA_DIR_ENV), str(SHARED_DATA))):
+        if all((Path(folder) / t / "validation.jsonl").is_file() for t in wanted):
+            return wanted, folder
+    return ("pydoc_cloze", "pydoc_ppl"), None
+
+
 def _numbers(scores) -> np.ndarray:
     """Every metric and per-example value of a result, flattened, in a fixed order."""
     values = []
@@ -125,44 +145,57 @@ def _numbers(scores) -> np.ndarray:
 
 def _warm_up(loaded: LoadedModel, task: Task, batch_size: int) -> None:
     """Score two examples, so that one-time initialisation lands in no timing."""
-    Evaluator(loaded, [dataclasses.replace(task, examples=task.examples[:2])], batch_size, reuse=False).evaluate(())
+    Evaluator(loaded, [dataclasses.replace(task, examples=task.examples[:2])], batch_size).evaluate(())
 
 
-def _block_runs(num_blocks: int, stored: list[int]) -> int:
-    """Blocks run per token by a sensitivity study that starts each removal of block k after
-    the last stored block below k."""
-    skipped = [max((j + 1 for j in stored if j < k), default=0) for k in range(num_blocks)]
-    return num_blocks + sum(num_blocks - 1 - s for s in skipped)
-
-
-def bench_sensitivity(loaded: LoadedModel, tasks: list[Task], batch_size: int) -> dict:
-    """Baseline + every single-block removal, with and without activation reuse, task by task."""
+def bench_sensitivity(loaded: LoadedModel, tasks: list[Task], batch_size: int, budget_share: float | None = None) -> dict:
+    """A sensitivity study (baseline + every single-block removal): step-wide, all configurations
+    together, against each configuration alone (from scratch), on the same chunks, so the
+    per-example results must be identical. `budget_share`: the chunk budget holds that share of
+    the dataset's block states (user-scale proportions), else all of them."""
     configs = [()] + [(i,) for i in range(loaded.num_blocks)]
-    per_task = {}
     _warm_up(loaded, tasks[0], batch_size)
-    for task in tasks:
-        fast = Evaluator(loaded, [task], batch_size, reuse=True)
-        slow = Evaluator(loaded, [task], batch_size, reuse=False)
-        seconds = {"reuse": 0.0, "no_reuse": 0.0}
-        diff = 0.0
-        for k, removed in enumerate(configs):
-            runs = [("reuse", fast), ("no_reuse", slow)][:: 1 if k % 2 == 0 else -1]
-            out = {}
-            for name, evaluator in runs:
-                out[name], spent = _timed(lambda e=evaluator: e.evaluate(removed))
-                seconds[name] += spent
-            diff = max(diff, float(np.abs(_numbers(out["reuse"]) - _numbers(out["no_reuse"])).max()))
-        per_task[task.name] = {"n": len(task.examples), "tokens_per_pass": slow.prepared[0].n_tokens,
-                               "scored_tokens_per_pass": sum(len(b.targets) for b in slow.prepared[0].batches),
-                               "seconds_reuse": seconds["reuse"], "seconds_no_reuse": seconds["no_reuse"],
-                               "speedup": seconds["no_reuse"] / seconds["reuse"], "max_abs_diff": diff,
-                               "stored_blocks": len(fast.stored_blocks),
-                               "speedup_if_only_blocks_cost": _block_runs(loaded.num_blocks, []) / _block_runs(
-                                   loaded.num_blocks, fast.stored_blocks)}
-    reuse = sum(t["seconds_reuse"] for t in per_task.values())
-    no_reuse = sum(t["seconds_no_reuse"] for t in per_task.values())
-    return {"tasks": per_task, "configs": len(configs), "seconds_reuse": reuse, "seconds_no_reuse": no_reuse,
-            "speedup": no_reuse / reuse, "max_abs_diff": max(t["max_abs_diff"] for t in per_task.values())}
+    ample = Evaluator(loaded, tasks, batch_size, chunk_budget_gb=2**20)
+    dataset_states = sum(c.state_bytes for c in ample.chunks) * ample._kept_blocks
+    budget = dataset_states * budget_share if budget_share else dataset_states
+    evaluator = Evaluator(loaded, tasks, batch_size, chunk_budget_gb=budget / 2**30)
+    alone, scratch = _timed(lambda: {c: evaluator.evaluate(c) for c in configs})
+    together, stepwide = _timed(lambda: evaluator.evaluate_many(configs))
+    diff = max(float(np.abs(_numbers(alone[c]) - _numbers(together[c].scores)).max()) for c in configs)
+    return {"configs": len(configs), "tasks": {t.name: {"n": len(t.examples)} for t in tasks},
+            "tokens_per_pass": sum(c.prepared.n_tokens for c in evaluator.chunks),
+            "dataset_states_mb": dataset_states / 2**20, "chunk_budget_mb": budget / 2**20,
+            "kept_states_mb": evaluator.max_state_bytes / 2**20, "chunks": len(evaluator.chunks),
+            "seconds_stepwide": stepwide, "seconds_from_scratch": scratch, "speedup": scratch / stepwide,
+            "max_abs_diff": diff}
+
+
+def bench_racing(model: str, tasks: list[str], n: int, folder: str, width: int, max_removed: int, batch_size: int) -> dict:
+    """The same beam search (the mean beam) with and without racing, each in a fresh store:
+    example-configurations scored, wall time, and whether the recommendations are identical."""
+    from search import beam
+    from search.cli import run_main
+    from search.tracking import load_json
+
+    out = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for racing in ("true", "false"):
+            uri = f"sqlite:///{scratch}/racing-{racing}.db"
+            argv = ["--model", model, "--tasks", ",".join(tasks), "--n_samples", str(n), "--data_dir", folder,
+                    "--batch_size", str(batch_size), "--dtype", "float32", "--beam_width", str(width),
+                    "--max_removed", str(max_removed), "--criterion", "mean", "--racing", racing, "--tracking_uri", uri]
+            code, seconds = _timed(lambda: run_main(beam.main, argv))
+            assert code == 0, f"beam search with racing={racing} failed"
+            client = __import__("mlflow").tracking.MlflowClient(uri)
+            (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.`prunetrack.kind` = 'beam_search'")
+            results = load_json(client, run.info.run_id, beam.RESULTS)
+            out[racing] = {"seconds": seconds, "example_configs": results["worker"]["examples_scored"],
+                           "stopped": results["worker"]["stopped"], "evaluated": results["worker"]["evaluated"],
+                           "picks": [e["removed_blocks"] for e in results["recommendations"]]}
+    on, off = out["true"], out["false"]
+    return {"tasks": {t: {"n": n} for t in tasks}, "beam_width": width, "max_removed": max_removed,
+            "racing": on, "exhaustive": off, "eval_ratio": off["example_configs"] / on["example_configs"],
+            "speedup": off["seconds"] / on["seconds"], "same_recommendations": on["picks"] == off["picks"]}
 
 
 def bench_mc(loaded: LoadedModel, n: int, folder: str, batch_size: int, repeats: int) -> dict:
@@ -187,7 +220,7 @@ def bench_mc(loaded: LoadedModel, n: int, folder: str, batch_size: int, repeats:
             _warm_up(loaded, task, batch_size)
             lm.loglikelihood(requests[:4], disable_tqdm=True)
         runs = {
-            "ours": lambda: Evaluator(loaded, [task], batch_size, reuse=False).evaluate(())[name],
+            "ours": lambda: Evaluator(loaded, [task], batch_size).evaluate(())[name],
             "lm_eval": lambda: lm.loglikelihood(requests, disable_tqdm=True),
         }
         seconds, result = {"ours": 0.0, "lm_eval": 0.0}, {}
@@ -246,7 +279,8 @@ def peak_flops(device: torch.device, override: float | None) -> float | None:
 def bench_forward(device: torch.device, shape: dict = LLAMA3_8B, batch_size: int = 8, seq_len: int = 1024,
                   n_batches: int = 8, repeats: int = 3, peak_tflops: float | None = None,
                   dtype: torch.dtype = torch.bfloat16) -> dict:
-    """Forward throughput and MFU: plain transformers, our scorer, our scorer keeping activations."""
+    """Forward throughput and MFU, plain transformers and our scorer; the baseline and the middle
+    block's removal step-wide against each alone."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model("llama", **shape)
@@ -257,41 +291,34 @@ def bench_forward(device: torch.device, shape: dict = LLAMA3_8B, batch_size: int
     words = torch.randint(1, config.vocab_size, (batch_size * n_batches, seq_len), generator=torch.Generator().manual_seed(0))
     task = Task("random_tokens", "validation", "perplexity",
                 [Document(i, " ".join(f"w{t}" for t in row)) for i, row in enumerate(words.tolist())], source="generated")
-    settings = dict(batch_size=batch_size, max_length=seq_len, reuse_budget_gb=64)
-    ours = Evaluator(loaded, [task], reuse=False, **settings)
-    tokens = ours.prepared[0].n_tokens
+    ours = Evaluator(loaded, [task], batch_size=batch_size, max_length=seq_len, chunk_budget_gb=64)
+    tokens = sum(c.prepared.n_tokens for c in ours.chunks)
     assert tokens == batch_size * n_batches * seq_len
 
     @torch.no_grad()
     def plain():
-        for batch in ours.prepared[0].batches:
-            model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False)
-
-    def recording():
-        fresh = Evaluator(loaded, [task], reuse=True, **settings)
-        return fresh, _timed(lambda: fresh.evaluate(()))[1]
+        for chunk in ours.chunks:
+            for batch in chunk.prepared.batches:
+                model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False)
 
     plain()  # warm-up
     ours.evaluate(())
-    seconds = {"plain": [], "ours": [], "ours_recording": []}
-    recorder = None
+    seconds = {"plain": [], "ours": []}
     for r in range(repeats):
-        for key in ("plain", "ours", "ours_recording")[r % 3:] + ("plain", "ours", "ours_recording")[: r % 3]:
-            if key == "ours_recording":
-                recorder = None  # free the previous run's kept activations first
-                recorder, spent = recording()
-            else:
-                spent = _timed(plain if key == "plain" else lambda: ours.evaluate(()))[1]
-            seconds[key].append(spent)
+        for key in ("plain", "ours")[r % 2:] + ("plain", "ours")[: r % 2]:
+            seconds[key].append(_timed(plain if key == "plain" else lambda: ours.evaluate(()))[1])
     middle = (config.num_hidden_layers // 2,)
-    replay_seconds = _timed(lambda: recorder.evaluate(middle))[1]
-    scratch_seconds = _timed(lambda: ours.evaluate(middle))[1]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    pair_seconds = _timed(lambda: ours.evaluate_many([(), middle]))[1]
+    peak_memory = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    alone_seconds = _timed(lambda: (ours.evaluate(()), ours.evaluate(middle)))[1]
     per_token, peak = flops_per_token(model, seq_len), peak_flops(device, peak_tflops)
     out = {"shape": {"family": "llama", **shape}, "dtype": str(dtype).removeprefix("torch."),
            "batch_size": batch_size, "seq_len": seq_len, "tokens_per_pass": tokens, "repeats": repeats,
            "gflop_per_token": per_token / 1e9, "peak_tflops": peak / 1e12 if peak else None,
-           "kept_on": str(recorder.storage_device()), "stored_blocks": len(recorder.stored_blocks),
-           "replay_speedup_remove_middle_block": scratch_seconds / replay_seconds}
+           "kept_on": str(ours.storage_device()), "peak_memory_mb": peak_memory,
+           "stepwide_speedup_baseline_and_middle_block": alone_seconds / pair_seconds}
     for key, values in seconds.items():
         rate = tokens / statistics.median(values)
         out[key] = {"tokens_per_s": rate, "tflops": rate * per_token / 1e12, "mfu": rate * per_token / peak if peak else None}
@@ -305,6 +332,12 @@ def summary(results: dict) -> dict:
     if "sensitivity" in results:
         flat |= {"sensitivity_speedup": results["sensitivity"]["speedup"],
                  "sensitivity_max_abs_diff": results["sensitivity"]["max_abs_diff"]}
+    if "scale_sensitivity" in results:
+        flat |= {"scale_sensitivity_speedup": results["scale_sensitivity"]["speedup"],
+                 "scale_max_abs_diff": results["scale_sensitivity"]["max_abs_diff"]}
+    if "racing" in results:
+        flat |= {"racing_eval_ratio": results["racing"]["eval_ratio"],
+                 "racing_same_recommendations": results["racing"]["same_recommendations"]}
     if "multiple_choice" in results:
         flat |= {"mc_speedup_vs_lm_eval": results["multiple_choice"]["speedup"],
                  "mc_acc_equal": results["multiple_choice"]["acc_equal"]}
@@ -317,19 +350,24 @@ def markdown(results: dict) -> str:
     """The results as a Markdown table, one row per measurement."""
     rows = ["| measurement | ours | baseline | ratio | target | samples | machine | date |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    if "sensitivity" in results:
-        s = results["sensitivity"]
-        for name, t in [("all tasks", s), *s["tasks"].items()]:
-            if t is s:
-                samples = ", ".join(f"{k} {v['n']}" for k, v in s["tasks"].items())
-                bound = ""
-            else:
-                samples = f"{t['n']} ({t['scored_tokens_per_pass']} of {t['tokens_per_pass']} tokens scored)"
-                bound = f", {t['speedup_if_only_blocks_cost']:.2f}x if only blocks cost"
-            rows.append(f"| sensitivity study, {s['configs']} configurations, reuse vs from scratch: {name} "
-                        f"| {t['seconds_reuse']:.1f} s | {t['seconds_no_reuse']:.1f} s | {t['speedup']:.2f}x "
-                        f"(max abs diff {t['max_abs_diff']:.1g}{bound}) | >= 1.8x, identical | {samples} "
-                        f"| {s['device']} | {s['date']} |")
+    for key, label, target in (("sensitivity", "whole-data budget", ">= 1.5x, identical"),
+                               ("scale_sensitivity", "budget of 1/30 of the data's block states", ">= 1.5x, identical")):
+        if key in results:
+            r = results[key]
+            samples = ", ".join(f"{k} {v['n']}" for k, v in r["tasks"].items())
+            rows.append(f"| sensitivity study, {r['configs']} configurations, step-wide vs each alone ({label}: "
+                        f"{r['chunks']} chunks, kept states <= {r['kept_states_mb']:.0f} of {r['dataset_states_mb']:.0f} MB) "
+                        f"| {r['seconds_stepwide']:.1f} s | {r['seconds_from_scratch']:.1f} s | {r['speedup']:.2f}x "
+                        f"(max abs diff {r['max_abs_diff']:.1g}) | {target} | {samples} | {r['device']} | {r['date']} |")
+    if "racing" in results:
+        r = results["racing"]
+        samples = ", ".join(f"{k} {v['n']}" for k, v in r["tasks"].items())
+        rows.append(f"| beam search (width {r['beam_width']}, up to {r['max_removed']} removed), racing vs exhaustive: "
+                    f"example-configurations scored ({r['racing']['stopped']} candidates stopped) "
+                    f"| {r['racing']['example_configs']:,} ({r['racing']['seconds']:.0f} s) "
+                    f"| {r['exhaustive']['example_configs']:,} ({r['exhaustive']['seconds']:.0f} s) "
+                    f"| {r['eval_ratio']:.2f}x fewer, {r['speedup']:.2f}x faster (same recommendations: "
+                    f"{'yes' if r['same_recommendations'] else 'NO'}) | >= 3x, identical | {samples} | {r['device']} | {r['date']} |")
     if "multiple_choice" in results:
         m = results["multiple_choice"]
         samples = ", ".join(f"{k} {v['n']}" for k, v in m["tasks"].items())
@@ -350,11 +388,8 @@ def markdown(results: dict) -> str:
         model = "Llama-3-8B shape" if shape == LLAMA3_8B else f"{shape['num_hidden_layers']} x {shape['hidden_size']} Llama"
         rows.append(f"| forward, random {model}, {f['dtype']} (ours: scoring) | {rate(f['ours'])} | {rate(f['plain'])} "
                     f"| {f['ours_vs_plain']:.3f} | >= 1 | {samples} | {f['device']} | {f['date']} |")
-        rows.append(f"| forward while keeping activations for reuse (kept on {f['kept_on']}) | {rate(f['ours_recording'])} "
-                    f"| {rate(f['plain'])} | {f['ours_recording']['tokens_per_s'] / f['plain']['tokens_per_s']:.3f} | >= 1 "
-                    f"| {samples} | {f['device']} | {f['date']} |")
-        rows.append(f"| remove the middle block: from kept activations vs from scratch | | | "
-                    f"{f['replay_speedup_remove_middle_block']:.2f}x | | {samples} | {f['device']} | {f['date']} |")
+        rows.append(f"| forward: baseline and the middle block's removal step-wide vs each alone (states on {f['kept_on']}) "
+                    f"| | | {f['stepwide_speedup_baseline_and_middle_block']:.2f}x | | {samples} | {f['device']} | {f['date']} |")
     versions = results.get("versions", {})
     return "\n".join(rows) + "\n\n" + ", ".join(f"{k} {v}" for k, v in versions.items()) + "\n"
 
@@ -371,7 +406,11 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's own; 1 with --quick, steadier on a shared machine)")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated parts to run, of {', '.join(PARTS)}")
     args = parser.parse_args(argv)
+    parts = set(args.parts.split(","))
+    if parts - set(PARTS):
+        parser.error(f"unknown part {sorted(parts - set(PARTS))[0]!r}; allowed: {', '.join(PARTS)}")
     if args.gpu_only and not torch.cuda.is_available():
         parser.error("--gpu-only needs a CUDA device")
     sizes = SIZES[args.quick]
@@ -383,21 +422,38 @@ def main(argv=None) -> None:
     results = json.loads(latest.read_text()) if latest.is_file() else {}
     results["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__,
                            "lm_eval": importlib.metadata.version("lm_eval")}
-    if not args.gpu_only:
+    if args.gpu_only:
+        parts = {"forward"}
+    if parts - {"forward"}:
         loaded = load_model("default", device=args.device, dtype="float32")
         results["device"] = machine(loaded.device)
         with tempfile.TemporaryDirectory() as scratch:
             folder, source = data_dir(args.data_dir, sizes["mc_n"], Path(scratch))
             tasks = [load_task(name, "validation", sizes["sensitivity_n"], seed=0, data_dir=folder) for name in MC_TASKS]
-            print(f"sensitivity: {loaded.name}, {loaded.num_blocks} blocks, tasks {[t.name for t in tasks]} ...", flush=True)
-            results["sensitivity"] = {**bench_sensitivity(loaded, tasks, args.batch_size), **_stamp(loaded.device),
-                                      "model": loaded.name, "data": source, "dtype": "float32"}
+            if "sensitivity" in parts:
+                print(f"sensitivity: {loaded.name}, {loaded.num_blocks} blocks, tasks {[t.name for t in tasks]} ...", flush=True)
+                results["sensitivity"] = {**bench_sensitivity(loaded, tasks, args.batch_size), **_stamp(loaded.device),
+                                          "model": loaded.name, "data": source, "dtype": "float32"}
+            if "scale" in parts:
+                names, real = real_tasks(SCALE_TASKS, args.data_dir)
+                scale = [load_task(name, "validation", sizes["scale_n"], seed=0, data_dir=real) for name in names]
+                print(f"sensitivity at user-scale proportions: {names} ...", flush=True)
+                results["scale_sensitivity"] = {**bench_sensitivity(loaded, scale, args.batch_size, SCALE_BUDGET_SHARE),
+                                                **_stamp(loaded.device), "model": loaded.name,
+                                                "data": real or "builtin", "dtype": "float32"}
+            if "racing" in parts:
+                names, real = real_tasks(RACING_TASKS, args.data_dir)
+                print(f"beam search, racing vs exhaustive: {names} ...", flush=True)
+                results["racing"] = {**bench_racing("default", names, sizes["racing_n"], real or "", sizes["racing_width"],
+                                                    sizes["racing_removed"], args.batch_size),
+                                     **_stamp(loaded.device), "model": loaded.name, "data": real or "builtin"}
             print(json.dumps(summary(results)), flush=True)
-            print("multiple choice vs lm-eval ...", flush=True)
-            results["multiple_choice"] = {**bench_mc(loaded, sizes["mc_n"], folder, args.batch_size, sizes["mc_repeats"]),
-                                          **_stamp(loaded.device), "model": loaded.name, "data": source, "dtype": "float32"}
+            if "mc" in parts:
+                print("multiple choice vs lm-eval ...", flush=True)
+                results["multiple_choice"] = {**bench_mc(loaded, sizes["mc_n"], folder, args.batch_size, sizes["mc_repeats"]),
+                                              **_stamp(loaded.device), "model": loaded.name, "data": source, "dtype": "float32"}
         del loaded
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and "forward" in parts:
         device = torch.device("cuda")
         print("forward throughput, random Llama-3-8B shape ...", flush=True)
         results["device"] = machine(device)

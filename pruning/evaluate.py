@@ -13,16 +13,18 @@ What makes it fast, with the same scores:
   so each choice is computed exactly as if it were alone; a row holds several examples, so
   there is little padding;
 - logits only at the scored positions; rows batched by length, longest first;
-- activation reuse across block removals (`Evaluator`).
+- step-wide scoring of many block removals at once, data chunk by data chunk (`Evaluator`).
 """
 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import inspect
 import math
 import os
 import re
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,12 +33,14 @@ from torch import nn
 
 from pruning.tasks import Task
 
-SCORER_VERSION = "2"  # part of every configuration hash: bump when scores would change
+SCORER_VERSION = "3"  # part of every configuration hash: bump when scores would change
 DEFAULT_MAX_LENGTH = 2048
 # Families whose packed rows (shared context) score like separate rows, checked in tests/test_evaluate.py.
 SHARED_CONTEXT_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2", "gpt_neox", "opt")
 _LOGPROB_CHUNK = 2**26  # logits converted to float32 at a time
 ROW_TOKENS = 256  # packed rows hold several examples up to this many tokens
+FIRST_LOOK = 1 / 16  # share of each task in the first chunk(s): racing's first look
+MIN_LOOK_EXAMPLES = 32  # examples of each task seen at the first look, at least
 
 
 @dataclass
@@ -236,14 +240,15 @@ def _batch(rows: list[list[dict]], weights: np.ndarray, pad_id: int, packed: boo
 
 
 def prepare(task: Task, tokenizer, batch_size: int, max_length: int, pad_id: int,
-            shared_context: bool = True) -> PreparedTask:
+            shared_context: bool = True, tokenized: tuple | None = None) -> PreparedTask:
     """Tokenize `task` and batch it by length, longest first, `batch_size` rows a batch.
 
     With `shared_context`, all requests of a multiple-choice example share their common prefix
     (see `_item`), and rows hold several examples, up to ROW_TOKENS tokens (or the longest
     example), so that there is little padding. Identical requests of an example are scored once.
+    `tokenized` is `_pairs_of(task, ...)` when the caller has it already.
     """
-    pairs, groups = _pairs_of(task, tokenizer, max_length)
+    pairs, groups = tokenized or _pairs_of(task, tokenizer, max_length)
     seqs = [(ctx + cont)[-(max_length + 1) :][:-1] for ctx, cont in pairs]
     packed = shared_context and task.kind == "multiple_choice"
     unit_of = np.zeros(len(pairs), dtype=np.int64)
@@ -295,7 +300,7 @@ def _target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
 def loglikelihoods(model: nn.Module, prepared: PreparedTask, progress=None, before_batch=None) -> np.ndarray:
     """Summed log-probability of every request's continuation given its context.
 
-    `before_batch(i)` is called before batch i runs (activation reuse uses it).
+    `before_batch(i)` is called before batch i runs (step-wide scoring uses it).
     """
     device = next(model.parameters()).device
     dtype = model.get_input_embeddings().weight.dtype
@@ -315,150 +320,263 @@ def loglikelihoods(model: nn.Module, prepared: PreparedTask, progress=None, befo
     return sums[prepared.unit_of]
 
 
-def score(model: nn.Module, prepared: PreparedTask, progress=None, before_batch=None) -> TaskScore:
-    """Score a prepared task: acc/acc_norm for multiple choice, perplexity for documents."""
-    task = prepared.task
-    lls = loglikelihoods(model, prepared, progress, before_batch)
-    doc_ids = [ex.doc_id for ex in task.examples]
+def task_score(task: Task, examples: list[int], lls: list[np.ndarray], tokens: list[int]) -> TaskScore:
+    """Metrics of `task` over its examples `examples` (indices, in task order), from each one's
+    request log-likelihoods `lls` and scored tokens `tokens`: acc/acc_norm, or perplexity."""
+    chosen = [task.examples[i] for i in examples]
+    doc_ids = [ex.doc_id for ex in chosen]
     if task.kind == "multiple_choice":
-        per_choice = [lls[g] for g in prepared.groups]
-        correct = [int(np.argmax(ll) == ex.gold) for ll, ex in zip(per_choice, task.examples)]
-        correct_norm = [
-            int(np.argmax(ll / np.array(ex.choice_lengths)) == ex.gold) for ll, ex in zip(per_choice, task.examples)
-        ]
-        per_example = {
-            "doc_id": doc_ids,
-            "acc": correct,
-            "acc_norm": correct_norm,
-            "loglikelihoods": [ll.tolist() for ll in per_choice],
-        }
+        correct = [int(np.argmax(ll) == ex.gold) for ll, ex in zip(lls, chosen)]
+        correct_norm = [int(np.argmax(ll / np.array(ex.choice_lengths)) == ex.gold) for ll, ex in zip(lls, chosen)]
+        per_example = {"doc_id": doc_ids, "acc": correct, "acc_norm": correct_norm,
+                       "loglikelihoods": [ll.tolist() for ll in lls]}
         metrics = {"acc": float(np.mean(correct)), "acc_norm": float(np.mean(correct_norm))}
         return TaskScore(task.name, task.kind, metrics, per_example)
-    nll = [float(-lls[g].sum()) for g in prepared.groups]
-    tokens = [sum(prepared.target_lengths[i] for i in g) for g in prepared.groups]
-    words = [len(re.split(r"\s+", ex.text)) for ex in task.examples]
-    n_bytes = [len(ex.text.encode("utf-8")) for ex in task.examples]
+    nll = [float(-ll.sum()) for ll in lls]
+    words = [len(re.split(r"\s+", ex.text)) for ex in chosen]
+    n_bytes = [len(ex.text.encode("utf-8")) for ex in chosen]
     total = sum(nll)
     metrics = {
         "ppl": math.exp(total / sum(tokens)),
         "word_perplexity": math.exp(total / sum(words)),
         "bits_per_byte": total / sum(n_bytes) / math.log(2),
     }
-    per_example = {"doc_id": doc_ids, "nll": nll, "tokens": tokens, "words": words, "bytes": n_bytes}
+    per_example = {"doc_id": doc_ids, "nll": nll, "tokens": list(tokens), "words": words, "bytes": n_bytes}
     return TaskScore(task.name, task.kind, metrics, per_example)
 
 
+def look_sizes(n: int) -> list[int]:
+    """Examples of a task seen after each racing look: FIRST_LOOK of them (at least
+    MIN_LOOK_EXAMPLES), then twice as many at each look, until all n."""
+    sizes = [min(n, max(MIN_LOOK_EXAMPLES, math.ceil(n * FIRST_LOOK)))]
+    while sizes[-1] < n:
+        sizes.append(min(n, 2 * sizes[-1]))
+    return sizes
+
+
+@dataclass
+class Chunk:
+    """Examples of one task scored together: the unit whose block states are kept at a time."""
+
+    task: int  # index in Evaluator.tasks
+    look: int  # the racing look after which this chunk's results are complete
+    examples: list[int]  # indices into the task's examples
+    prepared: PreparedTask
+    state_bytes: int  # one block's outputs for this chunk (padded rows)
+
+
+@dataclass
+class ConfigScores:
+    """What step-wide scoring gives for one configuration."""
+
+    scores: dict[str, TaskScore] | None  # complete, or over the examples seen before it stopped
+    stopped: str | None = None  # why racing stopped it
+    error: Exception | None = None  # why its scoring failed
+
+    @property
+    def n_examples(self) -> int:
+        """Examples scored, summed over the tasks."""
+        return sum(s.n for s in self.scores.values()) if self.scores else 0
+
+
 class _Replay(nn.Module):
-    """Stands in for the first blocks: returns the stored output of the last of them."""
+    """Stands in for the first blocks: returns the kept output of the last of them for the batch."""
 
     def __init__(self, states: dict, block: int, as_tuple: bool):
         super().__init__()
-        self.states, self.block, self.as_tuple, self.key = states, block, as_tuple, None
+        self.states, self.block, self.as_tuple, self.batch = states, block, as_tuple, None
 
     def forward(self, hidden_states, *args, **kwargs):
-        state = self.states[(*self.key, self.block)].to(hidden_states.device, non_blocking=True)
+        state = self.states[(self.block, self.batch)].to(hidden_states.device, non_blocking=True)
         return (state,) if self.as_tuple else state
 
 
 class Evaluator:
-    """Scores a fixed set of tasks with any set of blocks removed.
+    """Scores a fixed set of tasks with any sets of blocks removed, step-wide.
 
-    With `reuse`, the first pass of the unpruned model keeps each block's output for every
-    batch (within `reuse_budget_gb`: on the model's GPU when they fit beside it, else in host
-    memory; when they do not all fit the budget, only every s-th block is kept). A
-    configuration whose first removed block is k then starts from the kept state closest below
-    k instead of recomputing blocks that are identical to the unpruned model's. Batches are
-    the same in both passes, so the scores are the same. `shared_context` packs the choices of
-    a multiple-choice example into one row where the model allows it (`shares_context`).
+    The data is cut once into chunks (seeded order, see `look_sizes`), each small enough that the
+    outputs of every block for it fit `chunk_budget_gb`. `evaluate_many(configs)` scores a set
+    of configurations chunk by chunk: the unpruned model runs once on the chunk, up to the last
+    block some configuration starts from, keeping those blocks' outputs for this chunk only; each
+    configuration then runs from the kept output of the block below its first removed block; the
+    states are dropped before the next chunk. Kept-state memory is bounded by one chunk whatever
+    the data size, and every configuration's per-example scores are those of evaluating it alone
+    (the same batches, and the blocks below its first removed block are the unpruned model's).
+    With a `Race`, configurations that are confidently out of the beam stop after a look.
+    `shared_context` packs the choices of a multiple-choice example into one row where the model
+    allows it (`shares_context`).
     """
 
     def __init__(self, loaded, tasks: list[Task], batch_size: int = 8, max_length: int | None = None,
-                 reuse: bool = True, reuse_budget_gb: float = 4.0, shared_context: bool = True):
-        self.loaded = loaded
+                 chunk_budget_gb: float = 4.0, shared_context: bool = True):
+        self.loaded, self.tasks, self.batch_size = loaded, list(tasks), batch_size
         max_length = max_length or max_length_of(loaded.model)
-        pad = loaded.tokenizer.pad_token_id
-        shared = shared_context and shares_context(loaded.model, max_length)
-        self.prepared = [prepare(t, loaded.tokenizer, batch_size, max_length, pad, shared) for t in tasks]
-        self.reuse = reuse and loaded.num_blocks > 1
+        self.shared_context = shared_context and shares_context(loaded.model, max_length)
+        self.chunk_budget = int(chunk_budget_gb * 2**30)
         width = loaded.model.get_input_embeddings().embedding_dim
-        itemsize = next(loaded.model.parameters()).element_size()
-        self._block_bytes = sum(b.input_ids.numel() for p in self.prepared for b in p.batches) * width * itemsize
-        self.stride = max(1, math.ceil((loaded.num_blocks - 1) * self._block_bytes / (reuse_budget_gb * 2**30)))
-        self._states: dict = {}
-        self._as_tuple = False
-        self._baseline: dict[str, TaskScore] | None = None
+        self._token_bytes = width * next(loaded.model.parameters()).element_size()
+        self._kept_blocks = max(1, loaded.num_blocks - 1)  # the most block outputs a chunk may keep
+        self.chunks: list[Chunk] = []
+        self.tokens: list[list[int]] = []  # scored tokens per example, per task
+        for t, task in enumerate(self.tasks):
+            self._cut(t, task, max_length)
+        self.n_looks = max(c.look for c in self.chunks) + 1
 
     @property
     def n_requests(self) -> int:
-        return sum(p.n_requests for p in self.prepared)
+        return sum(c.prepared.n_requests for c in self.chunks)
 
     @property
-    def stored_blocks(self) -> list[int]:
-        """Blocks whose outputs are kept: every `stride`-th, never the last."""
-        return list(range(self.stride - 1, self.loaded.num_blocks - 1, self.stride))
+    def max_state_bytes(self) -> int:
+        """The most memory kept block outputs can take at once: every block but the last, one chunk."""
+        return self._kept_blocks * max(c.state_bytes for c in self.chunks)
+
+    def _cut(self, t: int, task: Task, max_length: int) -> None:
+        """Split task `t` into chunks: a seeded order, cut at the looks, then by the memory budget."""
+        pairs, groups = _pairs_of(task, self.loaded.tokenizer, max_length)
+        self.tokens.append([sum(len(pairs[i][1]) for i in g) for g in groups])
+        order = np.random.default_rng(zlib.crc32(task.name.encode())).permutation(len(groups)).tolist()
+        seen = 0
+        for look, size in enumerate(look_sizes(len(groups))):
+            pending = [order[seen:size]]
+            seen = size
+            while pending:
+                examples = sorted(pending.pop(0))
+                chunk = self._chunk(t, task, look, examples, pairs, groups, max_length)
+                if chunk.state_bytes * self._kept_blocks > self.chunk_budget and len(examples) > 1:
+                    half = len(examples) // 2
+                    pending[:0] = [examples[:half], examples[half:]]
+                else:
+                    self.chunks.append(chunk)
+
+    def _chunk(self, t, task, look, examples, pairs, groups, max_length) -> Chunk:
+        sub_pairs, sub_groups = [], []
+        for e in examples:
+            sub_groups.append(list(range(len(sub_pairs), len(sub_pairs) + len(groups[e]))))
+            sub_pairs += [pairs[i] for i in groups[e]]
+        sub_task = dataclasses.replace(task, examples=[task.examples[e] for e in examples])
+        prepared = prepare(sub_task, self.loaded.tokenizer, self.batch_size, max_length,
+                           self.loaded.tokenizer.pad_token_id, self.shared_context, (sub_pairs, sub_groups))
+        numel = sum(b.input_ids.numel() for b in prepared.batches)
+        return Chunk(t, look, examples, prepared, numel * self._token_bytes)
 
     def storage_device(self) -> torch.device:
-        """Where kept states live: the model's GPU when they fit with a quarter of it left free,
-        else host memory (pinned, filled asynchronously)."""
+        """Where kept states live: the model's GPU when a chunk's fit with a quarter of it left
+        free, else host memory (pinned, filled asynchronously)."""
         device = self.loaded.device
         if device.type != "cuda":
             return torch.device("cpu")
         free, total = torch.cuda.mem_get_info(device)
-        return device if len(self.stored_blocks) * self._block_bytes < free - total // 4 else torch.device("cpu")
+        return device if self.max_state_bytes < free - total // 4 else torch.device("cpu")
 
     def evaluate(self, removed=(), progress=None) -> dict[str, TaskScore]:
         """Scores per task with `removed` blocks taken out."""
-        from pruning.models import blocks_removed, blocks_replaced, check_blocks
+        (result,) = self.evaluate_many([removed], progress).values()
+        if result.error is not None:
+            raise result.error
+        return result.scores
 
-        removed = check_blocks(removed, self.loaded.num_blocks)
-        if not removed:
-            if self.reuse and self._baseline is None:
-                self._baseline = self._record(progress)
-                return self._baseline
-            return self._score_all(progress)
-        start = max((j for j in self.stored_blocks if j < removed[0]), default=None) if self.reuse else None
-        if start is None:
+    def evaluate_many(self, configs, progress=None, race=None) -> dict[tuple[int, ...], ConfigScores]:
+        """Score every configuration (a set of removed blocks) step-wide, chunk by chunk.
+
+        A configuration whose scoring raises (other than out of memory, which ends the whole
+        set) comes back with its error; with `race`, one that stops comes back with the scores
+        of the examples it saw and the reason.
+        """
+        from pruning.models import check_blocks
+
+        configs = list(dict.fromkeys(check_blocks(c, self.loaded.num_blocks) for c in configs))
+        active = list(configs)
+        lls = {c: [{} for _ in self.tasks] for c in configs}  # per task: example -> request log-likelihoods
+        stopped, errors = {}, {}
+        for look in range(self.n_looks):
+            for chunk in (c for c in self.chunks if c.look == look):
+                for removed, err in self._score_chunk(chunk, active, lls, progress).items():
+                    errors[removed] = err
+                    active.remove(removed)
+            if race is not None and look < self.n_looks - 1 and active:
+                for removed, reason in race.stop(self, {c: lls[c] for c in active}, look).items():
+                    stopped[removed] = reason
+                    active.remove(removed)
+        return {c: ConfigScores(None, error=errors[c]) if c in errors else
+                ConfigScores(self.task_scores(lls[c]), stopped.get(c)) for c in configs}
+
+    def task_scores(self, lls: list[dict]) -> dict[str, TaskScore]:
+        """TaskScores from per-example request log-likelihoods (all examples, or those seen)."""
+        scores = {}
+        for t, task in enumerate(self.tasks):
+            seen = sorted(lls[t])
+            scores[task.name] = task_score(task, seen, [lls[t][e] for e in seen], [self.tokens[t][e] for e in seen])
+        return scores
+
+    def _score_chunk(self, chunk: Chunk, configs: list, lls: dict, progress) -> dict:
+        """Score `configs` on one chunk into `lls`; returns the configurations that failed, with their error."""
+        starts = sorted({c[0] - 1 for c in configs if c and c[0] > 0})
+        states, as_tuple = self._record(chunk, starts, lls[()] if () in configs else None, progress)
+        errors = {}
+        for removed in configs:
+            if not removed:
+                continue
+            try:
+                values = self._score_config(chunk, removed, states, as_tuple, progress)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as err:  # this configuration fails; the others go on
+                errors[removed] = err
+                continue
+            self._store(chunk, values, lls[removed])
+        return errors
+
+    def _store(self, chunk: Chunk, values: np.ndarray, into: list[dict]) -> None:
+        for e, group in zip(chunk.examples, chunk.prepared.groups):
+            into[chunk.task][e] = values[group]
+
+    def _score_config(self, chunk: Chunk, removed: tuple, states: dict, as_tuple: bool, progress) -> np.ndarray:
+        """Request log-likelihoods of one configuration on a chunk, from the kept state below its first removed block."""
+        from pruning.models import blocks_removed, blocks_replaced
+
+        if removed[0] == 0:
             with blocks_removed(self.loaded, removed):
-                return self._score_all(progress)
-        if self._baseline is None:
-            self._baseline = self._record(None)
-        replay = _Replay(self._states, start, self._as_tuple)
+                return loglikelihoods(self.loaded.model, chunk.prepared, progress)
+        start = removed[0] - 1
+        replay = _Replay(states, start, as_tuple)
         origins = [start] + [i for i in range(start + 1, self.loaded.num_blocks) if i not in removed]
         modules = [replay] + [self.loaded.blocks[i] for i in origins[1:]]
         with blocks_replaced(self.loaded, modules, origins):
-            return self._score_all(progress, replay)
+            return loglikelihoods(self.loaded.model, chunk.prepared, progress,
+                                  lambda b: setattr(replay, "batch", b))
 
-    def _score_all(self, progress, replay: _Replay | None = None) -> dict[str, TaskScore]:
-        scores = {}
-        for t, prepared in enumerate(self.prepared):
-            before = (lambda b, t=t: setattr(replay, "key", (t, b))) if replay is not None else None
-            scores[prepared.task.name] = score(self.loaded.model, prepared, progress, before)
-        return scores
+    def _record(self, chunk: Chunk, blocks: list[int], baseline: list[dict] | None, progress) -> tuple[dict, bool]:
+        """Run the unpruned model on a chunk, keeping the outputs of `blocks` per batch; when
+        `baseline` is given, score it there too, else stop after the last kept block."""
+        from pruning.models import blocks_replaced
 
-    def _record(self, progress) -> dict[str, TaskScore]:
-        """Score the unpruned model while keeping the outputs of the stored blocks."""
-        current = {}
+        if not blocks and baseline is None:
+            return {}, False
+        states, current, as_tuple = {}, {}, [False]
         to_host = self.storage_device().type == "cpu" and self.loaded.device.type == "cuda"
 
         def keep(block: int):
             def hook(module, args, output):
-                self._as_tuple = isinstance(output, tuple)
-                state = (output[0] if self._as_tuple else output).detach()
+                as_tuple[0] = isinstance(output, tuple)
+                state = (output[0] if as_tuple[0] else output).detach()
                 if to_host:
                     state = torch.empty(state.shape, dtype=state.dtype, pin_memory=True).copy_(state, non_blocking=True)
                 else:
                     state = state.clone()
-                self._states[(*current["key"], block)] = state
+                states[(block, current["batch"])] = state
 
             return hook
 
-        handles = [self.loaded.blocks[j].register_forward_hook(keep(j)) for j in self.stored_blocks]
+        handles = [self.loaded.blocks[j].register_forward_hook(keep(j)) for j in blocks]
+        last = self.loaded.num_blocks if baseline is not None else blocks[-1] + 1
         try:
-            scores = {}
-            for t, prepared in enumerate(self.prepared):
-                before = lambda b, t=t: current.__setitem__("key", (t, b))  # noqa: E731
-                scores[prepared.task.name] = score(self.loaded.model, prepared, progress, before)
-            return scores
+            with blocks_replaced(self.loaded, list(self.loaded.blocks)[:last], list(range(last))):
+                values = loglikelihoods(self.loaded.model, chunk.prepared, progress if baseline is not None else None,
+                                        lambda b: current.__setitem__("batch", b))
         finally:
             for handle in handles:
                 handle.remove()
+        if baseline is not None:
+            self._store(chunk, values, baseline)
+        return states, as_tuple[0]

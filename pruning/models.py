@@ -31,6 +31,9 @@ BLOCK_PATHS = (
 )
 # Config fields that hold the number of blocks, per family.
 _LAYER_COUNT_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+# Config fields with one entry per block, and fields listing block indices (Qwen-MoE's dense layers).
+_PER_LAYER_FIELDS = ("layer_types", "sliding_window_pattern_list", "mlp_layer_types", "no_rope_layers")
+_LAYER_INDEX_FIELDS = ("mlp_only_layers",)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -261,7 +264,7 @@ def blocks_replaced(loaded: LoadedModel, modules: list[nn.Module], origins: list
     try:
         setattr(parent, attr, nn.ModuleList(modules))
         for cfg, name, value in saved_config:
-            setattr(cfg, name, len(modules) if isinstance(value, int) else [value[i] for i in origins])
+            setattr(cfg, name, _renumbered(name, value, origins))
         for new_idx, block in enumerate(modules):
             for module in block.modules():
                 if isinstance(getattr(module, "layer_idx", None), int):
@@ -273,6 +276,27 @@ def blocks_replaced(loaded: LoadedModel, modules: list[nn.Module], origins: list
             setattr(cfg, name, value)
         for module, idx in saved_idx:
             module.layer_idx = idx
+
+
+def save_without_blocks(loaded: LoadedModel, removed, directory) -> tuple[int, ...]:
+    """Write the model without the `removed` blocks as a plain Hugging Face directory (weights, config,
+    tokenizer): the blocks are physically absent and the config's layer count and per-layer fields
+    match, so transformers loads it with no project code. `loaded` is unchanged. Returns the blocks, sorted."""
+    removed = check_blocks(removed, loaded.num_blocks)
+    with blocks_removed(loaded, removed):
+        loaded.model.save_pretrained(directory)
+    if loaded.tokenizer is not None:
+        loaded.tokenizer.save_pretrained(directory)
+    return removed
+
+
+def _renumbered(name: str, value, origins: list[int]):
+    """A per-layer config field for the blocks `origins`: the count, the kept entries, or kept indices renumbered."""
+    if isinstance(value, int):
+        return len(origins)
+    if name in _LAYER_INDEX_FIELDS:
+        return [origins.index(i) for i in value if i in origins]
+    return [value[i] for i in origins]
 
 
 def _configs_of(lm: nn.Module) -> list:
@@ -288,8 +312,9 @@ def _configs_of(lm: nn.Module) -> list:
 def _layer_fields(cfg, num_blocks: int) -> list[str]:
     """Config fields describing the block count or one entry per block."""
     fields = [f for f in _LAYER_COUNT_FIELDS if getattr(cfg, f, None) == num_blocks]
-    for field in ("layer_types", "sliding_window_pattern_list"):
+    for field in _PER_LAYER_FIELDS:
         value = getattr(cfg, field, None)
         if isinstance(value, list) and len(value) == num_blocks:
             fields.append(field)
+    fields += [f for f in _LAYER_INDEX_FIELDS if getattr(cfg, f, None)]
     return fields

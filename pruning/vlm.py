@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from pruning import vqa_metrics
-from pruning.evaluate import TaskScore
+from pruning.evaluate import ConfigScores, TaskScore
 from pruning.models import ModelError, blocks_removed
 from pruning.tasks import Task, TaskError
 from pruning.tasks.vqa import KIND, VQAExample, spec_of
@@ -83,16 +83,34 @@ class GenerationEvaluator:
                              f"({', '.join(t.name for t in tasks)}) need an image-text-to-text model")
         self.loaded = loaded
         self.batch_size = batch_size
+        self.tasks = list(tasks)
         self.prepared = []
         for task in tasks:
             metric = spec_of(task.name).metric
             prompts = [render(loaded.processor, prompt_of(ex, metric)) for ex in task.examples]
             self.prepared.append(PreparedGeneration(task, metric, prompts, MAX_NEW_TOKENS[metric]))
 
+    @property
+    def n_requests(self) -> int:
+        return sum(len(t.examples) for t in self.tasks)
+
     def evaluate(self, removed=(), progress=None) -> dict[str, TaskScore]:
         """Scores per task with `removed` blocks taken out."""
         with blocks_removed(self.loaded, removed):
             return {p.task.name: self._score(p, progress) for p in self.prepared}
+
+    def evaluate_many(self, configs, progress=None, race=None) -> dict[tuple[int, ...], ConfigScores]:
+        """Each configuration in turn (generation shares no block states and does not race):
+        a failing one comes back with its error, out of memory ends the set."""
+        out = {}
+        for removed in configs:
+            try:
+                out[tuple(removed)] = ConfigScores(self.evaluate(removed, progress))
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as err:  # this configuration fails; the others go on
+                out[tuple(removed)] = ConfigScores(None, error=err)
+        return out
 
     @torch.no_grad()
     def generate(self, prepared: PreparedGeneration, progress=None) -> list[str]:

@@ -8,6 +8,11 @@ one beam per task beside the mean beam: every configuration is evaluated on all 
 the beams share evaluations. The recommendations for removing 1..max_removed blocks are the mean
 beam's best (or the named task's), with the mean drop +- std over the tasks.
 
+A step's candidates are scored together, step-wide (pruning.evaluate.Evaluator), and with
+`racing` a candidate stops as soon as the data seen shows, with stated confidence, that it cannot
+enter any beam it competes in (pruning.racing); survivors are scored on all the data, so every
+ranked and recommended configuration carries exact full-data numbers.
+
 Every evaluation is a child run found by its configuration hash, so a rerun continues where the
 last one stopped; with `storage`, workers split each step's candidates (search.work), wait for
 each other, and compute the same beams from the store.
@@ -21,12 +26,14 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from pruning.evaluate import Evaluator
+from pruning.racing import Beam, Race
 from pruning.tasks import parse_task_list
 from search import tracking
 from search.cli import SearchError, common_parser, run_main
-from search.configs import StudyContext, drop
+from search.configs import Outcome, StudyContext, drop
 from search.sensitivity import open_context, study_params
-from search.work import Outcome, Worker, shared_claims
+from search.work import Worker, shared_claims
 
 KIND = "beam_search"
 RESULTS = "beam_search_results.json"
@@ -41,6 +48,8 @@ class Settings:
     min_active_blocks: int
     protect: tuple[int, ...]
     criterion: str  # mean, all, or a task name
+    racing: bool = True  # stop candidates that are confidently out of every beam (pruning.racing)
+    racing_alpha: float = 0.05
 
     def steps(self, num_blocks: int) -> int:
         """How many blocks the search removes at most."""
@@ -72,7 +81,12 @@ def settings_of(args) -> Settings:
         raise SearchError(f"retries and retry_delay must be >= 0, got {args.retries} and {args.retry_delay}")
     if args.criterion not in ("mean", "all", *tasks):
         raise SearchError(f"unknown criterion {args.criterion!r}; allowed: mean, all, {', '.join(tasks)}")
-    return Settings(args.beam_width, args.max_removed, args.min_active_blocks, parse_blocks(args.protect), args.criterion)
+    if not 0 < args.racing_alpha < 1:
+        raise SearchError(f"racing_alpha must be between 0 and 1 (exclusive), got {args.racing_alpha}")
+    if args.claim_size < 1:
+        raise SearchError(f"claim_size must be at least 1, got {args.claim_size}")
+    return Settings(args.beam_width, args.max_removed, args.min_active_blocks, parse_blocks(args.protect), args.criterion,
+                    args.racing == "true", args.racing_alpha)
 
 
 def check_blocks(settings: Settings, num_blocks: int) -> None:
@@ -109,14 +123,30 @@ def select(rows: dict[tuple[int, ...], dict], candidates: list[tuple[int, ...]],
 
 
 def candidate_row(ctx: StudyContext, baseline: dict, outcome: Outcome) -> dict:
-    """What a step reports about one candidate: metrics and drop per task, or its error."""
+    """What a step reports about one candidate: metrics and drop per task, or its error. A
+    candidate that racing stopped has `drops` None (it is never ranked), its `partial_drops` on
+    the examples it saw (`n_examples` per task) and the reason in `stopped`."""
+    status = "FAILED" if outcome.error else "STOPPED" if outcome.stopped else "FINISHED"
     row = {"removed_blocks": list(outcome.removed), "config_hash": outcome.conf_hash, "run_id": outcome.run_id,
-           "status": "FAILED" if outcome.error else "FINISHED", "metrics": outcome.metrics, "drops": None,
-           "mean_drop": None, "error": outcome.error}
+           "status": status, "metrics": outcome.metrics, "drops": None, "mean_drop": None, "error": outcome.error}
     if outcome.metrics is not None:
-        row["drops"] = {t.name: drop(t, baseline[t.name], outcome.metrics[t.name]) for t in ctx.tasks}
-        row["mean_drop"] = float(np.mean(list(row["drops"].values())))
+        drops = {t.name: drop(t, baseline[t.name], outcome.metrics[t.name]) for t in ctx.tasks}
+        if outcome.stopped:
+            row.update(partial_drops=drops, n_examples=outcome.seen, stopped=outcome.stopped)
+        else:
+            row["drops"] = drops
+            row["mean_drop"] = float(np.mean(list(drops.values())))
     return row
+
+
+def race_of(ctx: StudyContext, settings: Settings, candidates: dict[str, list]) -> Race | None:
+    """The step's race: one beam per criterion (mean: every task weighs 1/T), or None without racing."""
+    if not settings.racing or not isinstance(ctx.evaluator, Evaluator):
+        return None
+    tasks = [t.name for t in ctx.tasks]
+    weights = {c: {t: 1 / len(tasks) for t in tasks} if c == "mean" else {c: 1.0} for c in candidates}
+    return Race([Beam(weights[c], set(members)) for c, members in candidates.items()], settings.beam_width,
+                settings.racing_alpha)
 
 
 def best_entry(row: dict, k: int, num_blocks: int, previous: float, complete: bool) -> dict:
@@ -129,8 +159,9 @@ def best_entry(row: dict, k: int, num_blocks: int, previous: float, complete: bo
             "drops": row["drops"], "config_hash": row["config_hash"], "run_id": row["run_id"], "complete": complete}
 
 
-def run_beam_search(ctx: StudyContext, worker: Worker, settings: Settings) -> dict:
-    """Run the search, logging each step and the results to the parent run; return the results."""
+def run_beam_search(ctx: StudyContext, worker: Worker, settings: Settings, key: str = "") -> dict:
+    """Run the search, logging each step and the results to the parent run; return the results.
+    `key` identifies the search (its racing stops are recorded per step under it)."""
     n = ctx.evaluator.loaded.num_blocks
     tasks = [t.name for t in ctx.tasks]
     base = worker.run([()])[()]
@@ -147,10 +178,11 @@ def run_beam_search(ctx: StudyContext, worker: Worker, settings: Settings) -> di
         union = sorted(set().union(*candidates.values()))
         if not union:
             break
-        outcomes = worker.run(union)
+        outcomes = worker.run(union, race_of(ctx, settings, candidates), f"{key}/step{k}")
         rows = {r: candidate_row(ctx, base.metrics, outcomes[r]) for r in union}
         step = {"step": k, "candidates": [rows[r] for r in union], "beams": {},
-                "failed": [rows[r] for r in union if rows[r]["error"]]}
+                "failed": [rows[r] for r in union if rows[r]["error"]],
+                "stopped": [list(r) for r in union if rows[r]["status"] == "STOPPED"]}
         failed += [{**row, "step": k} for row in step["failed"]]
         for c in names:
             complete[c] &= all(rows[r]["error"] is None for r in candidates[c])
@@ -161,7 +193,7 @@ def run_beam_search(ctx: StudyContext, worker: Worker, settings: Settings) -> di
                 best[c].append(best_entry(rows[beams[c][0]], k, n, previous, complete[c]))
         tracking.log_json(ctx.client, ctx.parent_id, f"beam_step{k}.json", step)
         _log_step(ctx, names, best, k)
-        print(f"step {k}: {len(union)} candidates, best {names[0]}: "
+        print(f"step {k}: {len(union)} candidates ({len(step['stopped'])} stopped by racing), best {names[0]}: "
               f"{best[names[0]][-1]['removed_blocks'] if best[names[0]] else 'none'}", file=sys.stderr)
     main = best[names[0]]
     results = {
@@ -219,15 +251,6 @@ def summary(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def close_dead_studies(client, exp_id: str, key: str, current: str) -> None:
-    """Mark RUNNING parent runs of the same search whose process on this machine is gone as KILLED."""
-    for run in client.search_runs([exp_id], f"tags.beam_key = '{key}' and attributes.status = 'RUNNING'"):
-        tags = run.data.tags
-        if run.info.run_id != current and not tracking.process_alive(tags.get(tracking.HOST, ""), tags.get(tracking.PID, "0")):
-            client.set_tag(run.info.run_id, tracking.ERROR, "process died before the search finished")
-            client.set_terminated(run.info.run_id, "KILLED")
-
-
 def parser():
     """The command line: the common parameters plus the search's (the MLproject names)."""
     p = common_parser("Beam search over removed blocks")
@@ -239,6 +262,11 @@ def parser():
     p.add_argument("--retries", type=int, default=3, help="retries of a failing evaluation")
     p.add_argument("--retry_delay", type=float, default=60.0, help="seconds between retries")
     p.add_argument("--storage", default="", help="database shared by workers: postgresql://..., sqlite:///path or a file")
+    p.add_argument("--racing", choices=("true", "false"), default="true",
+                   help="stop candidates confidently out of the beam early (false: exhaustive)")
+    p.add_argument("--racing_alpha", type=float, default=0.05, help="error level of racing's stops, per step")
+    p.add_argument("--claim_size", type=int, default=32,
+                   help="configurations a worker claims and scores together when workers share storage")
     return p
 
 
@@ -248,7 +276,7 @@ def main(argv=None) -> None:
     settings = settings_of(args)
     client = tracking.connect(args.tracking_uri or None)
     params = {**study_params(args), **asdict(settings), "protect": args.protect, "retries": args.retries,
-              "retry_delay": args.retry_delay}
+              "retry_delay": args.retry_delay, "claim_size": args.claim_size, "racing": args.racing}
     with shared_claims(args.storage) as claims:
         params["storage"] = claims.shown if claims else ""
         with tracking.study_run(client, KIND, f"{KIND}/{args.model}", params) as (run_id, exp_id):
@@ -256,11 +284,11 @@ def main(argv=None) -> None:
             check_blocks(settings, ctx.evaluator.loaded.num_blocks)
             key = tracking.config_hash({**ctx.identity, **asdict(settings)})
             tracking.log(client, run_id, tags={"beam_key": key})
-            close_dead_studies(client, exp_id, key, run_id)
-            worker = Worker(ctx, args.batch_size, args.reuse_budget_gb, args.retries, args.retry_delay, claims)
-            results = run_beam_search(ctx, worker, settings)
+            worker = Worker(ctx, args.batch_size, args.chunk_budget_gb, args.retries, args.retry_delay, claims,
+                            args.claim_size)
+            results = run_beam_search(ctx, worker, settings, key)
     print(summary(results))
-    print(f"parent run: {run_id}\nsee it: mlflow ui --backend-store-uri {client.tracking_uri}  (then open http://127.0.0.1:5000)")
+    print(f"parent run: {run_id}\nsee it: {tracking.ui_hint(client.tracking_uri)}")
 
 
 if __name__ == "__main__":

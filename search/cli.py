@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from pruning.models import ModelError
 from pruning.tasks import TaskError
@@ -19,7 +18,7 @@ USER_ERRORS = (ModelError, TaskError, tracking.TrackingError, SearchError)
 
 def common_parser(description: str) -> argparse.ArgumentParser:
     """Parameters shared by the block-removal entry points (the MLproject names)."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = tracking.ArgumentParser(description=description)
     parser.add_argument("--model", default="default", help="hub id, local directory, .gguf file, or 'default'")
     parser.add_argument("--revision", default="", help="hub revision (branch, tag or commit)")
     parser.add_argument("--tasks", default="pydoc_ppl,pydoc_cloze", help="comma-separated task names or suites")
@@ -33,15 +32,13 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--data_dir", default="", help="folder with <task>/<split>.jsonl copies (offline)")
     parser.add_argument("--tracking_uri", default="", help="tracking URI or profile (mlruns_config/profiles/<name>.yaml or a "
                         ".yaml path); overrides $PRUNETRACK_PROFILE, then $MLFLOW_TRACKING_URI")
-    parser.add_argument("--reuse_budget_gb", type=float, default=4.0, help="host memory for reused activations")
+    parser.add_argument("--chunk_budget_gb", type=float, default=4.0,
+                        help="memory for the block outputs kept for one data chunk (sets the chunk size)")
     return parser
 
 
 def run_main(main, argv=None) -> int:
-    """Run `main(argv)`; a user error becomes one line on stderr and exit code 2."""
-    try:
-        main(argv)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    """Run `main(argv)`; a user error (also a bad argument) becomes one line `error: ...` on stderr and exit
+    code 2, Ctrl-C and SIGTERM mark the runs in flight KILLED, and under `mlflow run` the run it created
+    ends with `prunetrack.error` (search.tracking.guarded)."""
+    return tracking.guarded(main, argv, USER_ERRORS)

@@ -1,17 +1,20 @@
-"""Evaluate one configuration (a set of removed blocks) as a child run, or reuse it from the store."""
+"""Evaluate configurations (sets of removed blocks) together as child runs, or reuse them from the store."""
 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 
 from mlflow.tracking import MlflowClient
+from tqdm import tqdm
 
 from pruning.evaluate import SCORER_VERSION, Evaluator
 from pruning.tasks import Task
 from search import tracking
 
+STOPPED, STOPPED_REASON = "prunetrack.stopped", "prunetrack.stopped_reason"  # tags of a run racing stopped
 METRICS = {"multiple_choice": ("acc", "acc_norm"), "perplexity": ("ppl", "word_perplexity", "bits_per_byte"),
            "generation": ("score",)}
 
@@ -41,14 +44,17 @@ class StudyContext:
     parent_id: str
     evaluator: Evaluator
     identity: dict  # model, revision, dtype, tasks (with data fingerprints), split, n_samples, seed
-    counts: dict = field(default_factory=lambda: {"evaluated": 0, "reused": 0})
+    counts: dict = field(default_factory=lambda: dict.fromkeys(("evaluated", "reused", "stopped", "examples_scored"), 0))
 
     @property
     def tasks(self) -> list[Task]:
-        return [p.task for p in self.evaluator.prepared]
+        return self.evaluator.tasks
 
-    def hash_of(self, removed: tuple[int, ...]) -> str:
-        return tracking.config_hash({**self.identity, "removed": list(removed), "scorer": SCORER_VERSION})
+    def hash_of(self, removed: tuple[int, ...], stopped_in: str | None = None) -> str:
+        """The configuration hash of `removed`; with `stopped_in` (a step's race key), the hash
+        of the record of racing having stopped it there, never equal to a full result's."""
+        identity = {**self.identity, "removed": list(removed), "scorer": SCORER_VERSION}
+        return tracking.config_hash({**identity, "stopped_in": stopped_in} if stopped_in else identity)
 
 
 def task_identity(task: Task) -> dict:
@@ -77,45 +83,110 @@ def removed_tag(removed) -> str:
     return ",".join(str(b) for b in sorted(removed))
 
 
+@dataclass
+class Outcome:
+    """A configuration's result: metrics per task and its run, or the error that ended it. A
+    configuration that racing stopped has the metrics of the examples it saw (`seen` per task)
+    and `stopped`, the reason; its run has its own hash and is never taken for a full result."""
+
+    removed: tuple[int, ...]
+    conf_hash: str
+    metrics: dict[str, dict[str, float]] | None = None
+    run_id: str | None = None
+    error: str | None = None
+    reused: bool = False
+    stopped: str | None = None
+    seen: dict[str, int] | None = None
+
+
+def error_line(err: BaseException) -> str:
+    """`Type: first line of the message`, as a failed run's `prunetrack.error` tag holds it."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"[:5000]
+
+
 def _metrics_from(run, tasks: list[Task]) -> dict[str, dict[str, float]]:
     values = run.data.metrics
     return {t.name: {m: values[metric_name(m, t.name)] for m in METRICS[t.kind]} for t in tasks}
 
 
-def lookup(ctx: StudyContext, removed: tuple[int, ...]) -> tuple[dict[str, dict[str, float]], str] | None:
-    """(metrics by task, run id) of the first FINISHED run with the hash of `removed`, or None."""
-    finished = tracking.find_runs(ctx.client, ctx.hash_of(removed), "FINISHED")
-    return (_metrics_from(finished[0], ctx.tasks), finished[0].info.run_id) if finished else None
+def lookup(ctx: StudyContext, removed: tuple[int, ...], race_key: str | None = None) -> Outcome | None:
+    """The first FINISHED run of `removed` in the store, or None: a full result, else (with
+    `race_key`) the record of racing having stopped it in that step."""
+    for conf_hash in [ctx.hash_of(removed)] + ([ctx.hash_of(removed, race_key)] if race_key else []):
+        finished = tracking.find_runs(ctx.client, conf_hash, "FINISHED")
+        if finished:
+            run = finished[0]
+            stopped = run.data.tags.get(STOPPED_REASON)
+            seen = {t.name: int(run.data.metrics[f"n_{t.name}"]) for t in ctx.tasks} if stopped else None
+            return Outcome(removed, conf_hash, _metrics_from(run, ctx.tasks), run.info.run_id, reused=True,
+                           stopped=stopped, seen=seen)
+    return None
 
 
-def evaluate_config(ctx: StudyContext, removed: tuple[int, ...], progress=None) -> tuple[dict[str, dict[str, float]], str, bool]:
-    """Metrics per task for `removed`, from a FINISHED run with the same hash or a new child run.
+def evaluate_configs(ctx: StudyContext, configs: list[tuple[int, ...]], race=None, race_key: str | None = None,
+                     desc: str = "evaluating") -> dict[tuple[int, ...], Outcome]:
+    """Outcomes of `configs`: each FINISHED run with the same hash (or, with `race_key`, the
+    record of its stop in that step) is reused; the rest are scored together, step-wide (with
+    `race`: racing), each as a child run. A configuration whose scoring fails comes back with
+    its error (its run FAILED); a failure of the whole set fails every run and is raised."""
+    outcomes, todo = {}, []
+    for removed in configs:
+        tracking.close_dead_runs(ctx.client, ctx.hash_of(removed))
+        found = lookup(ctx, removed, race_key)
+        if found:
+            ctx.counts["reused"] += 1
+            outcomes[removed] = found
+        else:
+            todo.append(removed)
+    if outcomes and todo:
+        print(f"{desc}: {len(outcomes)} configurations reused from the store, {len(todo)} to score", file=sys.stderr)
+    if not todo:
+        return outcomes
+    runs = {removed: _open_run(ctx, removed) for removed in todo}
+    try:
+        start = time.perf_counter()
+        with tqdm(total=ctx.evaluator.n_requests * len(todo), desc=desc, unit="request", leave=False) as bar:
+            results = ctx.evaluator.evaluate_many(todo, bar, race)
+        seconds = time.perf_counter() - start
+    except BaseException as err:
+        for run_id in runs.values():
+            tracking.fail(ctx.client, run_id, err)
+        raise
+    for removed, result in results.items():
+        outcomes[removed] = _record(ctx, removed, runs[removed], result, race_key, seconds / len(todo))
+    return {removed: outcomes[removed] for removed in configs}
 
-    Returns (metrics by task, run id, reused).
-    """
-    conf_hash = ctx.hash_of(removed)
-    tracking.close_dead_runs(ctx.client, conf_hash)
-    found = lookup(ctx, removed)
-    if found:
-        ctx.counts["reused"] += 1
-        return *found, True
+
+def _open_run(ctx: StudyContext, removed: tuple[int, ...]) -> str:
     name = f"remove[{removed_tag(removed)}]" if removed else "baseline"
     tags = {tracking.KIND: "config", "removed_blocks": removed_tag(removed), "num_removed": str(len(removed))}
     params = {**{k: v for k, v in ctx.identity.items() if k != "tasks"}, "tasks": ",".join(t.name for t in ctx.tasks),
               "removed_blocks": removed_tag(removed), "scorer_version": SCORER_VERSION}
-    run_id = tracking.open_child(ctx.client, ctx.experiment_id, ctx.parent_id, conf_hash, name, tags, params)
-    try:
-        start = time.perf_counter()
-        scores = ctx.evaluator.evaluate(removed, progress)
-        seconds = time.perf_counter() - start
-        metrics = {metric_name(m, s.task): v for s in scores.values() for m, v in s.metrics.items()}
-        metrics.update({f"n_{s.task}": s.n for s in scores.values()})
-        tracking.log(ctx.client, run_id, metrics={**metrics, "eval_seconds": seconds})
-        for s in scores.values():
-            tracking.log_json(ctx.client, run_id, f"{s.task}.json", {"task": s.task, "kind": s.kind, **s.per_example}, "per_example")
-        ctx.client.set_terminated(run_id, "FINISHED")
-    except BaseException as err:
-        tracking.fail(ctx.client, run_id, err)
-        raise
-    ctx.counts["evaluated"] += 1
-    return {s.task: dict(s.metrics) for s in scores.values()}, run_id, False
+    return tracking.open_child(ctx.client, ctx.experiment_id, ctx.parent_id, ctx.hash_of(removed), name, tags, params)
+
+
+def _record(ctx: StudyContext, removed, run_id: str, result, race_key: str | None, seconds: float) -> Outcome:
+    """Log one configuration's step-wide result to its run and end it."""
+    conf_hash = ctx.hash_of(removed)
+    if result.error is not None:
+        tracking.fail(ctx.client, run_id, result.error)
+        return Outcome(removed, conf_hash, run_id=run_id, error=error_line(result.error))
+    scores = result.scores
+    metrics = {metric_name(m, s.task): v for s in scores.values() for m, v in s.metrics.items()}
+    metrics.update({f"n_{s.task}": s.n for s in scores.values()})
+    tags = {}
+    if result.stopped:
+        conf_hash = ctx.hash_of(removed, race_key)
+        tags = {"config_hash": conf_hash, STOPPED: "racing", STOPPED_REASON: result.stopped}
+        ctx.counts["stopped"] += 1
+    else:
+        ctx.counts["evaluated"] += 1
+    ctx.counts["examples_scored"] += result.n_examples
+    tracking.log(ctx.client, run_id, metrics={**metrics, "eval_seconds": seconds}, tags=tags)
+    for s in scores.values():
+        tracking.log_json(ctx.client, run_id, f"{s.task}.json", {"task": s.task, "kind": s.kind, **s.per_example}, "per_example")
+    ctx.client.set_terminated(run_id, "FINISHED")
+    seen = {s.task: s.n for s in scores.values()} if result.stopped else None
+    return Outcome(removed, conf_hash, {s.task: dict(s.metrics) for s in scores.values()}, run_id,
+                   stopped=result.stopped, seen=seen)

@@ -3,6 +3,9 @@
 A profile is `mlruns_config/profiles/<name>.yaml`, or any path to a .yaml file:
 
     tracking_uri: the store jobs use (sqlite:///mlflow.db, http://host:5000, ...)
+    storage:      optional; the database that workers of a beam search or an Optuna study share,
+                  used by `storage=<profile>` (PostgreSQL reads its password from PGPASSWORD or
+                  ~/.pgpass; a URL with a password may come from ${VAR}, never from -P)
     server:       optional; how `python -m search.profiles serve <profile>` starts that server:
                   backend_store_uri, artifacts_destination, s3_endpoint_url, host, port, workers,
                   allowed_hosts, auth (false, or database_uri / admin_username / default_permission)
@@ -113,6 +116,34 @@ def resolve(setting: str | None = None) -> tuple[str, str]:
     import mlflow
 
     return mlflow.get_tracking_uri(), "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "the default"
+
+
+def storage(value: str) -> str:
+    """The database that a `storage` setting names: a URL or file path as given, or the `storage` of a
+    profile (a name in mlruns_config/profiles or a .yaml path), whose URL may take its password from the
+    environment. A URL that holds a password is refused: `mlflow run` records -P values as params and
+    prints them."""
+    if not value:
+        return value
+    if "://" in value:
+        try:
+            url = make_url(value)
+        except ArgumentError:
+            return value  # the storage's user reports a malformed URL
+        if url.password:
+            raise ProfileError(
+                f"storage {url.render_as_string(hide_password=True)!r} holds a password, which mlflow run records in "
+                "the run's params and prints; remove it and give the password through a profile (storage=<profile>, "
+                "mlruns_config/profiles, its URL read from the environment), PGPASSWORD or ~/.pgpass")
+        return value
+    if value.endswith((".yaml", ".yml")) or (_NAME.fullmatch(value) and (PROFILES_DIR / f"{value}.yaml").is_file()):
+        url = load(value).get("storage")
+        if not url:
+            raise ProfileError(f"profile {value!r} has no storage; allowed: a profile with a storage URL "
+                               f"({', '.join(p for p in available() if load(p).data.get('storage'))}), a database "
+                               "URL without password, or a file path")
+        return url
+    return value  # a file path: an SQLite database
 
 
 def server_command(profile: Profile) -> tuple[list[str], list[str], dict]:

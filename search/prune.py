@@ -24,7 +24,7 @@ from pruning.models import ModelError, load_model
 from pruning.tasks import load_task, parse_task_list
 from search import tracking
 from search.cli import run_main
-from search.configs import StudyContext, evaluate_config, metric_name, study_identity
+from search.configs import StudyContext, evaluate_configs, metric_name, study_identity
 
 LAYER_SERIES = ("layer_pruning_rate", "layer_heads_kept", "layer_channels_kept",
                 "layer_grad_norm", "layer_grad_mean", "layer_grad_std", "layer_grad_max")
@@ -87,15 +87,17 @@ def prune_and_evaluate(client, run_id: str, exp_id: str, settings: PruneSettings
     batches = taylor.calibration_batches(
         loaded.tokenizer, settings.calibration, settings.taylor_seq_len, settings.taylor_num_samples,
         settings.seed, settings.taylor_batch_size, max_length_of(loaded.model))
-    evaluator = Evaluator(loaded, tasks, settings.batch_size, reuse=False)
+    evaluator = Evaluator(loaded, tasks, settings.batch_size)
     tracking.log(client, run_id, params={"num_blocks": loaded.num_blocks, "model_revision": loaded.revision})
 
     metrics: dict[str, float] = {}
     if settings.baseline:  # the unpruned model, a configuration run shared with every study on the same data
         identity = study_identity(loaded, tasks, settings.split, settings.n_samples, settings.seed)
         ctx = StudyContext(client, exp_id, run_id, evaluator, identity)
-        baseline, _, _ = evaluate_config(ctx, ())
-        metrics.update(_task_metrics(baseline, tasks, settings.ppl_task, prefix="baseline_"))
+        base = evaluate_configs(ctx, [()], desc="baseline")[()]
+        if base.error:
+            raise RuntimeError(f"the baseline (no block removed) could not be evaluated: {base.error}")
+        metrics.update(_task_metrics(base.metrics, tasks, settings.ppl_task, prefix="baseline_"))
 
     start = time.perf_counter()
     groups, stats = taylor.taylor_importance(loaded.model, batches, order=settings.taylor_order)
@@ -165,7 +167,7 @@ def _flag(text: str) -> bool:
 
 def parser() -> argparse.ArgumentParser:
     """The `prune` entry point's arguments: one per PruneSettings field, plus the tracking URI."""
-    p = argparse.ArgumentParser(description="Taylor-importance global width pruning, tracked in MLflow")
+    p = tracking.ArgumentParser(description="Taylor-importance global width pruning, tracked in MLflow")
     for name, default in asdict(PruneSettings()).items():
         kind = _flag if isinstance(default, bool) else type(default)
         p.add_argument(f"--{name}", type=kind, default=default)

@@ -11,7 +11,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from pruning.evaluate import Evaluator
 from pruning.models import load_model
@@ -19,7 +18,7 @@ from pruning.tasks import load_task, parse_task_list
 from pruning.vlm import SCORER_VERSION as GENERATION_SCORER, GenerationEvaluator
 from search import tracking
 from search.cli import common_parser, run_main
-from search.configs import StudyContext, drop, evaluate_config, study_identity
+from search.configs import StudyContext, drop, evaluate_configs, removed_tag, study_identity
 
 
 def open_context(args, client, parent_id: str, exp_id: str) -> StudyContext:
@@ -35,7 +34,7 @@ def open_context(args, client, parent_id: str, exp_id: str) -> StudyContext:
         evaluator = GenerationEvaluator(loaded, tasks, args.batch_size)
         identity["generation_scorer"] = GENERATION_SCORER
     else:
-        evaluator = Evaluator(loaded, tasks, args.batch_size, reuse_budget_gb=args.reuse_budget_gb)
+        evaluator = Evaluator(loaded, tasks, args.batch_size, chunk_budget_gb=args.chunk_budget_gb)
     tracking.log(client, parent_id, params={"num_blocks": loaded.num_blocks, "model_revision": loaded.revision,
                                            "model_blocks_path": loaded.blocks_path},
                  tags={f"task_type/{t.name}": t.task_type for t in tasks if t.task_type})
@@ -52,11 +51,11 @@ def run_sensitivity(ctx: StudyContext) -> dict:
     """Evaluate the baseline and each single-block removal; log importances to the parent run."""
     n = ctx.evaluator.loaded.num_blocks
     configs = [()] + [(i,) for i in range(n)]
-    results = {}
-    with tqdm(configs, desc="sensitivity", unit="config") as bar:
-        for removed in bar:
-            results[removed] = evaluate_config(ctx, removed)
-            bar.set_postfix(ctx.counts)
+    outcomes = evaluate_configs(ctx, configs, desc="sensitivity")
+    failed = [o for o in outcomes.values() if o.error]
+    if failed:
+        raise RuntimeError(f"remove[{removed_tag(failed[0].removed)}] could not be evaluated: {failed[0].error}")
+    results = {r: (outcomes[r].metrics, outcomes[r].run_id) for r in configs}
     baseline = results[()][0]
     report = {"baseline": baseline, "num_blocks": n, "child_runs": {}, "importance": {}, "metrics": {}}
     for task in ctx.tasks:
@@ -122,7 +121,7 @@ def main(argv=None) -> None:
         ctx = open_context(args, client, run_id, exp_id)
         report = run_sensitivity(ctx)
     print(summary(report))
-    print(f"parent run: {run_id}\nsee it: mlflow ui --backend-store-uri {client.tracking_uri}  (then open http://127.0.0.1:5000)")
+    print(f"parent run: {run_id}\nsee it: {tracking.ui_hint(client.tracking_uri)}")
 
 
 if __name__ == "__main__":

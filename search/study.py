@@ -12,6 +12,7 @@ same command again resumes the study; starting it N times at once makes N worker
   point between look and take) ends PRUNED without evaluating anything.
 - Heartbeats: a trial whose worker stopped beating for `grace_period` seconds is failed by the next
   worker that looks; its MLflow run is marked KILLED and its point enqueued again (`max_retry`).
+  A trial whose worker process is known dead (same machine, process gone) is taken over at once.
   A trial stopped by Ctrl-C is marked the same way by its own worker. Workers wait for the running
   trials of others before they stop, so a survivor redoes a dead worker's trial.
 - Each trial is a `prunetrack.kind=prune` child run of the parent run, in the parent's experiment.
@@ -23,6 +24,7 @@ same command again resumes the study; starting it N times at once makes N worker
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import itertools
 import json
@@ -49,7 +51,7 @@ from optuna.trial import TrialState
 from pruning import taylor
 from pruning.models import ModelError
 from pruning.tasks import parse_task_list
-from search import tracking
+from search import profiles, tracking
 from search.cli import USER_ERRORS, SearchError, run_main
 from search.configs import METRICS
 from search.prune import PruneSettings, prune_and_evaluate
@@ -59,6 +61,7 @@ STUDIES_DIR = Path(__file__).resolve().parents[1] / "mlruns_config" / "studies"
 KIND, WORKER_KIND, TRIAL_KIND = "study", "study_worker", "prune"
 STUDY_TAG, TRIAL_TAG, STORAGE_TAG = "optuna.study_name", "optuna.trial_number", "optuna.storage"
 SETUP_ATTR = "prunetrack"  # study user attr the first worker writes last: parent run, tracking URI, config
+WORKER_ATTR = "worker"  # trial user attr: host, pid and trial number of the process that runs it
 RESULTS = "search_results.csv"
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 READY_TIMEOUT_S = 60  # how long a worker waits for the first worker to set a new study up
@@ -166,7 +169,7 @@ def load_spec(ref: str, storage: str = "", study_name: str = "", n_trials: int |
     if n_trials is None:
         raise SearchError(f"{where}: n_trials missing; a TPE study needs it")
     spec = StudySpec(
-        name=study_name or str(data.get("study_name") or path.stem), storage=storage or data.get("storage") or DEFAULT_STORAGE,
+        name=study_name or str(data.get("study_name") or path.stem), storage=storage or _config_storage(where, data),
         settings=settings, space=space, sampler=sampler, objectives=objectives, directions=directions,
         n_trials=_integer(where, "n_trials", n_trials), sampler_seed=data.get("sampler_seed") and _integer(where, "sampler_seed", data["sampler_seed"], minimum=0),
         **{k: _integer(where, k, data[k]) for k in ("heartbeat_interval", "grace_period") if k in data},
@@ -175,6 +178,17 @@ def load_spec(ref: str, storage: str = "", study_name: str = "", n_trials: int |
         raise SearchError(f"{where}: grace_period {spec.grace_period} must exceed heartbeat_interval "
                           f"{spec.heartbeat_interval}")
     return spec
+
+
+def _config_storage(where: str, data: dict) -> str:
+    """The config's `storage` (a URL, file path or profile), else the default."""
+    value = data.get("storage") or DEFAULT_STORAGE
+    if not isinstance(value, str):
+        raise SearchError(f"{where}: storage {value!r}; allowed: a database URL, a file path or a profile name")
+    try:
+        return profiles.storage(value)
+    except profiles.ProfileError as err:
+        raise SearchError(f"{where}: {err}") from None
 
 
 def _integer(where: str, key: str, value, minimum: int = 1) -> int:
@@ -324,12 +338,12 @@ class _StaleTrial:
         self.client, self.grace = client, spec.grace_period
         self.retry = retry_callback(spec.max_retry)
 
-    def __call__(self, study: optuna.Study, trial) -> None:
+    def __call__(self, study: optuna.Study, trial, reason: str = "") -> None:
         parent = study.user_attrs.get(SETUP_ATTR, {}).get("parent_run_id")
+        reason = reason or f"worker stopped: no Optuna heartbeat for {self.grace} s"
         for run in trial_runs(self.client, parent) if parent else []:
             if run.data.tags.get(TRIAL_TAG) == str(trial.number) and run.info.status == "RUNNING":
-                self.client.set_tag(run.info.run_id, tracking.ERROR,
-                                    f"worker stopped: no Optuna heartbeat for {self.grace} s; trial redone")
+                self.client.set_tag(run.info.run_id, tracking.ERROR, f"{reason}; trial redone")
                 self.client.set_terminated(run.info.run_id, "KILLED")
         self.retry(study, trial)
 
@@ -435,6 +449,7 @@ class TrialRunner:
         if self.spec.sampler == "grid" and "grid_point" not in trial.user_attrs:
             raise optuna.TrialPruned("no grid point left: another worker took the last one")
         client, name, run_id = self.client, self.spec.name, None
+        trial.set_user_attr(WORKER_ATTR, {"host": socket.gethostname(), "pid": os.getpid(), "trial": trial.number})
         try:
             settings = replace(self.spec.settings, **self.spec.suggest(trial))
             run_id = client.create_run(self.exp_id, run_name=f"{name}-trial-{trial.number}", tags={
@@ -455,9 +470,9 @@ class TrialRunner:
             if isinstance(err, USER_ERRORS):
                 self.fatal = err
             raise
-        except BaseException:  # Ctrl-C: the point goes back to the queue
+        except BaseException as err:  # Ctrl-C, SIGTERM: the point goes back to the queue
             if run_id:
-                client.set_tag(run_id, tracking.ERROR, "interrupted; trial redone")
+                client.set_tag(run_id, tracking.ERROR, f"{tracking.error_tag(err)}; trial redone")
                 client.set_terminated(run_id, "KILLED")
             frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
             retry_callback()(trial.study, frozen)
@@ -481,11 +496,37 @@ def fail_stale_trials(study: optuna.Study) -> None:
         optuna.storages.fail_stale_trials(study)
 
 
+def fail_dead_trials(study: optuna.Study) -> int:
+    """Fail at once the RUNNING trials whose worker process on this machine is gone (no grace period),
+    running the stale-trial callback (run KILLED, point enqueued again); how many."""
+    storage, host, failed = study._storage, socket.gethostname(), 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = trial.user_attrs.get(WORKER_ATTR)
+        if (not isinstance(owner, dict) or owner.get("trial") != trial.number or owner.get("host") != host
+                or owner.get("pid") == os.getpid() or tracking.process_alive(host, owner.get("pid"))):
+            continue
+        try:
+            if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:  # another worker failed it first
+            continue
+        callback = storage.get_heartbeat_stale_trial_callback() if hasattr(storage, "get_heartbeat_stale_trial_callback") else None
+        frozen = copy.deepcopy(storage.get_trial(trial._trial_id))
+        reason = f"worker process {host}:{owner['pid']} died"
+        if isinstance(callback, _StaleTrial):
+            callback(study, frozen, reason)
+        elif callback is not None:
+            callback(study, frozen)
+        failed += 1
+    return failed
+
+
 def work(study: optuna.Study, spec: StudySpec, runner: TrialRunner) -> None:
     """Run trials until the study has none left for this worker, waiting for other workers' running trials
     (a stopped one comes back after `grace_period`). A user error stops the worker after its trial is recorded."""
     told = False
     while True:
+        fail_dead_trials(study)
         fail_stale_trials(study)
         trials = study.get_trials(deepcopy=False)
         running = sum(t.state == TrialState.RUNNING for t in trials)
@@ -501,6 +542,17 @@ def work(study: optuna.Study, spec: StudySpec, runner: TrialRunner) -> None:
         study.optimize(runner, n_trials=1, catch=(Exception,))
         if runner.fatal:
             raise runner.fatal
+
+
+def _stop_parent(client, study: optuna.Study, parent: str, err: BaseException) -> None:
+    """A worker stopped by an error, Ctrl-C or SIGTERM: when no other worker has a trial running, the parent
+    run ends KILLED or FAILED with the reason (the next start, or a surviving worker, finishes it)."""
+    try:
+        if any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False)):
+            return
+    except Exception:  # the storage is not answering: leave the parent to the next start
+        return
+    tracking.fail(client, parent, err)
 
 
 # --------------------------------------------------------------------------- report
@@ -609,8 +661,7 @@ def summary(spec: StudySpec, study: optuna.Study, table: pd.DataFrame, setup: di
         lines.append(f"best {spec.objectives[0]} {best.value:.4g}: trial {best.number}, "
                      + ", ".join(f"{k}={v}" for k, v in best.params.items()))
     lines.append(f"parent run: {setup['parent_run_id']} (artifacts {RESULTS}, plots/)")
-    lines.append(f"see it: optuna-dashboard {storage_label(spec.storage)}   |   "
-                 f"mlflow ui --backend-store-uri {setup['tracking_uri']}")
+    lines.append(f"see it: optuna-dashboard {storage_label(spec.storage)}   |   {tracking.ui_hint(setup['tracking_uri'])}")
     return "\n".join(lines)
 
 
@@ -628,9 +679,10 @@ def _optional_int(text: str) -> int | None:
 
 def parser() -> argparse.ArgumentParser:
     """The `taylor_study` entry point's arguments (the MLproject names) plus the tracking URI."""
-    p = argparse.ArgumentParser(description="Optuna study of Taylor pruning parameters, every trial an MLflow run")
+    p = tracking.ArgumentParser(description="Optuna study of Taylor pruning parameters, every trial an MLflow run")
     p.add_argument("--config", default="quick", help="study config: a name in mlruns_config/studies or a .yaml path")
-    p.add_argument("--storage", default="", help="Optuna storage URL, overrides the config's (default sqlite:///optuna.db)")
+    p.add_argument("--storage", default="", help="Optuna storage URL, file path or profile name (mlruns_config/profiles), "
+                   "overrides the config's (default sqlite:///optuna.db); no password: use a profile, PGPASSWORD or ~/.pgpass")
     p.add_argument("--study_name", default="", help="overrides the config's (default: the config file's name)")
     p.add_argument("--n_trials", type=_optional_int, default=None, help="trials the study holds; overrides the config's")
     p.add_argument("--report_only", choices=("true", "false"), default="false",
@@ -652,11 +704,18 @@ def main(argv=None) -> None:
         study, parent = open_study(spec, storage, client)
         setup = study_setup(study)
         runner = TrialRunner(spec, client, parent)
-        work(study, spec, runner)
+        try:
+            work(study, spec, runner)
+        except BaseException as err:
+            _stop_parent(client, study, parent, err)
+            raise
         evaluated = runner.evaluated
     table = write_report(client, study, setup)
     if evaluated is not None:
-        client.set_terminated(setup["parent_run_id"], "FINISHED")
+        parent = setup["parent_run_id"]
+        if tracking.ERROR in client.get_run(parent).data.tags:  # an earlier start was stopped; this one finished
+            client.delete_tag(parent, tracking.ERROR)
+        client.set_terminated(parent, "FINISHED")
     print(summary(spec, study, table, setup, evaluated))
 
 

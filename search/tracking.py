@@ -7,11 +7,15 @@ tagged with that hash is looked up in every experiment of the store and reused.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import json
 import os
+import re
+import signal
 import socket
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -48,11 +52,13 @@ def connect(tracking_uri: str | None = None) -> MlflowClient:
     if os.environ.get("MLFLOW_RUN_ID") and launcher and launcher.rstrip("/") != uri.rstrip("/"):
         raise TrackingError(f"mlflow run started run {os.environ['MLFLOW_RUN_ID']} in {launcher!r} but {source} names "
                             f"{uri!r}: give mlflow run the same store (MLFLOW_TRACKING_URI={uri} mlflow run ...)")
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
+    _check_local_store(uri)
     try:
-        experiments = client.search_experiments(max_results=1)
-    except Exception as err:  # unreachable server, bad URL, refused credentials
+        mlflow.set_tracking_uri(uri)
+        client = MlflowClient(uri)
+        with fast_requests():
+            experiments = client.search_experiments(max_results=1)
+    except Exception as err:  # unreachable server, bad URL, refused credentials, unusable file
         status = _http_status(err)
         if status == 401:
             raise TrackingError(f"tracking store {uri!r} refused the credentials (HTTP 401): set "
@@ -63,10 +69,63 @@ def connect(tracking_uri: str | None = None) -> MlflowClient:
     if experiments:  # every experiment's artifacts live in the store's artifact storage
         location = experiments[0].artifact_location
         try:
-            get_artifact_repository(location, tracking_uri=uri).list_artifacts()
+            with fast_requests():
+                get_artifact_repository(location, tracking_uri=uri).list_artifacts()
         except Exception as err:  # missing bucket, unreachable S3, no S3 credentials
             raise TrackingError(f"cannot reach the artifact storage {location!r} of {uri!r}: {_reason(err)}") from None
     return client
+
+
+# How the start-up check talks to a server: one retry, 10 s per request, so that an unreachable or
+# refusing store is reported within 30 s (MLflow's defaults retry for minutes).
+FAST_REQUESTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+@contextlib.contextmanager
+def fast_requests():
+    """MLflow HTTP requests made inside fail fast (see FAST_REQUESTS); the environment is restored after."""
+    saved = {k: os.environ.get(k) for k in FAST_REQUESTS}
+    os.environ.update(FAST_REQUESTS)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _check_local_store(uri: str) -> None:
+    """A `sqlite:///path` store must name a file in a folder (MLflow creates missing folders)."""
+    if not uri.startswith("sqlite:"):
+        return
+    from sqlalchemy.engine import make_url
+
+    try:
+        database = make_url(uri).database
+    except Exception:
+        raise TrackingError(f"tracking URI {uri!r} is not a database URI; allowed: sqlite:///<path to a .db file>, "
+                            "http(s)://host:port, or a profile") from None
+    if not database or database == ":memory:":
+        return
+    path = Path(database).expanduser()
+    if path.is_dir():
+        raise TrackingError(f"tracking URI {uri!r} names the folder {str(path)!r}; allowed: sqlite:///<path to a .db file>")
+    for folder in path.parents:
+        if folder.exists():
+            if not folder.is_dir():
+                raise TrackingError(f"tracking URI {uri!r}: {str(folder)!r} is a file, not a folder; allowed: "
+                                    "sqlite:///<path to a .db file in a folder>")
+            return
+
+
+def ui_hint(uri: str) -> str:
+    """How to look at the runs of store `uri`: open the server, or start `mlflow ui` on a database."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri.rstrip('/')} in a browser"
+    return f"mlflow ui --backend-store-uri {uri}  (then open http://127.0.0.1:5000)"
 
 
 def _http_status(err: Exception) -> int | None:
@@ -116,12 +175,32 @@ def study_run(client: MlflowClient, kind: str, experiment: str, params: dict, ta
     existing = client.get_run(run_id).data.params
     new_params = {k: str(v) for k, v in params.items() if k not in existing}
     log(client, run_id, params=new_params, tags={KIND: kind, HOST: socket.gethostname(), PID: str(os.getpid()), **(tags or {})})
+    close_dead_processes(client, exp_id)
     try:
         yield run_id, exp_id
     except BaseException as err:
         fail(client, run_id, err)
+        close_dead_processes(client, exp_id)
         raise
     client.set_terminated(run_id, "FINISHED")
+    close_dead_processes(client, exp_id)  # a dead worker's runs are closed by the survivors
+
+
+def close_dead_processes(client: MlflowClient, exp_id: str) -> int:
+    """Mark the RUNNING runs of experiment `exp_id` whose process on this machine is gone (killed with
+    SIGKILL, out of memory, the machine rebooted) as KILLED; best effort. How many were closed."""
+    host, closed = socket.gethostname(), 0
+    try:
+        query = f"attributes.status = 'RUNNING' and tags.`{HOST}` = '{host}'"
+        for run in client.search_runs([exp_id], query, max_results=5000):
+            pid = run.data.tags.get(PID, "")
+            if pid and not process_alive(host, pid):
+                client.set_tag(run.info.run_id, ERROR, f"process {host}:{pid} died before the run finished")
+                client.set_terminated(run.info.run_id, "KILLED")
+                closed += 1
+    except Exception as err:  # the store is not answering: the next start closes them
+        print(f"warning: cannot close the runs of dead processes: {_reason(err)}", file=sys.stderr)
+    return closed
 
 
 def log(client: MlflowClient, run_id: str, *, params: dict | None = None, metrics: dict | None = None,
@@ -220,7 +299,130 @@ def open_child(client: MlflowClient, exp_id: str, parent_id: str, conf_hash: str
 
 
 def fail(client: MlflowClient, run_id: str, error: BaseException | str) -> None:
-    """Record a run as FAILED with a one-line reason."""
-    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    client.set_tag(run_id, ERROR, f"{type(error).__name__ if isinstance(error, BaseException) else 'error'}: {message}"[:5000])
-    client.set_terminated(run_id, "FAILED")
+    """Record a run as FAILED with a one-line reason, or as KILLED when it was stopped (Ctrl-C, SIGTERM,
+    exit). Best effort: a store that does not answer leaves a warning, never a second traceback."""
+    try:
+        client.set_tag(run_id, ERROR, error_tag(error))
+        client.set_terminated(run_id, "KILLED" if stop_reason(error) else "FAILED")
+    except Exception as err:
+        print(f"warning: cannot record run {run_id} as ended: {_reason(err)}", file=sys.stderr)
+
+
+def error_tag(error: BaseException | str) -> str:
+    """The `prunetrack.error` value: `Type: first line of the message`, or why the run was stopped."""
+    reason = stop_reason(error)
+    if reason:
+        return f"{type(error).__name__}: {reason}"
+    text = str(error).strip()
+    message = text.splitlines()[0] if text else type(error).__name__
+    return f"{type(error).__name__ if isinstance(error, BaseException) else 'error'}: {message}"[:5000]
+
+
+# --------------------------------------------------------------------------- command line, stops, one-line errors
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, `kill`, mlflow run cancelling): the process stops as on Ctrl-C."""
+
+
+class UsageError(ValueError):
+    """A command-line argument that cannot be parsed."""
+
+
+def stop_reason(error) -> str | None:
+    """Why the process was stopped, for a run that ends KILLED; None for a failure."""
+    if isinstance(error, Terminated):
+        return "terminated (SIGTERM) before the run finished"
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted (Ctrl-C) before the run finished"
+    if isinstance(error, SystemExit):
+        return f"the process exited (code {error.code}) before the run finished"
+    return None
+
+
+_ALLOWED = {"int": "an integer", "float": "a number", "_optional_int": "an integer or empty"}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors (`UsageError`, no usage block) that name the value and what is
+    allowed. An option named `storage` also accepts a profile (search.profiles.storage)."""
+
+    def error(self, message: str):
+        match = re.fullmatch(r"argument --?(\w+)(?:/\S+)?: invalid (\w+) value: (.*)", message)
+        if match:
+            name, kind, value = match.groups()
+            raise UsageError(f"{name} {value} is not valid; allowed: {_ALLOWED.get(kind, f'a {kind} value')}")
+        match = re.fullmatch(r"argument --?(\w+)(?:/\S+)?: invalid choice: (.*) \(choose from (.*)\)", message)
+        if match:
+            name, value, choices = match.groups()
+            raise UsageError(f"{name} {value} is not valid; allowed: {choices}")
+        match = re.fullmatch(r"argument --?(\w+)(?:/\S+)?: (.*)", message)
+        if match:
+            raise UsageError(f"{match.group(1)}: {match.group(2)}")
+        raise UsageError(f"{message}; allowed: the options of {self.prog} --help")
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extra = super().parse_known_args(args, namespace)
+        if isinstance(getattr(namespace, "storage", None), str):
+            try:
+                namespace.storage = profiles.storage(namespace.storage)
+            except profiles.ProfileError as err:
+                raise UsageError(str(err)) from None
+        return namespace, extra
+
+
+def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
+    raise Terminated()
+
+
+def guarded(main, argv=None, user_errors: tuple = ()) -> int:
+    """Run `main(argv)` as an entry point. A user error (`user_errors`, a bad argument, an unusable store
+    or profile) becomes one line `error: ...` on stderr and exit code 2; Ctrl-C and SIGTERM end the runs
+    in flight as KILLED with the reason (exit 130 / 143). Under `mlflow run`, the run it created ends
+    FAILED (KILLED when stopped) with `prunetrack.error`, whatever ended the process."""
+    previous = None
+    if hasattr(signal, "SIGTERM") and threading_main():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        main(argv)
+    except (*user_errors, UsageError, TrackingError, profiles.ProfileError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        fail_launcher_run(err)
+        return 2
+    except KeyboardInterrupt as err:
+        print(f"error: {stop_reason(err).split(' before')[0]}; the runs in flight are marked KILLED", file=sys.stderr)
+        fail_launcher_run(err)
+        return 143 if isinstance(err, Terminated) else 130
+    except BaseException as err:  # a bug: the traceback stays, the run says why it failed
+        if not (isinstance(err, SystemExit) and not err.code):
+            fail_launcher_run(err)
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def fail_launcher_run(error: BaseException) -> None:
+    """End the run `mlflow run` created (MLFLOW_RUN_ID) FAILED (KILLED when stopped) with `prunetrack.error`,
+    unless the study already ended it; best effort and fast (its store may be the thing that failed)."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return
+    try:
+        with fast_requests():
+            client = MlflowClient(os.environ.get("MLFLOW_TRACKING_URI") or None)
+            run = client.get_run(run_id)
+            if ERROR not in run.data.tags:
+                client.set_tag(run_id, ERROR, error_tag(error))
+            if run.info.status == "RUNNING":
+                client.set_terminated(run_id, "KILLED" if stop_reason(error) else "FAILED")
+    except Exception as err:
+        print(f"warning: cannot record run {run_id} of mlflow run as failed: {_reason(err)}", file=sys.stderr)

@@ -28,7 +28,7 @@ import torch
 from pruning.evaluate import Evaluator
 from search import tracking
 from search.cli import SearchError
-from search.configs import StudyContext, evaluate_config, lookup, removed_tag
+from search.configs import Outcome, StudyContext, error_line, evaluate_configs, lookup, removed_tag
 
 TABLE = "prunetrack_claims"
 RUNNING, DONE, FAILED = "running", "done", "failed"
@@ -160,23 +160,6 @@ class Claims:
         return tracking.process_alive(host, pid)
 
 
-@dataclass
-class Outcome:
-    """A configuration's result: metrics per task and the run, or the error that ended it."""
-
-    removed: tuple[int, ...]
-    conf_hash: str
-    metrics: dict[str, dict[str, float]] | None = None
-    run_id: str | None = None
-    error: str | None = None
-
-
-def error_line(err: BaseException) -> str:
-    """`Type: first line of the message`, as a failed run's `prunetrack.error` tag holds it."""
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"[:5000]
-
-
 def free_memory() -> None:
     """Release what a failed evaluation left behind (host garbage, cached CUDA blocks)."""
     gc.collect()
@@ -185,81 +168,96 @@ def free_memory() -> None:
 
 
 class Worker:
-    """Evaluates a study's configurations: retries failures, halves the batch size on CUDA
-    out-of-memory, and with `claims` evaluates only what no other worker holds."""
+    """Evaluates a study's configurations step-wide: retries failures, halves the batch size on
+    CUDA out-of-memory, and with `claims` evaluates only what no other worker holds, taking up to
+    `claim_size` configurations at a time and scoring them together."""
 
-    def __init__(self, ctx: StudyContext, batch_size: int, reuse_budget_gb: float, retries: int = 3,
-                 retry_delay: float = 60.0, claims: Claims | None = None):
-        self.ctx, self.batch_size, self.reuse_budget_gb = ctx, batch_size, reuse_budget_gb
-        self.retries, self.retry_delay, self.claims = retries, retry_delay, claims
+    def __init__(self, ctx: StudyContext, batch_size: int, chunk_budget_gb: float, retries: int = 3,
+                 retry_delay: float = 60.0, claims: Claims | None = None, claim_size: int = 32):
+        self.ctx, self.batch_size, self.chunk_budget_gb = ctx, batch_size, chunk_budget_gb
+        self.retries, self.retry_delay, self.claims, self.claim_size = retries, retry_delay, claims, claim_size
         ctx.counts.setdefault("failed", 0)
 
-    def run(self, configs: list[tuple[int, ...]]) -> dict[tuple[int, ...], Outcome]:
-        """Outcomes of all `configs`: evaluated here, reused from the store, or by other workers."""
+    def run(self, configs: list[tuple[int, ...]], race=None, race_key: str | None = None) -> dict[tuple[int, ...], Outcome]:
+        """Outcomes of all `configs`: evaluated here, reused from the store, or by other workers.
+        With `race` (and `race_key`, the step's identity), configurations scored together race."""
         if self.claims is None:
-            return {removed: self.evaluate(removed) for removed in configs}
+            return self.evaluate(configs, race, race_key)
         hashes = {removed: self.ctx.hash_of(removed) for removed in configs}
         settled: dict[tuple[int, ...], Outcome] = {}
         told = False
         while len(settled) < len(configs):
             rows = self.claims.rows(list(hashes.values()))
+            won = []
             for removed in [r for r in configs if r not in settled]:
                 claim = rows.get(hashes[removed])
                 if claim is not None and claim.status == DONE:
-                    found = lookup(self.ctx, removed)
+                    found = lookup(self.ctx, removed, race_key)
                     if found:
                         self.ctx.counts["reused"] += 1
-                        settled[removed] = Outcome(removed, hashes[removed], *found)
-                        continue  # else the store lost it: evaluate again
+                        settled[removed] = found
+                        continue  # else the store lost it, or only a stop in another step is there: evaluate again
                 elif claim is not None and claim.status == FAILED and claim.heartbeat >= self.claims.started:
                     settled[removed] = Outcome(removed, hashes[removed], error=claim.error)
                     continue  # failed while this worker ran; one that failed before is retried
                 elif claim is not None and claim.status == RUNNING and self.claims.alive(claim):
                     continue
-                if self.claims.take(hashes[removed], claim):
+                if len(won) < self.claim_size and self.claims.take(hashes[removed], claim):
                     self._close_orphans(claim)
-                    settled[removed] = outcome = self.evaluate(removed)
-                    self.claims.settle(outcome.conf_hash, outcome.error)
-                    break  # the other claims have moved on meanwhile: read them again
-            else:
-                if len(settled) < len(configs):
-                    if not told:
-                        print(f"waiting for {len(configs) - len(settled)} configurations held by other workers",
-                              file=sys.stderr)
-                        told = True
-                    time.sleep(POLL_S)
+                    won.append(removed)
+            if won:
+                for removed, outcome in self.evaluate(won, race, race_key).items():
+                    self.claims.settle(hashes[removed], outcome.error)
+                    settled[removed] = outcome
+            elif len(settled) < len(configs):
+                if not told:
+                    print(f"waiting for {len(configs) - len(settled)} configurations held by other workers", file=sys.stderr)
+                    told = True
+                time.sleep(POLL_S)
         return {removed: settled[removed] for removed in configs}
 
-    def evaluate(self, removed: tuple[int, ...]) -> Outcome:
-        """Evaluate `removed` (or reuse its FINISHED run), retrying failures; a configuration
+    def evaluate(self, configs: list[tuple[int, ...]], race=None, race_key: str | None = None) -> dict[tuple[int, ...], Outcome]:
+        """Evaluate `configs` together (reusing FINISHED runs), retrying failures; a configuration
         that fails `retries + 1` times comes back with its error (its runs are FAILED)."""
-        conf_hash, name = self.ctx.hash_of(removed), f"remove[{removed_tag(removed)}]"
-        failures = 0
-        while True:
+        pending, done, failures = list(configs), {}, dict.fromkeys(configs, 0)
+        while pending:
             try:
-                metrics, run_id, _ = evaluate_config(self.ctx, removed)
-                return Outcome(removed, conf_hash, metrics, run_id)
-            except Exception as err:  # any failure of one evaluation; Ctrl-C and exits pass
-                message = error_line(err)
+                outcomes = evaluate_configs(self.ctx, pending, race, race_key)
+            except Exception as err:  # the whole set failed; Ctrl-C and exits pass
                 free_memory()
                 if isinstance(err, torch.cuda.OutOfMemoryError) and self.batch_size > 1:
                     self._halve_batch()
-                    print(f"warning: {name}: {message}; retrying with batch_size {self.batch_size}", file=sys.stderr)
+                    print(f"warning: {error_line(err)}; retrying {len(pending)} configurations with batch_size "
+                          f"{self.batch_size}", file=sys.stderr)
                     continue
-                failures += 1
-                if failures > self.retries:
+                outcomes = {removed: Outcome(removed, self.ctx.hash_of(removed), error=error_line(err)) for removed in pending}
+            retry = []
+            for removed in pending:
+                outcome = outcomes[removed]
+                name = f"remove[{removed_tag(removed)}]"
+                if outcome.error is None:
+                    done[removed] = outcome
+                    continue
+                free_memory()
+                failures[removed] += 1
+                if failures[removed] > self.retries:
                     self.ctx.counts["failed"] += 1
-                    print(f"error: {name} failed {failures} times, recorded FAILED: {message}", file=sys.stderr)
-                    return Outcome(removed, conf_hash, error=message)
-                print(f"warning: {name} failed (attempt {failures} of {self.retries + 1}): {message}; "
-                      f"retrying in {self.retry_delay:g} s", file=sys.stderr)
+                    print(f"error: {name} failed {failures[removed]} times, recorded FAILED: {outcome.error}", file=sys.stderr)
+                    done[removed] = outcome
+                else:
+                    print(f"warning: {name} failed (attempt {failures[removed]} of {self.retries + 1}): {outcome.error}; "
+                          f"retrying in {self.retry_delay:g} s", file=sys.stderr)
+                    retry.append(removed)
+            pending = retry
+            if pending:
                 time.sleep(self.retry_delay)
+        return {removed: done[removed] for removed in configs}
 
     def _halve_batch(self) -> None:
         """Score with half the batch size from now on (a new evaluator of the same kind)."""
         old = self.ctx.evaluator
         self.batch_size //= 2
-        extra = {"reuse_budget_gb": self.reuse_budget_gb} if isinstance(old, Evaluator) else {}
+        extra = {"chunk_budget_gb": self.chunk_budget_gb} if isinstance(old, Evaluator) else {}
         self.ctx.evaluator = type(old)(old.loaded, self.ctx.tasks, self.batch_size, **extra)
 
     def _close_orphans(self, claim: Claim | None) -> None:

@@ -118,14 +118,13 @@ def default_model():
 
 
 @pytest.mark.slow
-def test_activation_reuse_gives_identical_scores(default_model):
+def test_step_wide_scoring_gives_identical_scores(default_model):
     tasks = [load_task("pydoc_ppl", "validation", 2), load_task("pydoc_cloze", "validation", 6)]
-    reuse = Evaluator(default_model, tasks, 4, reuse=True)
-    plain = Evaluator(default_model, tasks, 4, reuse=False)
-    reuse.evaluate(())
-    for removed in [(3,), (17, 25), (29,)]:
-        a, b = reuse.evaluate(removed), plain.evaluate(removed)
-        assert {k: v.per_example for k, v in a.items()} == {k: v.per_example for k, v in b.items()}
+    configs = [(), (3,), (17, 25), (29,)]
+    together = Evaluator(default_model, tasks, 4).evaluate_many(configs)
+    for removed in configs:
+        alone = Evaluator(default_model, tasks, 4).evaluate(removed)
+        assert {k: v.per_example for k, v in together[removed].scores.items()} == {k: v.per_example for k, v in alone.items()}
 
 
 @pytest.mark.slow

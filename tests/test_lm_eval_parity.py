@@ -53,7 +53,7 @@ def test_acc_and_acc_norm_equal_lm_eval(name, data_dir):
     loaded = load_model("default")
     task = load_task(name, "validation", N, seed=0, data_dir=data_dir)
     assert len(task.examples) == N
-    ours = Evaluator(loaded, [task], batch_size=8, reuse=False).evaluate(())[name]
+    ours = Evaluator(loaded, [task], batch_size=8).evaluate(())[name]
 
     lm_task, docs = build_lm_eval_task(name, "validation", data_dir)
     keep = [ex.doc_id for ex in task.examples]
@@ -68,7 +68,7 @@ def test_acc_and_acc_norm_equal_lm_eval(name, data_dir):
 
 
 @pytest.mark.slow
-def test_pruned_model_with_reuse_and_shared_context_equals_lm_eval(data_dir):
+def test_pruned_model_step_wide_with_shared_context_equals_lm_eval(data_dir):
     """A removed block, scored from kept activations with packed choices, against lm-eval run on
     the pruned model: the same log-likelihoods (float tolerance) and the same acc/acc_norm per doc."""
     from lm_eval import simple_evaluate
@@ -80,9 +80,8 @@ def test_pruned_model_with_reuse_and_shared_context_equals_lm_eval(data_dir):
     name, removed, n = "arc_easy", (12,), 60
     task = load_task(name, "validation", n, seed=1, data_dir=data_dir)
     evaluator = Evaluator(loaded, [task], batch_size=8)
-    assert evaluator.reuse and evaluator.prepared[0].shared_context
-    evaluator.evaluate(())
-    ours = evaluator.evaluate(removed)[name]
+    assert all(c.prepared.shared_context for c in evaluator.chunks)
+    ours = evaluator.evaluate_many([(), removed])[removed].scores[name]  # from the kept state below block 12
 
     lm_task, _ = build_lm_eval_task(name, "validation", data_dir)
     keep = [ex.doc_id for ex in task.examples]

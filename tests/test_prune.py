@@ -74,7 +74,7 @@ def test_prune_run_logs_the_contract_and_a_model_that_reloads(tmp_path, family, 
     assert sum(p.numel() for p in model.parameters()) == metrics["n_params_after"]
     loaded = LoadedModel(model, AutoTokenizer.from_pretrained(saved), saved, "", find_blocks_path(model))
     task = load_task("pydoc_ppl", "validation", 6, 0)
-    ppl = Evaluator(loaded, [task], 4, reuse=False).evaluate(())["pydoc_ppl"].metrics["ppl"]
+    ppl = Evaluator(loaded, [task], 4).evaluate(())["pydoc_ppl"].metrics["ppl"]
     assert ppl == pytest.approx(metrics["ppl"], rel=1e-4)
 
 

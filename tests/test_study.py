@@ -169,7 +169,8 @@ def test_a_worker_killed_mid_trial_is_redone_after_restart(tmp_path, tiny_model,
     assert sorted(point(r.data.params) for r in finished) == [(16, 4), (32, 4)]
     [dead] = [r for r in runs if r.info.status != "FINISHED"]
     assert dead.info.status == "KILLED" and dead.data.tags["optuna.trial_number"] == str(killed.number)
-    assert "no Optuna heartbeat" in dead.data.tags[tracking.ERROR]
+    # taken over at once: its process on this machine is known dead, no waiting for the grace period
+    assert dead.data.tags[tracking.ERROR].startswith("worker process ") and "died; trial redone" in dead.data.tags[tracking.ERROR]
     # The unpruned baseline is one configuration run shared by the trials.
     assert [r.info.status for r in study_runs(client, "config")].count("FINISHED") == 1
 

@@ -7,6 +7,7 @@ continuation) pairs are exactly the ones lm-eval's `simple_evaluate` scores.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from functools import lru_cache
@@ -36,16 +37,44 @@ def local_file(name: str, split: str, data_dir: str | None) -> Path | None:
     return path if path.is_file() else None
 
 
+def check_jsonl(path: Path) -> None:
+    """Reject a local copy that lm-eval would fail on with a library traceback: an empty file, or a line
+    that is not a JSON object (blank lines are skipped, as the JSON loader does)."""
+    records = 0
+    try:
+        with path.open(encoding="utf-8") as lines:
+            for line_no, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise TaskError(f"{path}:{line_no}: not a JSON record ({err.msg} at column {err.colno}); "
+                                    "allowed: one JSON object per line") from None
+                if not isinstance(record, dict):
+                    raise TaskError(f"{path}:{line_no}: a JSON {type(record).__name__}, not a record; "
+                                    "allowed: one JSON object per line") from None
+                records += 1
+    except UnicodeDecodeError as err:
+        raise TaskError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); allowed: JSON lines in UTF-8") from None
+    except OSError as err:
+        raise TaskError(f"cannot read {path}: {err.strerror or err}") from None
+    if not records:
+        raise TaskError(f"{path} is empty; allowed: one JSON record per line (or remove it to use the hub's copy)")
+
+
 def build_lm_eval_task(name: str, split: str, data_dir: str | None = None):
     """The lm-eval Task object for `name`, reading `split` from a local JSONL file when one exists.
 
     Returns (task, docs) where docs are the documents of `split` after lm-eval's processing.
     """
+    path = local_file(name, split, data_dir)
+    if path is not None:
+        check_jsonl(path)
     manager = _task_manager()
     entry = manager.task_index.get(name)
     if entry is None or entry.kind.name not in ("TASK", "PY_TASK"):
         raise TaskError(f"unknown task {name!r}; allowed: pydoc_ppl, pydoc_cloze, zero_shot_7, or an lm-eval task name")
-    path = local_file(name, split, data_dir)
     overrides = None
     if path is not None:
         overrides = {
@@ -60,8 +89,13 @@ def build_lm_eval_task(name: str, split: str, data_dir: str | None = None):
     try:
         task = manager._factory.build(entry, overrides=overrides, registry=manager.task_index)
     except Exception as err:  # datasets raises many kinds when the hub is unreachable
+        text = str(err).strip()
+        reason = text.splitlines()[0] if text else type(err).__name__
+        if path is not None:  # the file is there and well-formed JSON: its fields do not fit the task
+            raise TaskError(f"cannot load task {name!r} from {path}: {reason}; allowed: one JSON record per line "
+                            "with the hub's fields") from None
         hint = f"; put {split}.jsonl under <data_dir>/{LOCAL_NAMES.get(name, name)}/ or set {DATA_DIR_ENV}"
-        raise TaskError(f"cannot load task {name!r} ({split}): {str(err).splitlines()[0]}{hint}") from None
+        raise TaskError(f"cannot load task {name!r} ({split}): {reason}{hint}") from None
     if path is not None or split == "validation":
         has_eval = task.has_test_docs() or task.has_validation_docs()
         docs = list(task.eval_docs) if has_eval else []

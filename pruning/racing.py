@@ -1,0 +1,99 @@
+"""Racing: stop scoring a configuration once the data seen so far shows it cannot enter the beam.
+
+After each look (see pruning.evaluate.look_sizes), for every pair of configurations still
+running, the difference of their ranking values (drop averaged over the tasks, or on one task)
+is estimated from the paired per-example differences seen so far: a stratified mean over the
+tasks, with the sample variance of the paired differences and the finite-population correction
+(the examples seen are a seeded random sample, without replacement, of the task's examples).
+A configuration stops when at least `width` others are better with one-sided confidence
+1 - alpha / (candidates x looks): a normal bound, Bonferroni-corrected for every candidate at
+every look. Why this bound: it uses the pairing (the same examples under both configurations,
+so the per-example noise shared by them cancels), it is exact at full data (the correction goes
+to zero), and unlike a Hoeffding bound it needs no range for per-document perplexity terms. Its
+normal approximation is why no configuration stops before MIN_LOOK_EXAMPLES examples of each
+task. Survivors are scored on all the data, so kept and recommended configurations carry exact
+numbers; a wrong stop can only drop a configuration from the beam, and the benchmark checks the
+recommendations against an exhaustive search.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.stats import norm
+
+from pruning.evaluate import MIN_LOOK_EXAMPLES
+
+
+@dataclass
+class Beam:
+    """One beam of a step: how it ranks (weight per task) and the configurations competing in it."""
+
+    weights: dict[str, float]  # task name -> weight in the ranking value (mean: 1/T each)
+    members: set[tuple[int, ...]]
+
+
+@dataclass
+class Race:
+    """Stop rules for one step: its beams, how many each keeps, and the error level."""
+
+    beams: list[Beam]
+    width: int
+    alpha: float = 0.05
+
+    def stop(self, evaluator, lls: dict, look: int) -> dict[tuple[int, ...], str]:
+        """Configurations (keys of `lls`: per task, example -> request log-likelihoods) to stop
+        after `look`, with the reason: out of every beam they compete in."""
+        running = list(lls)
+        out = {}
+        for beam in self.beams:
+            members = [c for c in running if c in beam.members]
+            out_here = self._out_of(beam, members, evaluator, lls, look) if len(members) > self.width else {}
+            for c in members:
+                if c not in out_here:
+                    out[c] = None  # stays in this beam: it runs on
+                elif out.get(c, "") is not None:
+                    out[c] = out_here[c]
+        return {c: reason for c, reason in out.items() if reason is not None}
+
+    def _out_of(self, beam: Beam, members: list, evaluator, lls: dict, look: int) -> dict:
+        diff = np.zeros((len(members), len(members)))
+        var = np.zeros_like(diff)
+        seen_text = []
+        for t, task in enumerate(evaluator.tasks):
+            weight = beam.weights.get(task.name, 0.0)
+            if not weight:
+                continue
+            seen = sorted(lls[members[0]][t])
+            n, total = len(seen), len(evaluator.tokens[t])
+            if n < min(MIN_LOOK_EXAMPLES, total):
+                return {}
+            losses = np.array([_losses(task, [lls[c][t][e] for e in seen], seen, evaluator.tokens[t]) for c in members])
+            mean = losses.mean(axis=1)
+            diff += weight * (mean[:, None] - mean[None, :])
+            if n > 1 and n < total:
+                cov = np.atleast_2d(np.cov(losses))
+                pair_var = np.diag(cov)[:, None] + np.diag(cov)[None, :] - 2 * cov
+                var += weight**2 * pair_var / n * (1 - n / total)
+            seen_text.append(f"{n}/{total} {task.name}")
+        z = norm.isf(self.alpha / (len(members) * evaluator.n_looks))
+        worse = diff - z * np.sqrt(np.maximum(var, 0)) > 0  # worse[c, r]: c worse than r, confidently
+        out = {}
+        for i, c in enumerate(members):
+            better = [j for j in np.flatnonzero(worse[i])]
+            if len(better) >= self.width:
+                closest = min(better, key=lambda j: diff[i, j])
+                out[c] = (f"worse than {len(better)} others (closest {list(members[closest])} by "
+                          f"{diff[i, closest]:.4f} +- {z * np.sqrt(var[i, closest]):.4f}) after {', '.join(seen_text)} "
+                          f"examples; normal bound, alpha {self.alpha} / ({len(members)} candidates x {evaluator.n_looks} looks)")
+        return out
+
+
+def _losses(task, lls: list[np.ndarray], examples: list[int], tokens: list[int]) -> np.ndarray:
+    """Each example's term of the task's drop, up to the baseline's (which cancels in a
+    difference): minus correct for multiple choice; for perplexity its NLL scaled so that the
+    terms of all documents average to log-perplexity (n_docs * nll / all scored tokens)."""
+    if task.kind == "multiple_choice":
+        return -np.array([np.argmax(ll) == task.examples[e].gold for ll, e in zip(lls, examples)], dtype=float)
+    return -np.array([ll.sum() for ll in lls]) * len(tokens) / sum(tokens)

@@ -1,0 +1,299 @@
+"""Every failure a clean one (#14): bad input is one line `error: ...` (exit 2) that names the value and what is
+allowed; the run `mlflow run` opened ends FAILED with `prunetrack.error`; Ctrl-C and SIGTERM leave nothing
+RUNNING; runs and trials of a dead process on this machine are closed or taken over at once; an unreachable store
+is reported within 30 s; secrets never need to pass through -P."""
+
+import http.server
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from pruning.tasks import TaskError, load_task
+from search import profiles, tracking
+from search.cli import run_main
+
+ROOT = Path(__file__).resolve().parents[1]
+PIQA = {"goal": "Open a jar", "sol1": "Twist the lid.", "sol2": "Eat the lid.", "label": 0}
+
+
+@pytest.fixture(autouse=True)
+def not_under_mlflow_run(monkeypatch):
+    for name in ("MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI", "PRUNETRACK_PROFILE", *tracking.FAST_REQUESTS):
+        monkeypatch.delenv(name, raising=False)
+
+
+def store(tmp_path: Path) -> tuple[str, MlflowClient]:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    return uri, tracking.connect(uri)
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def last_line(err: str) -> str:
+    assert "Traceback" not in err, err[-3000:]
+    return err.strip().splitlines()[-1]
+
+
+# --------------------------------------------------------------------------- bad data files
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("", "piqa/validation.jsonl is empty; allowed: one JSON record per line"),
+    ("\n\n", "piqa/validation.jsonl is empty; allowed: one JSON record per line"),
+    ('{"goal": "a", "sol1": "b", "sol2": "c", "label": 0}\n{bad\n',
+     "piqa/validation.jsonl:2: not a JSON record (Expecting property name enclosed in double quotes at column 2); "
+     "allowed: one JSON object per line"),
+    ("[1, 2]\n", "piqa/validation.jsonl:1: a JSON list, not a record; allowed: one JSON object per line"),
+])
+def test_a_bad_data_file_is_named_with_its_line(tmp_path, text, expected):
+    (tmp_path / "piqa").mkdir()
+    (tmp_path / "piqa" / "validation.jsonl").write_text(text)
+    with pytest.raises(TaskError) as info:
+        load_task("piqa", "validation", 2, 0, str(tmp_path))
+    assert str(info.value).startswith(f"{tmp_path}/{expected}")
+    assert "put validation.jsonl" not in str(info.value)
+
+
+def test_an_empty_data_file_fails_the_study_in_one_line(tmp_path):
+    """Through the command: exit 2, one line, the study run FAILED with the reason."""
+    (tmp_path / "piqa").mkdir()
+    (tmp_path / "piqa" / "validation.jsonl").write_text("")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    out = subprocess.run([sys.executable, "-m", "search.sensitivity", "--tasks", "piqa", "--data_dir", str(tmp_path),
+                          "--tracking_uri", uri], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2
+    assert last_line(out.stderr) == f"error: {tmp_path}/piqa/validation.jsonl is empty; allowed: one JSON record per line " \
+                                     "(or remove it to use the hub's copy)"
+    client = MlflowClient(uri)
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FAILED" and "is empty" in run.data.tags[tracking.ERROR]
+
+
+# --------------------------------------------------------------------------- tracking stores
+
+
+def test_a_sqlite_store_under_a_file_is_one_line(tmp_path):
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(tracking.TrackingError) as info:
+        tracking.connect(f"sqlite:///{tmp_path}/afile/mlflow.db")
+    assert str(info.value) == (f"tracking URI 'sqlite:///{tmp_path}/afile/mlflow.db': '{tmp_path}/afile' is a file, "
+                               "not a folder; allowed: sqlite:///<path to a .db file in a folder>")
+    with pytest.raises(tracking.TrackingError, match="names the folder"):
+        tracking.connect(f"sqlite:///{tmp_path}")
+
+
+class _Refusing(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(503)
+        self.end_headers()
+        self.wfile.write(b"overloaded")
+
+    do_POST = do_GET
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("server", ["refused", "503"])
+def test_an_unreachable_or_refusing_store_is_reported_within_30_s(server):
+    """MLflow's own defaults retry for minutes; the start-up check gives up in seconds."""
+    if server == "refused":
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]  # nothing listens once closed
+        httpd = None
+    else:
+        httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Refusing)
+        port = httpd.server_address[1]
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    start = time.monotonic()
+    try:
+        with pytest.raises(tracking.TrackingError) as info:
+            tracking.connect(f"http://127.0.0.1:{port}")
+    finally:
+        if httpd:
+            httpd.shutdown()
+    assert time.monotonic() - start < 30
+    assert str(info.value).startswith(f"cannot reach tracking store 'http://127.0.0.1:{port}'")
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # the fast settings do not leak
+
+
+def test_the_closing_hint_fits_the_store():
+    assert tracking.ui_hint("http://mlflow.lab:5000/") == "open http://mlflow.lab:5000 in a browser"
+    assert tracking.ui_hint("sqlite:///mlflow.db").startswith("mlflow ui --backend-store-uri sqlite:///mlflow.db")
+
+
+# --------------------------------------------------------------------------- arguments and the mlflow run run
+
+
+@pytest.mark.parametrize("module, argv, expected", [
+    ("search.sensitivity", ["--n_samples", "abc"], "error: n_samples 'abc' is not valid; allowed: an integer"),
+    ("search.prune", ["--baseline", "maybe"], "error: baseline: 'maybe' is not a boolean; allowed: true, false"),
+    ("search.prune", ["--pruning_ratio", "1.5"], "error: pruning_ratio 1.5 out of range; allowed: 0 < ratio < 1"),
+    ("search.study", ["--report_only", "yes"], "error: report_only 'yes' is not valid; allowed: 'true', 'false'"),
+    ("search.study", ["--colour", "red"], "error: unrecognized arguments: --colour red; allowed: the options of"),
+])
+def test_a_rejected_setting_fails_the_run_mlflow_run_opened(tmp_path, monkeypatch, capsys, module, argv, expected):
+    uri, client = store(tmp_path)
+    launched = client.create_run(tracking.experiment_id(client, "launched")).info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", launched)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    main = __import__(module, fromlist=["main"]).main
+    assert run_main(main, [*argv, "--tracking_uri", uri]) == 2
+    line = last_line(capsys.readouterr().err)
+    assert line.startswith(expected)
+    run = client.get_run(launched)
+    assert run.info.status == "FAILED" and run.data.tags[tracking.ERROR].endswith(line.removeprefix("error: "))
+
+
+def mlflow_run(tmp_path: Path, entry: str, *params: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", entry, "--env-manager", "local"]
+    for param in params:
+        cmd += ["-P", param]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+
+
+MLFLOW_RUN_BAD_INPUT = [
+    ("beam_search", "beam_width=0", "error: beam_width must be at least 1, got 0"),
+    ("beam_search", "max_removed=-1", "error: max_removed must be at least 1, got -1"),
+    ("prune", "pruning_ratio=1.5", "error: pruning_ratio 1.5 out of range; allowed: 0 < ratio < 1"),
+    ("taylor_study", "config=missing", "error: study config 'missing' not found; available: "),
+    ("sensitivity", "n_samples=abc", "error: n_samples 'abc' is not valid; allowed: an integer"),
+    ("taylor_study", "storage=postgresql://user:secret@db.lab/optuna",
+     "error: storage 'postgresql://user:***@db.lab/optuna' holds a password"),
+]
+
+
+@pytest.mark.parametrize("entry, param, expected", MLFLOW_RUN_BAD_INPUT)
+def test_bad_input_under_mlflow_run_is_one_line_and_a_failed_run(tmp_path, entry, param, expected):
+    out = mlflow_run(tmp_path, entry, param)
+    assert out.returncode != 0
+    ours = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert len(ours) == 1 and ours[0].startswith(expected), out.stderr[-3000:]
+    assert "Traceback" not in out.stderr and "usage:" not in out.stderr, out.stderr[-3000:]
+    assert "secret" not in ours[0]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FAILED"
+    assert run.data.tags[tracking.ERROR].endswith(ours[0].removeprefix("error: "))
+
+
+# --------------------------------------------------------------------------- secrets: storage profiles
+
+
+def test_storage_takes_a_profile_and_refuses_a_password(tmp_path, monkeypatch):
+    assert profiles.storage("local") == "sqlite:///optuna.db"
+    monkeypatch.setenv("PRUNETRACK_LAB_STORAGE", "postgresql+psycopg2://lab:from-env@db.lab/optuna")
+    assert profiles.storage("lab") == "postgresql+psycopg2://lab:from-env@db.lab/optuna"  # the environment's password
+    monkeypatch.delenv("PRUNETRACK_LAB_STORAGE")
+    assert profiles.storage("lab") == "postgresql+psycopg2://prunetrack@mlflow-db.lab:5432/prunetrack"
+    assert profiles.storage("postgresql://user@db/optuna") == "postgresql://user@db/optuna"  # PGPASSWORD, ~/.pgpass
+    assert profiles.storage("optuna.db") == "optuna.db"  # a file path stays one
+    with pytest.raises(profiles.ProfileError) as info:
+        profiles.storage("postgresql://user:secret@db/optuna")
+    assert "secret" not in str(info.value) and "PGPASSWORD or ~/.pgpass" in str(info.value)
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("tracking_uri: sqlite:///mlflow.db\n")
+    with pytest.raises(profiles.ProfileError, match="has no storage"):
+        profiles.storage(str(bare))
+    from search.study import parser
+
+    assert parser().parse_args(["--storage", "local"]).storage == "sqlite:///optuna.db"
+    with pytest.raises(tracking.UsageError, match="holds a password"):
+        parser().parse_args(["--storage", "mysql://root:secret@db/optuna"])
+
+
+# --------------------------------------------------------------------------- Ctrl-C, SIGTERM, dead processes
+
+
+def _study_interrupted_in_flight(client: MlflowClient, how: str):
+    def main(argv):
+        with tracking.study_run(client, "sensitivity", "stops", {}) as (run_id, exp_id):
+            child = tracking.open_child(client, exp_id, run_id, "abc", "remove[1]", {tracking.KIND: "config"}, {})
+            try:  # what the configuration code does around an evaluation
+                if how == "sigterm":
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    time.sleep(5)
+                raise KeyboardInterrupt
+            except BaseException as err:
+                tracking.fail(client, child, err)
+                raise
+    return main
+
+
+@pytest.mark.parametrize("how, code, reason", [("ctrl-c", 130, "interrupted (Ctrl-C)"),
+                                                ("sigterm", 143, "terminated (SIGTERM)")])
+@pytest.mark.parametrize("launched", [False, True])
+def test_a_stopped_study_leaves_nothing_running(tmp_path, monkeypatch, capsys, how, code, reason, launched):
+    uri, client = store(tmp_path)
+    if launched:  # under mlflow run, the run it opened is the study run
+        monkeypatch.setenv("MLFLOW_RUN_ID", client.create_run(tracking.experiment_id(client, "x")).info.run_id)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    before = signal.getsignal(signal.SIGTERM)
+    assert run_main(_study_interrupted_in_flight(client, how)) == code
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert last_line(capsys.readouterr().err) == f"error: {reason}; the runs in flight are marked KILLED"
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 2
+    for run in runs:
+        assert run.info.status == "KILLED" and reason in run.data.tags[tracking.ERROR]
+
+
+def test_a_dead_workers_run_is_closed_by_a_survivor(tmp_path):
+    uri, client = store(tmp_path)
+    exp_id = tracking.experiment_id(client, "beam_search/m")
+    dead = client.create_run(exp_id, tags={tracking.KIND: "beam_search", tracking.HOST: socket.gethostname(),
+                                           tracking.PID: str(dead_pid())}).info.run_id
+    alive = client.create_run(exp_id, tags={tracking.KIND: "beam_search", tracking.HOST: "another-host",
+                                            tracking.PID: "1"}).info.run_id
+    with tracking.study_run(client, "beam_search", "beam_search/m", {}):
+        pass
+    run = client.get_run(dead)
+    assert run.info.status == "KILLED" and "died before the run finished" in run.data.tags[tracking.ERROR]
+    assert client.get_run(alive).info.status == "RUNNING"  # another machine: its heartbeat decides
+
+
+def test_a_dead_optuna_workers_trial_is_taken_over_at_once(tmp_path):
+    from search import study as study_mod
+
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump({"tasks": "pydoc_cloze", "ppl_task": "", "search_space": {"taylor_seq_len": [16, 32]},
+                                      "grace_period": 180, "heartbeat_interval": 60}))
+    uri, client = store(tmp_path)
+    spec = study_mod.load_spec(str(config), f"sqlite:///{tmp_path}/optuna.db")
+    study, parent = study_mod.open_study(spec, study_mod.open_storage(spec, client), client)
+    trial = study.ask()  # a worker took the first grid point, then died
+    pid = dead_pid()
+    trial.set_user_attr(study_mod.WORKER_ATTR, {"host": socket.gethostname(), "pid": pid, "trial": trial.number})
+    run = client.create_run(client.get_run(parent).info.experiment_id, tags={
+        "mlflow.parentRunId": parent, tracking.KIND: study_mod.TRIAL_KIND, study_mod.TRIAL_TAG: str(trial.number)})
+    live = study.ask()  # another worker's trial, alive (this process)
+    live.set_user_attr(study_mod.WORKER_ATTR, {"host": socket.gethostname(), "pid": os.getpid(), "trial": live.number})
+
+    assert study_mod.fail_dead_trials(study) == 1
+    trials = {t.number: t for t in study.get_trials()}
+    assert trials[trial.number].state == TrialState.FAIL and trials[live.number].state == TrialState.RUNNING
+    [again] = [t for t in trials.values() if t.state == TrialState.WAITING]
+    assert again.params == trials[trial.number].params  # the point is enqueued again
+    killed = client.get_run(run.info.run_id)
+    assert killed.info.status == "KILLED"
+    assert killed.data.tags[tracking.ERROR] == f"worker process {socket.gethostname()}:{pid} died; trial redone"
+    assert study_mod.fail_dead_trials(study) == 0
+    assert isinstance(study, optuna.Study)
