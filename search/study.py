@@ -10,10 +10,11 @@ same command again resumes the study; starting it N times at once makes N worker
 - In a grid study workers only run enqueued trials; taking one is atomic on RDB storage, so no
   point is evaluated twice. A trial that finds the queue empty (another worker took the last
   point between look and take) ends PRUNED without evaluating anything.
-- Heartbeats: a trial whose worker stopped beating for `grace_period` seconds is failed by the next
-  worker that looks; its MLflow run is marked KILLED and its point enqueued again (`max_retry`).
-  A trial whose worker process is known dead (same machine, process gone) is taken over at once.
-  A trial stopped by Ctrl-C is marked the same way by its own worker. Workers wait for the running
+- Workers coordinate as the beam search's do, through the claims table in the same database
+  (search.work.Claims): a worker claims each trial it runs. A RUNNING trial whose claim's owner is
+  gone (same machine: its process exited; another machine: no heartbeat for STALE_S seconds) is
+  failed by the next worker that looks, at once; its MLflow run is marked KILLED and its point
+  enqueued again (`max_retry`). A trial stopped by Ctrl-C is marked the same way by its own worker. Workers wait for the running
   trials of others before they stop, so a survivor redoes a dead worker's trial.
 - Each trial is a `prunetrack.kind=prune` child run of the parent run, in the parent's experiment.
   Under `mlflow run`, the first worker's run is the parent; a later worker's run is tagged
@@ -53,23 +54,22 @@ from pruning.models import ModelError
 from pruning.tasks import parse_task_list
 from search import profiles, tracking
 from search.cli import USER_ERRORS, SearchError, run_main
-from search.configs import METRICS
 from search.prune import PruneSettings, prune_and_evaluate
-from search.work import error_line, free_memory, storage_url
+from search.configs import METRICS, error_line
+from search.work import POLL_S, RUNNING, STALE_S, Claims, free_memory, storage_url
 
 STUDIES_DIR = Path(__file__).resolve().parents[1] / "mlruns_config" / "studies"
 KIND, WORKER_KIND, TRIAL_KIND = "study", "study_worker", "prune"
 STUDY_TAG, TRIAL_TAG, STORAGE_TAG = "optuna.study_name", "optuna.trial_number", "optuna.storage"
 SETUP_ATTR = "prunetrack"  # study user attr the first worker writes last: parent run, tracking URI, config
-WORKER_ATTR = "worker"  # trial user attr: host, pid and trial number of the process that runs it
 RESULTS = "search_results.csv"
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 READY_TIMEOUT_S = 60  # how long a worker waits for the first worker to set a new study up
 STUDY_KEYS = ("study_name", "storage", "sampler", "sampler_seed", "search_space", "objective", "direction",
-              "n_trials", "heartbeat_interval", "grace_period", "max_retry")
+              "n_trials", "max_retry")
 PARAM_COLUMNS = ("taylor_seq_len", "taylor_num_samples", "pruning_ratio")
 GRAD_COLUMNS = tuple(taylor.gradient_summary([taylor.GradStats(1.0, 1.0, 1.0, 1.0)]))  # names prune runs log
-SUMMARY_COLUMNS = ("acc_mean", "ppl", *GRAD_COLUMNS, "extreme_pruning_layers", "n_params_before",
+SUMMARY_COLUMNS = ("acc_mean", "headline_mean", "ppl", *GRAD_COLUMNS, "extreme_pruning_layers", "n_params_before",
                    "n_params_after", "pruning_rate")
 RUN_METRICS = ("taylor_seconds", "eval_seconds", "pruned_fraction", "n_params_before", "n_params_after",
                "pruning_rate", "extreme_pruning_layers")
@@ -90,8 +90,6 @@ class StudySpec:
     objectives: list[str]
     directions: list[str]
     n_trials: int
-    heartbeat_interval: int = 60
-    grace_period: int = 180
     max_retry: int = 3
     sampler_seed: int | None = None
 
@@ -172,11 +170,7 @@ def load_spec(ref: str, storage: str = "", study_name: str = "", n_trials: int |
         name=study_name or str(data.get("study_name") or path.stem), storage=storage or _config_storage(where, data),
         settings=settings, space=space, sampler=sampler, objectives=objectives, directions=directions,
         n_trials=_integer(where, "n_trials", n_trials), sampler_seed=data.get("sampler_seed") and _integer(where, "sampler_seed", data["sampler_seed"], minimum=0),
-        **{k: _integer(where, k, data[k]) for k in ("heartbeat_interval", "grace_period") if k in data},
         **{k: _integer(where, k, data[k], minimum=0) for k in ("max_retry",) if k in data})
-    if spec.grace_period <= spec.heartbeat_interval:
-        raise SearchError(f"{where}: grace_period {spec.grace_period} must exceed heartbeat_interval "
-                          f"{spec.heartbeat_interval}")
     return spec
 
 
@@ -267,7 +261,9 @@ def _default_direction(metric: str, where: str) -> str:
     name = metric.removeprefix("baseline_")
     if name.startswith("acc"):
         return "maximize"
-    if name.startswith(("ppl", "word_perplexity", "bits_per_byte")):
+    if name.startswith("headline_mean"):
+        return "maximize"
+    if name.startswith(("ppl", "word_perplexity", "byte_perplexity", "bits_per_byte")):
         return "minimize"
     raise SearchError(f"{where}: direction missing for objective {metric!r}; allowed: maximize, minimize")
 
@@ -275,7 +271,7 @@ def _default_direction(metric: str, where: str) -> str:
 def known_metrics(settings: PruneSettings) -> set[str]:
     """Every metric a prune run with these settings can log (the possible objectives)."""
     tasks = parse_task_list(settings.tasks) + ([settings.ppl_task] if settings.ppl_task else [])
-    scores = {f"{m}_{t}" for t in tasks for names in METRICS.values() for m in names} | {"acc_mean"}
+    scores = {f"{m}_{t}" for t in tasks for names in METRICS.values() for m in names} | {"acc_mean", "headline_mean"}
     scores |= {"ppl"} if settings.ppl_task else set()
     return (scores | {f"baseline_{s}" for s in scores} | {f"n_{t}" for t in tasks} | set(GRAD_COLUMNS)
             | set(RUN_METRICS))
@@ -297,7 +293,7 @@ def storage_label(storage: str) -> str:
 
 
 def open_storage(spec: StudySpec, client) -> RDBStorage:
-    """The Optuna RDB storage with heartbeats; a stale trial's run is marked KILLED and its point retried."""
+    """The Optuna RDB storage of the study (workers coordinate through the claims table beside it)."""
     url = _storage_url(spec.storage)
     backend = url.get_backend_name()
     engine = {"connect_args": {"timeout": 60}} if backend == "sqlite" else {"pool_pre_ping": True}
@@ -307,9 +303,7 @@ def open_storage(spec: StudySpec, client) -> RDBStorage:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ExperimentalWarning)
-                return RDBStorage(url.render_as_string(hide_password=False), engine_kwargs=engine,
-                                  heartbeat_interval=spec.heartbeat_interval, grace_period=spec.grace_period,
-                                  heartbeat_stale_trial_callback=_StaleTrial(client, spec))
+                return RDBStorage(url.render_as_string(hide_password=False), engine_kwargs=engine)
         except (sa.exc.IntegrityError, sa.exc.ProgrammingError) as err:  # workers starting together race on the schema
             if attempt == 3:
                 raise SearchError(f"cannot create the Optuna schema in {storage_label(spec.storage)!r}: "
@@ -331,21 +325,19 @@ def retry_callback(max_retry: int | None = None) -> RetryHeartbeatStaleTrialCall
         return RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
 
 
-class _StaleTrial:
-    """Heartbeat-stale trial callback: mark the stopped worker's MLflow run KILLED, then enqueue the point again."""
+def redo_trial(client, study: optuna.Study, trial, reason: str, max_retry: int | None) -> None:
+    """A trial whose worker stopped: mark its MLflow run KILLED with `reason`, enqueue its point again."""
+    parent = study.user_attrs.get(SETUP_ATTR, {}).get("parent_run_id")
+    for run in trial_runs(client, parent) if parent else []:
+        if run.data.tags.get(TRIAL_TAG) == str(trial.number) and run.info.status == "RUNNING":
+            client.set_tag(run.info.run_id, tracking.ERROR, f"{reason}; trial redone")
+            client.set_terminated(run.info.run_id, "KILLED")
+    retry_callback(max_retry)(study, trial)
 
-    def __init__(self, client, spec: StudySpec):
-        self.client, self.grace = client, spec.grace_period
-        self.retry = retry_callback(spec.max_retry)
 
-    def __call__(self, study: optuna.Study, trial, reason: str = "") -> None:
-        parent = study.user_attrs.get(SETUP_ATTR, {}).get("parent_run_id")
-        reason = reason or f"worker stopped: no Optuna heartbeat for {self.grace} s"
-        for run in trial_runs(self.client, parent) if parent else []:
-            if run.data.tags.get(TRIAL_TAG) == str(trial.number) and run.info.status == "RUNNING":
-                self.client.set_tag(run.info.run_id, tracking.ERROR, f"{reason}; trial redone")
-                self.client.set_terminated(run.info.run_id, "KILLED")
-        self.retry(study, trial)
+def trial_key(study: optuna.Study, number: int) -> str:
+    """The claim of trial `number` in the claims table."""
+    return f"optuna:{study.study_name}:{number}"
 
 
 def open_study(spec: StudySpec, storage: RDBStorage, client) -> tuple[optuna.Study, str]:
@@ -439,8 +431,8 @@ def trial_runs(client, parent: str) -> list:
 class TrialRunner:
     """The objective: one prune run per trial, a child of the study's parent run."""
 
-    def __init__(self, spec: StudySpec, client, parent: str):
-        self.spec, self.client, self.parent = spec, client, parent
+    def __init__(self, spec: StudySpec, client, parent: str, claims: Claims):
+        self.spec, self.client, self.parent, self.claims = spec, client, parent, claims
         self.exp_id = client.get_run(parent).info.experiment_id
         self.fatal: BaseException | None = None  # a user error: stops this worker after the trial is recorded
         self.evaluated = 0
@@ -449,7 +441,9 @@ class TrialRunner:
         if self.spec.sampler == "grid" and "grid_point" not in trial.user_attrs:
             raise optuna.TrialPruned("no grid point left: another worker took the last one")
         client, name, run_id = self.client, self.spec.name, None
-        trial.set_user_attr(WORKER_ATTR, {"host": socket.gethostname(), "pid": os.getpid(), "trial": trial.number})
+        key = trial_key(trial.study, trial.number)
+        if not self.claims.take(key, None):  # a new trial number; a row left by a deleted study of the same name
+            self.claims.take(key, self.claims.rows([key]).get(key))
         try:
             settings = replace(self.spec.settings, **self.spec.suggest(trial))
             run_id = client.create_run(self.exp_id, run_name=f"{name}-trial-{trial.number}", tags={
@@ -467,6 +461,7 @@ class TrialRunner:
             if run_id:
                 tracking.fail(client, run_id, err)
             trial.set_user_attr("error", error_line(err))
+            self.claims.settle(key, error_line(err))
             if isinstance(err, USER_ERRORS):
                 self.fatal = err
             raise
@@ -476,10 +471,12 @@ class TrialRunner:
                 client.set_terminated(run_id, "KILLED")
             frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
             retry_callback()(trial.study, frozen)
+            self.claims.settle(key, tracking.error_tag(err))
             raise
         finally:
             free_memory()
         client.set_terminated(run_id, "FINISHED")
+        self.claims.settle(key)
         values = [metrics[m] for m in self.spec.objectives]
         return values if len(values) > 1 else values[0]
 
@@ -489,45 +486,44 @@ def _counts(trial) -> bool:
     return trial.state == TrialState.COMPLETE or (trial.state == TrialState.FAIL and "error" in trial.user_attrs)
 
 
-def fail_stale_trials(study: optuna.Study) -> None:
-    """Fail the RUNNING trials whose worker stopped beating (running the stale-trial callback)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
-
-
-def fail_dead_trials(study: optuna.Study) -> int:
-    """Fail at once the RUNNING trials whose worker process on this machine is gone (no grace period),
-    running the stale-trial callback (run KILLED, point enqueued again); how many."""
-    storage, host, failed = study._storage, socket.gethostname(), 0
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner = trial.user_attrs.get(WORKER_ATTR)
-        if (not isinstance(owner, dict) or owner.get("trial") != trial.number or owner.get("host") != host
-                or owner.get("pid") == os.getpid() or tracking.process_alive(host, owner.get("pid"))):
-            continue
-        try:
-            if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+def fail_stopped_trials(study: optuna.Study, claims: Claims, client, max_retry: int | None) -> int:
+    """Fail the RUNNING trials whose worker is gone, by their claims (search.work.Claims.alive: same
+    machine, process exited: at once; another machine: no heartbeat for STALE_S s), and redo them
+    (run KILLED, point enqueued again); how many. The claim is taken over first, so one worker does it."""
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    rows = claims.rows([trial_key(study, t.number) for t in running])
+    failed = 0
+    for trial in running:
+        key, claim = trial_key(study, trial.number), rows.get(trial_key(study, trial.number))
+        if claim is None:  # its worker stopped between taking the trial and claiming it, or is about to claim it
+            if time.time() - trial.datetime_start.timestamp() < STALE_S:
                 continue
-        except optuna.exceptions.UpdateFinishedTrialError:  # another worker failed it first
+            reason = f"worker stopped before claiming the trial (no claim after {STALE_S} s)"
+        elif claim.status != RUNNING or claims.alive(claim):
             continue
-        callback = storage.get_heartbeat_stale_trial_callback() if hasattr(storage, "get_heartbeat_stale_trial_callback") else None
-        frozen = copy.deepcopy(storage.get_trial(trial._trial_id))
-        reason = f"worker process {host}:{owner['pid']} died"
-        if isinstance(callback, _StaleTrial):
-            callback(study, frozen, reason)
-        elif callback is not None:
-            callback(study, frozen)
+        else:
+            host, pid, _ = claim.owner.rsplit(":", 2)
+            reason = (f"worker process {host}:{pid} died" if host == socket.gethostname()
+                      else f"worker {host}:{pid} sent no heartbeat for {STALE_S} s")
+        if not claims.take(key, claim):
+            continue  # another worker took it over first
+        try:
+            study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:  # its worker finished it meanwhile
+            claims.settle(key)
+            continue
+        redo_trial(client, study, copy.deepcopy(study._storage.get_trial(trial._trial_id)), reason, max_retry)
+        claims.settle(key, reason)
         failed += 1
     return failed
 
 
 def work(study: optuna.Study, spec: StudySpec, runner: TrialRunner) -> None:
     """Run trials until the study has none left for this worker, waiting for other workers' running trials
-    (a stopped one comes back after `grace_period`). A user error stops the worker after its trial is recorded."""
+    (a stopped one is failed and enqueued again). A user error stops the worker after its trial is recorded."""
     told = False
     while True:
-        fail_dead_trials(study)
-        fail_stale_trials(study)
+        fail_stopped_trials(study, runner.claims, runner.client, spec.max_retry)
         trials = study.get_trials(deepcopy=False)
         running = sum(t.state == TrialState.RUNNING for t in trials)
         waiting = sum(t.state == TrialState.WAITING for t in trials)
@@ -537,7 +533,7 @@ def work(study: optuna.Study, spec: StudySpec, runner: TrialRunner) -> None:
             if not told:
                 print(f"waiting for {running} trial(s) of other workers", file=sys.stderr)
                 told = True
-            time.sleep(spec.heartbeat_interval)
+            time.sleep(POLL_S)
             continue
         study.optimize(runner, n_trials=1, catch=(Exception,))
         if runner.fatal:
@@ -703,12 +699,13 @@ def main(argv=None) -> None:
     else:
         study, parent = open_study(spec, storage, client)
         setup = study_setup(study)
-        runner = TrialRunner(spec, client, parent)
-        try:
-            work(study, spec, runner)
-        except BaseException as err:
-            _stop_parent(client, study, parent, err)
-            raise
+        with Claims(spec.storage) as claims:
+            runner = TrialRunner(spec, client, parent, claims)
+            try:
+                work(study, spec, runner)
+            except BaseException as err:
+                _stop_parent(client, study, parent, err)
+                raise
         evaluated = runner.evaluated
     table = write_report(client, study, setup)
     if evaluated is not None:

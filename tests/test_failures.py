@@ -272,28 +272,31 @@ def test_a_dead_workers_run_is_closed_by_a_survivor(tmp_path):
 
 def test_a_dead_optuna_workers_trial_is_taken_over_at_once(tmp_path):
     from search import study as study_mod
+    from search.work import Claims
 
     config = tmp_path / "study.yaml"
-    config.write_text(yaml.safe_dump({"tasks": "pydoc_cloze", "ppl_task": "", "search_space": {"taylor_seq_len": [16, 32]},
-                                      "grace_period": 180, "heartbeat_interval": 60}))
+    config.write_text(yaml.safe_dump({"tasks": "pydoc_cloze", "ppl_task": "", "search_space": {"taylor_seq_len": [16, 32]}}))
     uri, client = store(tmp_path)
     spec = study_mod.load_spec(str(config), f"sqlite:///{tmp_path}/optuna.db")
     study, parent = study_mod.open_study(spec, study_mod.open_storage(spec, client), client)
-    trial = study.ask()  # a worker took the first grid point, then died
-    pid = dead_pid()
-    trial.set_user_attr(study_mod.WORKER_ATTR, {"host": socket.gethostname(), "pid": pid, "trial": trial.number})
-    run = client.create_run(client.get_run(parent).info.experiment_id, tags={
-        "mlflow.parentRunId": parent, tracking.KIND: study_mod.TRIAL_KIND, study_mod.TRIAL_TAG: str(trial.number)})
-    live = study.ask()  # another worker's trial, alive (this process)
-    live.set_user_attr(study_mod.WORKER_ATTR, {"host": socket.gethostname(), "pid": os.getpid(), "trial": live.number})
+    with Claims(spec.storage) as claims:
+        trial = study.ask()  # a worker took the first grid point, claimed it, then died
+        key, pid = study_mod.trial_key(study, trial.number), dead_pid()
+        assert claims.take(key, None)
+        with claims.engine.begin() as conn:
+            conn.execute(claims.table.update().values(owner=f"{socket.gethostname()}:{pid}:dead"))
+        run = client.create_run(client.get_run(parent).info.experiment_id, tags={
+            "mlflow.parentRunId": parent, tracking.KIND: study_mod.TRIAL_KIND, study_mod.TRIAL_TAG: str(trial.number)})
+        live = study.ask()  # another worker's trial, alive (this process)
+        assert claims.take(study_mod.trial_key(study, live.number), None)
 
-    assert study_mod.fail_dead_trials(study) == 1
-    trials = {t.number: t for t in study.get_trials()}
-    assert trials[trial.number].state == TrialState.FAIL and trials[live.number].state == TrialState.RUNNING
-    [again] = [t for t in trials.values() if t.state == TrialState.WAITING]
-    assert again.params == trials[trial.number].params  # the point is enqueued again
-    killed = client.get_run(run.info.run_id)
-    assert killed.info.status == "KILLED"
-    assert killed.data.tags[tracking.ERROR] == f"worker process {socket.gethostname()}:{pid} died; trial redone"
-    assert study_mod.fail_dead_trials(study) == 0
-    assert isinstance(study, optuna.Study)
+        assert study_mod.fail_stopped_trials(study, claims, client, spec.max_retry) == 1
+        trials = {t.number: t for t in study.get_trials()}
+        assert trials[trial.number].state == TrialState.FAIL and trials[live.number].state == TrialState.RUNNING
+        [again] = [t for t in trials.values() if t.state == TrialState.WAITING]
+        assert again.params == trials[trial.number].params  # the point is enqueued again
+        killed = client.get_run(run.info.run_id)
+        assert killed.info.status == "KILLED"
+        assert killed.data.tags[tracking.ERROR] == f"worker process {socket.gethostname()}:{pid} died; trial redone"
+        assert claims.rows([key])[key].status == "failed"
+        assert study_mod.fail_stopped_trials(study, claims, client, spec.max_retry) == 0

@@ -52,10 +52,9 @@ def not_under_mlflow_run(monkeypatch):
 
 
 def write_config(tmp_path: Path, model: str, space: dict, name: str = "study.yaml", **keys) -> str:
-    """A study config for the tiny model: 2 cloze examples, no perplexity or baseline, short heartbeats."""
+    """A study config for the tiny model: 2 cloze examples, no perplexity or baseline."""
     data = {"model": model, "tasks": "pydoc_cloze", "ppl_task": "", "n_samples": 2, "batch_size": 4,
-            "save_model": False, "baseline": False, "search_space": space, "heartbeat_interval": 1,
-            "grace_period": 10, **keys}
+            "save_model": False, "baseline": False, "search_space": space, **keys}
     path = tmp_path / name
     path.write_text(yaml.safe_dump(data))
     return str(path)
