@@ -63,7 +63,8 @@ def summarize(results: dict, task_types: dict[str, str], level: float = 0.95) ->
     groups, note = {}, ""
     if task_types and all("drops" in e for e in results["recommendations"]):
         for kind in sorted(set(task_types.values())):
-            tasks = sorted(t for t, k in task_types.items() if k == kind and all(t in e["drops"] for e in results["recommendations"]))
+            tasks = sorted(t for t, k in task_types.items()
+                           if k == kind and all(t in e["drops"] for e in results["recommendations"]))
             if tasks:
                 per_k = [sum(e["drops"][t] for t in tasks) / len(tasks) for e in results["recommendations"]]
                 groups[kind] = {"tasks": tasks, "n_tasks": len(tasks), "mean_drop_by_num_removed": per_k,
@@ -84,7 +85,8 @@ def markdown(summary: dict) -> str:
     for r in summary["rows"]:
         ci = "n/a" if r["ci_low"] is None else f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}]"
         lines.append(f"| {r['num_removed']} | {', '.join(map(str, r['removed_blocks']))} | {r['mean_drop']:.4f} ± "
-                     f"{r['std_drop']:.4f} | {ci} | {r['n_datasets']} | {r['incremental_drop']:+.4f} | {len(r['active_blocks'])} |")
+                     f"{r['std_drop']:.4f} | {ci} | {r['n_datasets']} | {r['incremental_drop']:+.4f} | "
+                     f"{len(r['active_blocks'])} |")
     if summary["groups"]:
         lines += ["", "| task type | tasks | mean drop over 1..k removed | by number removed |", "| --- | --- | --- | --- |"]
         lines += [f"| {kind} | {', '.join(g['tasks'])} (n={g['n_tasks']}) | {g['mean_drop']:.4f} | "

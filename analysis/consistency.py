@@ -144,7 +144,8 @@ def consistency(client, model: str = "", experiment: str = "", threshold: float 
                 seed: int = 0, level: float = 0.95) -> dict:
     """Everything the analysis reports (consistency.json)."""
     if n_resamples < 1 or not 0 < level < 1:
-        raise AnalysisError(f"n_resamples {n_resamples} and ci_level {level} out of range; allowed: n_resamples >= 1, 0 < ci_level < 1")
+        raise AnalysisError(f"n_resamples {n_resamples} and ci_level {level} out of range; "
+                            "allowed: n_resamples >= 1, 0 < ci_level < 1")
     model, chosen = select_studies(client, model, experiment)
     reports: dict[str, dict] = {}
     datasets, skipped = [], {}

@@ -22,7 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import statsmodels.api as sm
 from scipy import stats
+from sklearn.linear_model import LinearRegression
+from sklearn.metrics import mean_absolute_error, r2_score
+from sklearn.model_selection import LeaveOneOut, cross_val_predict
 
 from analysis import job, store
 from analysis.report import STARS_LEGEND, fmt_p, pyplot, stars
@@ -31,7 +35,7 @@ from search import tracking
 
 KIND = "correlation"
 STUDY_TAG, TRIAL_TAG = "optuna.study_name", "optuna.trial_number"
-TARGET = re.compile(r"acc_.+|ppl")  # acc_mean, acc_<task>, acc_norm_<task>, ppl
+TARGET = re.compile(r"acc_.+|ppl|headline_mean")  # acc_mean, acc_<task>, acc_norm_<task>, ppl, headline_mean
 # evaluation settings and bookkeeping (the study job also logs study_name and trial_number), not predictors
 SETTINGS = {"seed", "batch_size", "n_samples", "num_blocks", "baseline", "save_model", "study_name", "trial_number"}
 STRUCTURE = ("extreme_pruning_layers", "pruning_rate")
@@ -52,7 +56,8 @@ def trial_runs(client, study_name: str = "", experiment: str = "") -> tuple[str,
                             f"studies in the store: {', '.join(_studies(client)) or 'none'}")
     names = sorted({r.data.tags.get(STUDY_TAG, "") for r in found})
     if len(names) > 1:
-        raise AnalysisError(f"experiment {experiment!r} holds trials of several studies ({', '.join(n or '(none)' for n in names)}); "
+        studies = ", ".join(n or "(none)" for n in names)
+        raise AnalysisError(f"experiment {experiment!r} holds trials of several studies ({studies}); "
                             "choose one with study_name")
     return study_name or names[0] or f"experiment {experiment}", found
 
@@ -134,14 +139,9 @@ def correlations(table: pd.DataFrame, names: list[str], target: str) -> list[dic
     return sorted(out, key=lambda c: -abs(c["spearman_r"]) if math.isfinite(c["spearman_r"]) else math.inf)
 
 
-def _ols(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    design = np.column_stack([np.ones(len(y)), x])
-    return np.linalg.lstsq(design, y, rcond=None)[0]
-
-
 def _r2(y: np.ndarray, predicted: np.ndarray) -> float:
-    total = float(((y - y.mean()) ** 2).sum())
-    return 1 - float(((y - predicted) ** 2).sum()) / total if total > 0 else math.nan
+    """R2 of `predicted` against `y`; NaN (reported as null) when `y` is constant."""
+    return float(r2_score(y, predicted, force_finite=False)) if np.ptp(y) > 0 else math.nan
 
 
 def prediction_model(table: pd.DataFrame, ranked: list[dict], target: str, max_predictors: int = 2) -> dict:
@@ -172,24 +172,21 @@ def prediction_model(table: pd.DataFrame, ranked: list[dict], target: str, max_p
                                  f"correlation and at least {k + 3} trials)")
         return {**model, "formula": None, "coefficients": None, "r2": None, "mae": None, "loo_r2": None, "loo_mae": None}
     x, y = rows[chosen].to_numpy(float), rows[target].to_numpy(float)
-    beta = _ols(x, y)
-    fitted = np.column_stack([np.ones(n), x]) @ beta
-    loo = np.array([np.r_[1.0, x[i]] @ _ols(np.delete(x, i, 0), np.delete(y, i)) for i in range(n)])
-    dof = n - k - 1
-    residual = float(((y - fitted) ** 2).sum())
-    design = np.column_stack([np.ones(n), x])
-    std_err = np.sqrt(np.diag(residual / dof * np.linalg.pinv(design.T @ design)))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        p_values = 2 * stats.t.sf(np.abs(beta / std_err), dof)
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a perfect fit: zero standard errors, p-values 0 or undefined (null)
+        fit = sm.OLS(y, sm.add_constant(x, has_constant="add")).fit()
+        beta, std_err, p_values, fitted = fit.params, fit.bse, fit.pvalues, fit.fittedvalues
+    # each trial predicted by the same model (OLS with intercept) fitted on the other n - 1
+    loo = cross_val_predict(LinearRegression(), x, y, cv=LeaveOneOut())
     r2 = _r2(y, fitted)
-    f_p = float(stats.f.sf(r2 / k / ((1 - r2) / dof), k, dof)) if math.isfinite(r2) and r2 < 1 else None
+    f_p = float(fit.f_pvalue) if math.isfinite(r2) and r2 < 1 else None
     terms = "".join(f" {'-' if b < 0 else '+'} {abs(b):.4g} × {name}" for b, name in zip(beta[1:], chosen))
     names = ["intercept", *chosen]
     model.update(formula=f"{target} ≈ {beta[0]:.4g}{terms}",
                  coefficients=dict(zip(names, map(float, beta))), std_errors=dict(zip(names, map(float, std_err))),
                  p_values={m: _clean(p) for m, p in zip(names, p_values)},
-                 r2=_clean(r2), mae=float(np.abs(y - fitted).mean()), f_p_value=_clean(f_p),
-                 loo_r2=_clean(_r2(y, loo)), loo_mae=float(np.abs(y - loo).mean()))
+                 r2=_clean(r2), mae=float(mean_absolute_error(y, fitted)), f_p_value=_clean(f_p),
+                 loo_r2=_clean(_r2(y, loo)), loo_mae=float(mean_absolute_error(y, loo)))
     if n < MIN_TRIALS:
         model["warnings"].append(f"only {n} trials (fewer than {MIN_TRIALS}): correlations and the model are unreliable")
     if n < PER_PREDICTOR * max(k, 1) or limit < max_predictors:
@@ -204,7 +201,8 @@ def _clean(x) -> float | None:
     return float(x) if x is not None and math.isfinite(x) else None
 
 
-def report_text(label: str, table: pd.DataFrame, excluded: dict, ranked: list[dict], untested: dict, model: dict, target: str) -> str:
+def report_text(label: str, table: pd.DataFrame, excluded: dict, ranked: list[dict], untested: dict, model: dict,
+                target: str) -> str:
     """correlation_report.txt."""
     n = len(table)
     lines = [f"Correlation of trial results with {target}: {label}",

@@ -3,8 +3,9 @@
     python -m analysis.export --dest s3://bucket/prefix [--run_ids A,B | --experiment E] [--kinds ...]
                               [--endpoint_url URL]
 
-Every artifact of each chosen run goes to dest/<run_id>/<path>; an object already there with the
-same size and MD5 (ETag) is skipped. dest/manifest.json lists every exported run (id, kind, params,
+Every artifact of each chosen run goes to dest/<run_id>/<path> through boto3's managed transfer
+(large files in parts); an object already there with the same size and content (its ETag: the MD5,
+or for a file sent in parts the MD5 of the parts' MD5s) is skipped. dest/manifest.json lists every exported run (id, kind, params,
 the commit it ran from, its objects), the exporter's code version and the time; it is rewritten
 only when the runs it lists change. The endpoint is --endpoint_url, else $AWS_ENDPOINT_URL, else
 $MLFLOW_S3_ENDPOINT_URL, else AWS. Credentials come from boto3's own chain (environment, profile)
@@ -22,6 +23,11 @@ import tempfile
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
+from s3transfer.utils import ChunksizeAdjuster
 
 from analysis import job, store
 from analysis.store import AnalysisError
@@ -53,8 +59,6 @@ def endpoint(explicit: str = "") -> str | None:
 
 def s3_error(err: Exception, bucket: str, url: str | None) -> AnalysisError:
     """One line saying why S3 refused (never the credentials themselves)."""
-    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
-
     where = f"at {public(url)}" if url else "on AWS"
     if isinstance(err, NoCredentialsError):
         return AnalysisError("no S3 credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE")
@@ -93,7 +97,8 @@ def _git_commit(root: Path) -> str | None:
         ref = head.removeprefix("ref: ")
         if (git / ref).is_file():
             return (git / ref).read_text().strip()
-        return next((line.split()[0] for line in (git / "packed-refs").read_text().splitlines() if line.endswith(" " + ref)), None)
+        packed = (git / "packed-refs").read_text().splitlines()
+        return next((line.split()[0] for line in packed if line.endswith(" " + ref)), None)
     except OSError:
         return None
 
@@ -117,30 +122,53 @@ def _key(prefix: str, *parts: str) -> str:
     return "/".join(p for p in (prefix, *parts) if p)
 
 
+# Uploads go through boto3's managed transfer: files at or above the threshold are sent in parts, in
+# parallel. The classic transfer manager (never the CRT one) so that the part size, and thereby the
+# ETag S3 gives the object, is known here.
+TRANSFER = TransferConfig(multipart_threshold=64 * 2**20, multipart_chunksize=64 * 2**20, preferred_transfer_client="classic")
+
+
+def digests(path: Path, config: TransferConfig | None = None) -> tuple[str, str]:
+    """(MD5 of the file, the ETag S3 gives it when uploaded with `config`), reading the file once in
+    parts. Below the multipart threshold the ETag is the MD5; above, it is the MD5 of the parts' MD5s
+    followed by "-<number of parts>", with the part size the transfer manager picks for this size."""
+    config = config or TRANSFER
+    size = path.stat().st_size
+    part_size = ChunksizeAdjuster().adjust_chunksize(config.multipart_chunksize, size)
+    whole, parts = hashlib.md5(usedforsecurity=False), []
+    with path.open("rb") as f:
+        while chunk := f.read(part_size):
+            whole.update(chunk)
+            parts.append(hashlib.md5(chunk, usedforsecurity=False).digest())
+    if size < config.multipart_threshold:
+        return whole.hexdigest(), whole.hexdigest()
+    return whole.hexdigest(), hashlib.md5(b"".join(parts), usedforsecurity=False).hexdigest() + f"-{len(parts)}"
+
+
 def export(client, s3, bucket: str, prefix: str, runs: list) -> dict:
     """Upload the runs' artifacts and the manifest; the counts and the manifest."""
     existing = _existing(s3, bucket, prefix)
     counts = {"uploaded": 0, "skipped": 0}
 
-    def put(key: str, data: bytes) -> str:
-        md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
-        if existing.get(key) == (len(data), md5):
+    def put(key: str, path: Path) -> dict:
+        """Upload `path` to `key` unless an object of the same size and content is there; its manifest entry."""
+        size = path.stat().st_size
+        md5, etag = digests(path, TRANSFER)
+        if existing.get(key) == (size, etag):
             counts["skipped"] += 1
         else:
-            s3.put_object(Bucket=bucket, Key=key, Body=data, ContentType=mimetypes.guess_type(key)[0] or "application/octet-stream")
+            s3.upload_file(str(path), bucket, key, Config=TRANSFER,
+                           ExtraArgs={"ContentType": mimetypes.guess_type(key)[0] or "application/octet-stream"})
             counts["uploaded"] += 1
-        return md5
+        return {"key": key, "size": size, "md5": md5}
 
     listed = {}
     for run in runs:
         run_id = run.info.run_id
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(client.download_artifacts(run_id, "", tmp))
-            objects = []
-            for path in sorted(p for p in local.rglob("*") if p.is_file()):
-                data = path.read_bytes()
-                key = _key(prefix, run_id, path.relative_to(local).as_posix())
-                objects.append({"key": key, "size": len(data), "md5": put(key, data)})
+            objects = [put(_key(prefix, run_id, path.relative_to(local).as_posix()), path)
+                       for path in sorted(p for p in local.rglob("*") if p.is_file())]
         listed[run_id] = {"kind": run.data.tags.get(tracking.KIND), "run_name": run.info.run_name,
                           "experiment_id": run.info.experiment_id, "status": run.info.status,
                           "start_time": run.info.start_time, "source_commit": run.data.tags.get("mlflow.source.git.commit"),
@@ -156,7 +184,10 @@ def export(client, s3, bucket: str, prefix: str, runs: list) -> dict:
     else:
         manifest = {"destination": f"s3://{bucket}/{prefix}", "tracking_uri": public(client.tracking_uri),
                     "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "code_version": code_version(), "runs": merged}
-        put(manifest_key, json.dumps(manifest, indent=1, sort_keys=True).encode())
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "manifest.json"
+            path.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+            put(manifest_key, path)
     return {**counts, "manifest": manifest}
 
 
@@ -166,15 +197,13 @@ def main(argv=None) -> None:
     p.add_argument("--run_ids", default="", help="comma-separated run ids (default: every FINISHED run of --kinds)")
     p.add_argument("--experiment", default="", help="only runs in this experiment (name or id)")
     p.add_argument("--kinds", default=DEFAULT_KINDS, help="prunetrack.kind values to export when no run ids are given")
-    p.add_argument("--endpoint_url", default="", help="S3-compatible endpoint (default $AWS_ENDPOINT_URL, $MLFLOW_S3_ENDPOINT_URL)")
+    p.add_argument("--endpoint_url", default="",
+                   help="S3-compatible endpoint (default $AWS_ENDPOINT_URL, $MLFLOW_S3_ENDPOINT_URL)")
     args = p.parse_args(argv)
     bucket, prefix = parse_dest(args.dest)
     client = tracking.connect(args.tracking_uri or None)
     runs = chosen_runs(client, [r.strip() for r in args.run_ids.split(",") if r.strip()], args.experiment,
                        [k.strip() for k in args.kinds.split(",") if k.strip()])
-    import boto3
-    from botocore.exceptions import BotoCoreError, ClientError
-
     url = endpoint(args.endpoint_url)
     try:
         s3 = boto3.client("s3", endpoint_url=url)

@@ -17,6 +17,7 @@ from search.tracking import KIND
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per small JSON file clutters the logs
 
+
 class AnalysisError(ValueError):
     """What the user asked for cannot be analysed with what the store holds."""
 
@@ -44,7 +45,8 @@ def experiment_ids(client: MlflowClient, experiment: str = "") -> list[str]:
             found = None
     if found is None:
         names = sorted(e.name for e in _pages(client.search_experiments, max_results=1000))
-        raise AnalysisError(f"unknown experiment {experiment!r} in {client.tracking_uri}; experiments: {', '.join(names) or 'none'}")
+        raise AnalysisError(f"unknown experiment {experiment!r} in {client.tracking_uri}; "
+                            f"experiments: {', '.join(names) or 'none'}")
     return [found.experiment_id]
 
 

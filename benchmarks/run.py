@@ -93,7 +93,7 @@ def _timed(fn):
 
 
 def _stamp(device: torch.device) -> dict:
-    return {"device": machine(device), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    return {"device": machine(device), "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
 
 
 def write_layouts(folder: Path, n: int) -> None:
@@ -173,6 +173,8 @@ def bench_sensitivity(loaded: LoadedModel, tasks: list[Task], batch_size: int, b
 def bench_racing(model: str, tasks: list[str], n: int, folder: str, width: int, max_removed: int, batch_size: int) -> dict:
     """The same beam search (the mean beam) with and without racing, each in a fresh store:
     example-configurations scored, wall time, and whether the recommendations are identical."""
+    from mlflow.tracking import MlflowClient
+
     from search import beam
     from search.cli import run_main
     from search.tracking import load_json
@@ -184,10 +186,11 @@ def bench_racing(model: str, tasks: list[str], n: int, folder: str, width: int, 
             argv = ["--model", model, "--tasks", ",".join(tasks), "--n_samples", str(n), "--data_dir", folder,
                     "--batch_size", str(batch_size), "--dtype", "float32", "--beam_width", str(width),
                     "--max_removed", str(max_removed), "--criterion", "mean", "--racing", racing, "--tracking_uri", uri]
-            code, seconds = _timed(lambda: run_main(beam.main, argv))
+            code, seconds = _timed(lambda argv=argv: run_main(beam.main, argv))
             assert code == 0, f"beam search with racing={racing} failed"
-            client = __import__("mlflow").tracking.MlflowClient(uri)
-            (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.`prunetrack.kind` = 'beam_search'")
+            client = MlflowClient(uri)
+            experiments = [e.experiment_id for e in client.search_experiments()]
+            (run,) = client.search_runs(experiments, "tags.`prunetrack.kind` = 'beam_search'")
             results = load_json(client, run.info.run_id, beam.RESULTS)
             out[racing] = {"seconds": seconds, "example_configs": results["worker"]["examples_scored"],
                            "stopped": results["worker"]["stopped"], "evaluated": results["worker"]["evaluated"],
@@ -220,8 +223,8 @@ def bench_mc(loaded: LoadedModel, n: int, folder: str, batch_size: int, repeats:
             _warm_up(loaded, task, batch_size)
             lm.loglikelihood(requests[:4], disable_tqdm=True)
         runs = {
-            "ours": lambda: Evaluator(loaded, [task], batch_size).evaluate(())[name],
-            "lm_eval": lambda: lm.loglikelihood(requests, disable_tqdm=True),
+            "ours": lambda task=task, name=name: Evaluator(loaded, [task], batch_size).evaluate(())[name],
+            "lm_eval": lambda requests=requests: lm.loglikelihood(requests, disable_tqdm=True),
         }
         seconds, result = {"ours": 0.0, "lm_eval": 0.0}, {}
         for _ in range(repeats):
@@ -367,13 +370,15 @@ def markdown(results: dict) -> str:
                     f"| {r['racing']['example_configs']:,} ({r['racing']['seconds']:.0f} s) "
                     f"| {r['exhaustive']['example_configs']:,} ({r['exhaustive']['seconds']:.0f} s) "
                     f"| {r['eval_ratio']:.2f}x fewer, {r['speedup']:.2f}x faster (same recommendations: "
-                    f"{'yes' if r['same_recommendations'] else 'NO'}) | >= 3x, identical | {samples} | {r['device']} | {r['date']} |")
+                    f"{'yes' if r['same_recommendations'] else 'NO'}) | >= 3x, identical | {samples} "
+                    f"| {r['device']} | {r['date']} |")
     if "multiple_choice" in results:
         m = results["multiple_choice"]
         samples = ", ".join(f"{k} {v['n']}" for k, v in m["tasks"].items())
-        accs = "; ".join(f"{k} acc {v['acc']:.3f}/{v['acc_lm_eval']:.3f}, acc_norm {v['acc_norm']:.3f}/{v['acc_norm_lm_eval']:.3f}"
-                         for k, v in m["tasks"].items())
-        rows.append(f"| multiple choice vs lm-eval's HFLM.loglikelihood ({accs}) | {m['seconds_ours']:.1f} s | {m['seconds_lm_eval']:.1f} s "
+        accs = "; ".join(f"{k} acc {v['acc']:.3f}/{v['acc_lm_eval']:.3f}, "
+                         f"acc_norm {v['acc_norm']:.3f}/{v['acc_norm_lm_eval']:.3f}" for k, v in m["tasks"].items())
+        rows.append(f"| multiple choice vs lm-eval's HFLM.loglikelihood ({accs}) | {m['seconds_ours']:.1f} s "
+                    f"| {m['seconds_lm_eval']:.1f} s "
                     f"| {m['speedup']:.2f}x (identical: {'yes' if m['acc_equal'] else 'NO'}) | >= 2x, identical "
                     f"| {samples} x {m['repeats']} | {m['device']} | {m['date']} |")
     if "forward" in results:

@@ -23,7 +23,6 @@ import dataclasses
 import inspect
 import math
 import os
-import re
 import zlib
 from dataclasses import dataclass, field
 
@@ -109,6 +108,8 @@ def prefix_token_id(tokenizer) -> int:
 
 
 def _encode(tokenizer, text: str) -> list[int]:
+    """`text` encoded as lm-eval's HFLM.tok_encode does: with the tokenizer's own special tokens
+    (a BOS for Llama-2 and Gemma style tokenizers), unless the text already starts with the BOS text."""
     bos = tokenizer.decode(prefix_token_id(tokenizer))
     kwargs = {"add_special_tokens": False} if bos and text.startswith(bos) else {}
     return tokenizer.encode(text, **kwargs)
@@ -129,7 +130,13 @@ def encode_request(tokenizer, context: str, continuation: str) -> tuple[list[int
 
 
 def rolling_windows(tokens: list[int], prefix: int, max_length: int) -> list[tuple[list[int], list[int]]]:
-    """Disjoint prediction windows over a document, as lm-eval's loglikelihood_rolling cuts them."""
+    """Disjoint prediction windows over a document, as lm-eval's loglikelihood_rolling cuts them
+    (`get_rolling_token_windows` with context_len 1, then `make_disjoint_window`): every token of
+    `tokens` is predicted once, the first from `prefix`, in windows of `max_length` tokens. `tokens`
+    is the document as `_encode` gives it, so a tokenizer's BOS is itself predicted from `prefix`,
+    exactly as lm-eval scores it."""
+    if not tokens:
+        return []
     first = min(max_length, len(tokens))
     windows = [([prefix] + tokens[: first - 1], tokens[:first])]
     predicted = first
@@ -149,7 +156,7 @@ def _pairs_of(task: Task, tokenizer, max_length: int) -> tuple[list[tuple[list[i
         if task.kind == "multiple_choice":
             new = [encode_request(tokenizer, c, x) for c, x in example.requests]
         else:
-            new = rolling_windows(tokenizer.encode(example.text, add_special_tokens=False), prefix_token_id(tokenizer), max_length)
+            new = rolling_windows(_encode(tokenizer, example.text), prefix_token_id(tokenizer), max_length)
         groups.append(list(range(len(pairs), len(pairs) + len(new))))
         pairs.extend(new)
     return pairs, groups
@@ -322,23 +329,36 @@ def loglikelihoods(model: nn.Module, prepared: PreparedTask, progress=None, befo
 
 def task_score(task: Task, examples: list[int], lls: list[np.ndarray], tokens: list[int]) -> TaskScore:
     """Metrics of `task` over its examples `examples` (indices, in task order), from each one's
-    request log-likelihoods `lls` and scored tokens `tokens`: acc/acc_norm, or perplexity."""
+    request log-likelihoods `lls` and scored tokens `tokens`.
+
+    Multiple choice: `acc` (argmax of the summed log-likelihood) and, where the task defines it
+    (`task.metrics`), `acc_norm` (argmax of the log-likelihood over the choice's character length).
+    Perplexity, as lm-eval aggregates a rolling task: `word_perplexity` = exp(NLL / words),
+    `byte_perplexity` = exp(NLL / bytes), `bits_per_byte` = NLL / bytes / ln 2, with the words and
+    bytes of each document counted as the task's lm-eval definition counts them (`Document.words`,
+    `.bytes`); and `ppl` = exp(NLL / scored tokens), which depends on the tokenizer and the rolling
+    window length. NLL and counts are summed over the documents before dividing.
+    """
     chosen = [task.examples[i] for i in examples]
     doc_ids = [ex.doc_id for ex in chosen]
     if task.kind == "multiple_choice":
         correct = [int(np.argmax(ll) == ex.gold) for ll, ex in zip(lls, chosen)]
-        correct_norm = [int(np.argmax(ll / np.array(ex.choice_lengths)) == ex.gold) for ll, ex in zip(lls, chosen)]
-        per_example = {"doc_id": doc_ids, "acc": correct, "acc_norm": correct_norm,
-                       "loglikelihoods": [ll.tolist() for ll in lls]}
-        metrics = {"acc": float(np.mean(correct)), "acc_norm": float(np.mean(correct_norm))}
+        per_example = {"doc_id": doc_ids, "acc": correct}
+        metrics = {"acc": float(np.mean(correct))}
+        if "acc_norm" in task.metrics:
+            correct_norm = [int(np.argmax(ll / np.array(ex.choice_lengths)) == ex.gold) for ll, ex in zip(lls, chosen)]
+            per_example["acc_norm"] = correct_norm
+            metrics["acc_norm"] = float(np.mean(correct_norm))
+        per_example["loglikelihoods"] = [ll.tolist() for ll in lls]
         return TaskScore(task.name, task.kind, metrics, per_example)
     nll = [float(-ll.sum()) for ll in lls]
-    words = [len(re.split(r"\s+", ex.text)) for ex in chosen]
-    n_bytes = [len(ex.text.encode("utf-8")) for ex in chosen]
+    words = [ex.words for ex in chosen]
+    n_bytes = [ex.bytes for ex in chosen]
     total = sum(nll)
     metrics = {
         "ppl": math.exp(total / sum(tokens)),
         "word_perplexity": math.exp(total / sum(words)),
+        "byte_perplexity": math.exp(total / sum(n_bytes)),
         "bits_per_byte": total / sum(n_bytes) / math.log(2),
     }
     per_example = {"doc_id": doc_ids, "nll": nll, "tokens": list(tokens), "words": words, "bytes": n_bytes}
@@ -410,7 +430,7 @@ class Evaluator:
     def __init__(self, loaded, tasks: list[Task], batch_size: int = 8, max_length: int | None = None,
                  chunk_budget_gb: float = 4.0, shared_context: bool = True):
         self.loaded, self.tasks, self.batch_size = loaded, list(tasks), batch_size
-        max_length = max_length or max_length_of(loaded.model)
+        self.max_length = max_length = max_length or max_length_of(loaded.model)
         self.shared_context = shared_context and shares_context(loaded.model, max_length)
         self.chunk_budget = int(chunk_budget_gb * 2**30)
         width = loaded.model.get_input_embeddings().embedding_dim

@@ -15,7 +15,11 @@ import math
 import re
 from collections import Counter
 
+from rapidfuzz.distance import Levenshtein
+
 # --- VQA answer normalisation (the official vqaEval.py tables) -------------------------------
+# Hand-written: the official evaluation is a script in a repository (GT-Vision-Lab/VQA), not a package;
+# its tables and rules are reproduced here, quirks included, so that scores match it.
 
 _CONTRACTIONS = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
@@ -99,17 +103,6 @@ def exact_match(prediction: str, answers: list[str]) -> float:
 
 # --- ANLS --------------------------------------------------------------------------------------
 
-def levenshtein(a: str, b: str) -> int:
-    """Edit distance (insertions, deletions, substitutions of one character each)."""
-    previous = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        current = [i]
-        for j, cb in enumerate(b, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
-        previous = current
-    return previous[-1]
-
-
 def anls(prediction: str, answers: list[str], tau: float = 0.5) -> float:
     """ANLS of one question: max over the answers of 1 - NL if NL < tau else 0, where NL is the
     Levenshtein distance divided by the longer string's length; strings are lowercased,
@@ -118,8 +111,7 @@ def anls(prediction: str, answers: list[str], tau: float = 0.5) -> float:
     best = 0.0
     for answer in answers:
         gold = " ".join(answer.lower().split())
-        length = max(len(gold), len(pred))
-        nl = levenshtein(gold, pred) / length if length else 0.0
+        nl = Levenshtein.normalized_distance(gold, pred)  # edit distance / the longer length; 0 for two empty strings
         if nl < tau:
             best = max(best, 1.0 - nl)
     return best
@@ -146,6 +138,8 @@ def choice_index(prediction: str, choices: list[str]) -> int:
 
 
 # --- CIDEr-D -----------------------------------------------------------------------------------
+# Hand-written: pycocoevalcap, the reference implementation, is research code that bundles Java programs
+# (PTB tokenizer, METEOR, SPICE) around a small scorer; its CIDEr-D arithmetic is reproduced here.
 
 _TOKEN = re.compile(r"[a-z0-9]+|'[a-z]+")
 

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import math
 import sys
+import tempfile
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -178,6 +180,7 @@ def run_beam_search(ctx: StudyContext, worker: Worker, settings: Settings, key: 
         union = sorted(set().union(*candidates.values()))
         if not union:
             break
+        print(f"step {k} of {settings.steps(n)}: {len(union)} candidates", file=sys.stderr)
         outcomes = worker.run(union, race_of(ctx, settings, candidates), f"{key}/step{k}")
         rows = {r: candidate_row(ctx, base.metrics, outcomes[r]) for r in union}
         step = {"step": k, "candidates": [rows[r] for r in union], "beams": {},
@@ -223,10 +226,43 @@ def _log_step(ctx: StudyContext, names: list[str], best: dict, k: int) -> None:
 def _log_results(ctx: StudyContext, results: dict) -> None:
     baseline = {f"baseline_{m}_{t}": v for t, ms in results["baseline"].items() for m, v in ms.items()}
     counts = {f"configs_{k}": v for k, v in ctx.counts.items()}
+    recommended = {f"recommended/{e['num_removed']}": ",".join(map(str, e["removed_blocks"]))
+                   for e in results["recommendations"]}
     tracking.log(ctx.client, ctx.parent_id, metrics={**baseline, **counts},
-                 tags={"prunetrack.failed_configs": len(results["failed"])})
+                 tags={"prunetrack.failed_configs": len(results["failed"]), **recommended})
     tracking.log_json(ctx.client, ctx.parent_id, RESULTS, results)
     ctx.client.log_text(ctx.parent_id, summary(results), "recommendations.md")
+    if results["recommendations"]:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "beam_drops.png"
+            plot_drops(results, path)
+            ctx.client.log_artifact(ctx.parent_id, str(path))
+
+
+def plot_drops(results: dict, path: Path) -> None:
+    """Drop of the recommended configuration vs number of removed blocks: the mean over the tasks with
+    its spread (+- std over tasks, shaded) and each task's drop."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = results["recommendations"]
+    k = [0] + [e["num_removed"] for e in entries]
+    mean = np.array([0.0] + [e["mean_drop"] for e in entries])
+    std = np.array([0.0] + [e["std_drop"] for e in entries])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for task in results["tasks"]:
+        ax.plot(k, [0.0] + [e["drops"][task] for e in entries], marker=".", linewidth=1, alpha=0.7, label=task)
+    ax.plot(k, mean, marker="o", color="black", linewidth=2, label="mean over tasks")
+    ax.fill_between(k, mean - std, mean + std, color="grey", alpha=0.25, label="+- std over tasks")
+    ax.set_xlabel("blocks removed (recommended set)")
+    ax.set_ylabel("drop vs the unpruned model")
+    ax.set_xticks(k)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def summary(results: dict) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from pruning.models import ModelError
-from pruning.tasks import TaskError
+from pruning.tasks import SAMPLES, TaskError
 from search import tracking
 
 
@@ -24,6 +24,9 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--tasks", default="pydoc_ppl,pydoc_cloze", help="comma-separated task names or suites")
     parser.add_argument("--split", default="validation", help="train or validation")
     parser.add_argument("--n_samples", type=int, default=100, help="examples per task (0 = all)")
+    parser.add_argument("--sample", default="seeded", choices=SAMPLES,
+                        help="how n_samples examples are taken: seeded (a seeded sample) or first (the first in file "
+                        "order, like other tools' --limit)")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")

@@ -11,12 +11,13 @@ from mlflow.tracking import MlflowClient
 from tqdm import tqdm
 
 from pruning.evaluate import SCORER_VERSION, Evaluator
-from pruning.tasks import Task
+from pruning.tasks import METRICS, Task  # noqa: F401 (METRICS: re-exported, the names runs log per task kind)
 from search import tracking
 
 STOPPED, STOPPED_REASON = "prunetrack.stopped", "prunetrack.stopped_reason"  # tags of a run racing stopped
-METRICS = {"multiple_choice": ("acc", "acc_norm"), "perplexity": ("ppl", "word_perplexity", "bits_per_byte"),
-           "generation": ("score",)}
+# METRICS: the metrics a configuration run logs per task kind (pruning.tasks.METRICS); a task may log
+# fewer (`Task.metrics`: lm-eval's BoolQ and WinoGrande define no acc_norm, so none is logged).
+HEADLINE_TAG = "headline/{task}"  # tag of configuration and prune runs: the metric papers report for the task
 
 
 def metric_name(metric: str, task: str) -> str:
@@ -65,8 +66,9 @@ def task_identity(task: Task) -> dict:
     return {"name": task.name, "split": task.split, "n": len(task.examples), "data": digest}
 
 
-def study_identity(loaded, tasks: list[Task], split: str, n_samples: int, seed: int) -> dict:
-    """What makes two evaluations of a configuration the same: model, revision, dtype and data."""
+def study_identity(loaded, tasks: list[Task], split: str, n_samples: int, seed: int, sample: str = "seeded") -> dict:
+    """What makes two evaluations of a configuration the same: model, revision, dtype and data
+    (`sample`: how the n_samples examples were taken, seeded or the first ones)."""
     return {
         "model": loaded.name,
         "revision": loaded.revision,
@@ -75,7 +77,28 @@ def study_identity(loaded, tasks: list[Task], split: str, n_samples: int, seed: 
         "split": split,
         "n_samples": n_samples,
         "seed": seed,
+        "sample": sample,
     }
+
+
+def headline_mean(by_task: dict[str, dict[str, float]], tasks: list[Task]) -> float | None:
+    """Mean of each multiple-choice task's headline metric (acc_norm for HellaSwag, ARC-Challenge,
+    OpenBookQA; acc for the others), as LLM-Pruner's tables average them; None without such tasks."""
+    values = [by_task[t.name][t.headline] for t in tasks if t.kind == "multiple_choice"]
+    return float(sum(values) / len(values)) if values else None
+
+
+def convention_tags(tasks: list[Task]) -> dict[str, str]:
+    """`headline/<task>` tags: which metric is each task's headline."""
+    return {HEADLINE_TAG.format(task=t.name): t.headline for t in tasks if t.headline}
+
+
+def ppl_window(evaluator, tasks: list[Task]) -> dict[str, int]:
+    """Param `ppl_window`, the rolling window (tokens) per-token `ppl` was measured with, when a task
+    is a perplexity task: lm-eval's max length of the model, unless the evaluator was given another."""
+    if not any(t.kind == "perplexity" for t in tasks):
+        return {}
+    return {"ppl_window": int(evaluator.max_length)}
 
 
 def removed_tag(removed) -> str:
@@ -107,7 +130,7 @@ def error_line(err: BaseException) -> str:
 
 def _metrics_from(run, tasks: list[Task]) -> dict[str, dict[str, float]]:
     values = run.data.metrics
-    return {t.name: {m: values[metric_name(m, t.name)] for m in METRICS[t.kind]} for t in tasks}
+    return {t.name: {m: values[metric_name(m, t.name)] for m in t.metrics} for t in tasks}
 
 
 def lookup(ctx: StudyContext, removed: tuple[int, ...], race_key: str | None = None) -> Outcome | None:
@@ -139,8 +162,8 @@ def evaluate_configs(ctx: StudyContext, configs: list[tuple[int, ...]], race=Non
             outcomes[removed] = found
         else:
             todo.append(removed)
-    if outcomes and todo:
-        print(f"{desc}: {len(outcomes)} configurations reused from the store, {len(todo)} to score", file=sys.stderr)
+    if outcomes:
+        print(f"{desc}: {len(outcomes)} of {len(configs)} configurations reused from the store", file=sys.stderr)
     if not todo:
         return outcomes
     runs = {removed: _open_run(ctx, removed) for removed in todo}
@@ -160,9 +183,11 @@ def evaluate_configs(ctx: StudyContext, configs: list[tuple[int, ...]], race=Non
 
 def _open_run(ctx: StudyContext, removed: tuple[int, ...]) -> str:
     name = f"remove[{removed_tag(removed)}]" if removed else "baseline"
-    tags = {tracking.KIND: "config", "removed_blocks": removed_tag(removed), "num_removed": str(len(removed))}
+    tags = {tracking.KIND: "config", "removed_blocks": removed_tag(removed), "num_removed": str(len(removed)),
+            **convention_tags(ctx.tasks)}
     params = {**{k: v for k, v in ctx.identity.items() if k != "tasks"}, "tasks": ",".join(t.name for t in ctx.tasks),
-              "removed_blocks": removed_tag(removed), "scorer_version": SCORER_VERSION}
+              "removed_blocks": removed_tag(removed), "scorer_version": SCORER_VERSION,
+              **ppl_window(ctx.evaluator, ctx.tasks)}
     return tracking.open_child(ctx.client, ctx.experiment_id, ctx.parent_id, ctx.hash_of(removed), name, tags, params)
 
 

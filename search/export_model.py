@@ -55,6 +55,7 @@ class Source:
     kind: str = "blocks"  # beam_search, prune or blocks
     run_id: str = ""
     reference_run_id: str = ""  # the run whose metrics the re-scored exported model should match
+    sample: str = "seeded"  # how the n_samples examples were taken: seeded or first
 
 
 @dataclass
@@ -102,7 +103,7 @@ def source_of(client, args) -> Source:
         if not args.blocks:
             raise SearchError("nothing to export: pass run_id=<beam search or prune run> or blocks=<list, e.g. 3,5>")
         return Source(args.model, args.revision or None, args.blocks_path or None, parse_task_list(args.tasks),
-                      args.split, args.n_samples, args.seed, parse_blocks(args.blocks))
+                      args.split, args.n_samples, args.seed, parse_blocks(args.blocks), sample=args.sample)
     try:
         run = client.get_run(args.run_id)
     except MlflowException:
@@ -111,7 +112,7 @@ def source_of(client, args) -> Source:
     revision = p.get("model_revision") if p.get("model_revision") not in (None, "", "local") else None
     common = dict(model=p.get("model", ""), revision=revision, blocks_path=p.get("model_blocks_path") or None,
                   split=p.get("split", "validation"), n_samples=int(p.get("n_samples", 0)), seed=int(p.get("seed", 0)),
-                  kind=kind, run_id=args.run_id)
+                  kind=kind, run_id=args.run_id, sample=p.get("sample", "seeded"))
     if kind == "beam_search":
         try:
             results = tracking.load_json(client, args.run_id, BEAM_RESULTS)
@@ -338,7 +339,8 @@ def speed_report(exported: Exported, speed: SpeedSettings) -> dict:
 
 def rescore(exported: Exported, source: Source, args) -> dict[str, float]:
     """`<metric>_<task>` of the exported model on the source's tasks and data."""
-    tasks = [load_task(n, source.split, source.n_samples or None, source.seed, args.data_dir or None) for n in source.tasks]
+    tasks = [load_task(n, source.split, source.n_samples or None, source.seed, args.data_dir or None, source.sample)
+             for n in source.tasks]
     scores = Evaluator(exported.loaded, tasks, args.batch_size).evaluate(())
     return {f"{m}_{s.task}": v for s in scores.values() for m, v in s.metrics.items()}
 
@@ -416,7 +418,7 @@ def main(argv=None) -> None:
     client = tracking.connect(args.tracking_uri or None)
     source = source_of(client, args)
     for name in source.tasks:  # unknown tasks and data fail before any model loads
-        load_task(name, source.split, source.n_samples or None, source.seed, args.data_dir or None)
+        load_task(name, source.split, source.n_samples or None, source.seed, args.data_dir or None, source.sample)
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp) / "hf"
         if source.kind == "prune":

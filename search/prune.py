@@ -21,10 +21,10 @@ import numpy as np
 from pruning import taylor
 from pruning.evaluate import Evaluator, max_length_of
 from pruning.models import ModelError, load_model
-from pruning.tasks import load_task, parse_task_list
+from pruning.tasks import SAMPLES, TaskError, load_task, parse_task_list
 from search import tracking
 from search.cli import run_main
-from search.configs import StudyContext, evaluate_configs, metric_name, study_identity
+from search.configs import StudyContext, convention_tags, evaluate_configs, headline_mean, metric_name, ppl_window, study_identity
 
 LAYER_SERIES = ("layer_pruning_rate", "layer_heads_kept", "layer_channels_kept",
                 "layer_grad_norm", "layer_grad_mean", "layer_grad_std", "layer_grad_max")
@@ -50,6 +50,7 @@ class PruneSettings:
     ppl_task: str = "pydoc_ppl"
     split: str = "validation"
     n_samples: int = 100
+    sample: str = "seeded"
     batch_size: int = 8
     seed: int = 0
     device: str = "auto"
@@ -61,6 +62,8 @@ class PruneSettings:
     def check(self) -> None:
         """Validate what can be validated without a model (one-line errors)."""
         taylor.check_prune_options(self.pruning_ratio, self.normalization, self.max_layer_rate)
+        if self.sample not in SAMPLES:
+            raise TaskError(f"unknown sample {self.sample!r}; allowed: {', '.join(SAMPLES)}")
         if self.taylor_order not in ("first", "second"):
             raise ModelError(f"unknown taylor_order {self.taylor_order!r}; allowed: first, second")
         if not 0 < self.extreme_threshold <= 1:
@@ -80,19 +83,20 @@ def prune_and_evaluate(client, run_id: str, exp_id: str, settings: PruneSettings
     task_names = parse_task_list(settings.tasks)
     if settings.ppl_task and settings.ppl_task not in task_names:
         task_names.append(settings.ppl_task)
-    tasks = [load_task(n, settings.split, settings.n_samples or None, settings.seed, settings.data_dir or None)
-             for n in task_names]
+    tasks = [load_task(n, settings.split, settings.n_samples or None, settings.seed, settings.data_dir or None,
+                       settings.sample) for n in task_names]
     loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype, revision=settings.revision or None)
     taylor.check_family(loaded.model)
     batches = taylor.calibration_batches(
         loaded.tokenizer, settings.calibration, settings.taylor_seq_len, settings.taylor_num_samples,
         settings.seed, settings.taylor_batch_size, max_length_of(loaded.model))
     evaluator = Evaluator(loaded, tasks, settings.batch_size)
-    tracking.log(client, run_id, params={"num_blocks": loaded.num_blocks, "model_revision": loaded.revision})
+    tracking.log(client, run_id, params={"num_blocks": loaded.num_blocks, "model_revision": loaded.revision,
+                                         **ppl_window(evaluator, tasks)}, tags=convention_tags(tasks))
 
     metrics: dict[str, float] = {}
     if settings.baseline:  # the unpruned model, a configuration run shared with every study on the same data
-        identity = study_identity(loaded, tasks, settings.split, settings.n_samples, settings.seed)
+        identity = study_identity(loaded, tasks, settings.split, settings.n_samples, settings.seed, settings.sample)
         ctx = StudyContext(client, exp_id, run_id, evaluator, identity)
         base = evaluate_configs(ctx, [()], desc="baseline")[()]
         if base.error:
@@ -121,11 +125,13 @@ def prune_and_evaluate(client, run_id: str, exp_id: str, settings: PruneSettings
 
 
 def _task_metrics(by_task: dict[str, dict[str, float]], tasks, ppl_task: str, prefix: str = "") -> dict[str, float]:
-    """`<metric>_<task>` for every task, `acc_mean` over the multiple-choice tasks, `ppl` of `ppl_task`."""
+    """`<metric>_<task>` for every task; over the multiple-choice tasks `acc_mean` (mean `acc`) and
+    `headline_mean` (mean of each task's headline metric); `ppl` of `ppl_task`."""
     out = {prefix + metric_name(m, task): v for task, ms in by_task.items() for m, v in ms.items()}
     accs = [by_task[t.name]["acc"] for t in tasks if t.kind == "multiple_choice"]
     if accs:
         out[prefix + "acc_mean"] = float(np.mean(accs))
+        out[prefix + "headline_mean"] = headline_mean(by_task, tasks)
     if ppl_task:
         out[prefix + "ppl"] = by_task[ppl_task]["ppl"]
     return out
@@ -183,7 +189,8 @@ def main(argv=None) -> None:
     client = tracking.connect(tracking_uri or None)
     with tracking.study_run(client, "prune", f"prune/{settings.model}", asdict(settings)) as (run_id, exp_id):
         metrics = prune_and_evaluate(client, run_id, exp_id, settings)
-    shown = ", ".join(f"{k} {metrics[k]:.4g}" for k in ("acc_mean", "ppl", "grad_norm_ratio", "pruning_rate") if k in metrics)
+    shown = ", ".join(f"{k} {metrics[k]:.4g}" for k in ("acc_mean", "headline_mean", "ppl", "grad_norm_ratio", "pruning_rate")
+                      if k in metrics)
     print(f"pruned {settings.model} by {settings.pruning_ratio:g}: {shown}\nrun: {run_id}")
 
 

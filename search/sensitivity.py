@@ -24,12 +24,12 @@ from search.configs import StudyContext, drop, evaluate_configs, removed_tag, st
 def open_context(args, client, parent_id: str, exp_id: str) -> StudyContext:
     """Load the model and tasks named by the common parameters and build the study context."""
     tasks = [
-        load_task(name, args.split, args.n_samples or None, args.seed, args.data_dir or None)
+        load_task(name, args.split, args.n_samples or None, args.seed, args.data_dir or None, args.sample)
         for name in parse_task_list(args.tasks)
     ]
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, revision=args.revision or None,
                         blocks_path=args.blocks_path or None)
-    identity = study_identity(loaded, tasks, args.split, args.n_samples, args.seed)
+    identity = study_identity(loaded, tasks, args.split, args.n_samples, args.seed, args.sample)
     if any(t.kind == "generation" for t in tasks):  # VQA tasks: scored by generation
         evaluator = GenerationEvaluator(loaded, tasks, args.batch_size)
         identity["generation_scorer"] = GENERATION_SCORER
@@ -43,7 +43,7 @@ def open_context(args, client, parent_id: str, exp_id: str) -> StudyContext:
 
 def study_params(args) -> dict:
     """The parent run's params (the MLproject parameters)."""
-    keys = ("model", "tasks", "split", "n_samples", "batch_size", "seed", "device", "dtype")
+    keys = ("model", "tasks", "split", "n_samples", "sample", "batch_size", "seed", "device", "dtype")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -74,8 +74,11 @@ def _log_report(ctx: StudyContext, report: dict) -> None:
         tracking.log_series(client, run_id, f"importance/{task}", values)
     tracking.log_series(client, run_id, "importance", report["importance_mean"])
     baseline = {f"baseline_{m}_{t}": v for t, ms in report["baseline"].items() for m, v in ms.items()}
+    order = [int(i) for i in np.argsort(-np.array(report["importance_mean"]), kind="stable")]
+    tags = {"most_important_blocks": ",".join(map(str, order[:5])),
+            "least_important_blocks": ",".join(map(str, order[::-1][:5]))}
     tracking.log(client, run_id, metrics={**baseline, "configs_evaluated": report["counts"]["evaluated"],
-                                          "configs_reused": report["counts"]["reused"]})
+                                          "configs_reused": report["counts"]["reused"]}, tags=tags)
     tracking.log_json(client, run_id, "sensitivity.json", report)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "importance.png"

@@ -75,6 +75,8 @@ def server_process(cmd: list[str], health_url: str, env: dict | None = None, cwd
 
 
 def _wait_until_up(proc: subprocess.Popen, url: str, log_path: str) -> None:
+    # The one wait loop of the test servers. Hand-written: it polls a URL and the process together (a
+    # server that exits fails at once, with its log), which a retry library's decorator does not express.
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -6,6 +6,7 @@ analyses run in other processes and their numbers are checked against scipy/nump
 """
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -13,26 +14,31 @@ import re
 import subprocess
 import sys
 from dataclasses import asdict
+from datetime import datetime
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+from boto3.s3.transfer import TransferConfig
 from mlflow.projects._project_spec import load_project
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from scipy import stats
+from servers import free_port, mlflow_server, server_process
 
 from analysis import beam_summary, consistency, correlation, export, job
 from search import tracking
 from search.tracking import KIND
-from servers import free_port, mlflow_server, moto_s3, server_process  # noqa: F401  (moto_s3 is a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "wJalrXUtnFEMI-do-not-log-7c1e"
 ACCESS = "AKIAEXPORTTESTKEY42"
 # Runs `python -m <module> <args>` and then says which model-side packages the process imported.
 RUN_MODULE = ("import runpy, sys\nname = sys.argv.pop(1)\ntry:\n    runpy.run_module(name, run_name='__main__', alter_sys=True)\n"
-              "finally:\n    print('model side imported:', sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'pruning'}))")
+              "finally:\n    print('model side imported:',\n"
+              "          sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'pruning'}))")
 # Train and validation effects of removing each of 8 blocks, per synthetic task.
 MC_DROPS = [0.40, 0.0, 0.06, 0.12, 0.18, 0.24, 0.30, 0.36]
 PPL_TRAIN = list(np.linspace(0.0, 0.7, 8))
@@ -68,6 +74,12 @@ def analyse_here(main, server, *args: str) -> str:
     with contextlib.redirect_stdout(buffer):
         main(["--tracking_uri", server, *args])
     return buffer.getvalue()
+
+
+def head_commit() -> str | None:
+    """The commit checked out in this checkout, as git says it (None outside a git checkout)."""
+    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return out.stdout.strip() if out.returncode == 0 else None
 
 
 def analysis_run_id(stdout: str) -> str:
@@ -326,6 +338,57 @@ def test_correlation_matches_scipy_on_successful_trials(client, studies, correla
             "search_results.csv"} <= {a.path for a in client.list_artifacts(run_id)}
 
 
+def fixed_table(seed: int, n: int, k: int) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    columns = {f"p{i}": rng.normal(0, 1, n) for i in range(k)}
+    y = 0.6 - 0.05 * columns["p0"] + (0.02 * columns["p1"] if k > 1 else 0) + rng.normal(0, 0.03, n)
+    return pd.DataFrame({**columns, "acc_mean": y})
+
+
+# What the hand-written OLS, standard errors, F-test and leave-one-out loop gave on fixed_table(seed, n, k)
+# before statsmodels and scikit-learn replaced them: (seed, n, k, max_predictors) -> the fitted model.
+HAND_WRITTEN_FITS = {
+    (3, 16, 3, 2): {
+        "predictors": ["p0", "p1"], "formula": "acc_mean ≈ 0.5884 - 0.06268 × p0 + 0.03493 × p1",
+        "coefficients": {"intercept": 0.5884418875462732, "p0": -0.06267587888576029, "p1": 0.034931586746978355},
+        "std_errors": {"intercept": 0.006804948920420454, "p0": 0.0048584455398758605, "p1": 0.008572327894249637},
+        "p_values": {"intercept": 2.4731853822009337e-19, "p0": 8.733488020820551e-09, "p1": 0.0013134615605988739},
+        "r2": 0.9275959178880482, "mae": 0.01928471550469846, "f_p_value": 3.8766789804214215e-08,
+        "loo_r2": 0.8761924102866183, "loo_mae": 0.024520741353692276},
+    (5, 6, 2, 2): {
+        "predictors": ["p0"], "formula": "acc_mean ≈ 0.5885 - 0.05901 × p0",
+        "coefficients": {"intercept": 0.5885486430772233, "p0": -0.05901448383979677},
+        "std_errors": {"intercept": 0.01603321596217629, "p0": 0.019790284314565185},
+        "p_values": {"intercept": 3.2882039742101852e-06, "p0": 0.040658645908675795},
+        "r2": 0.689736818371312, "mae": 0.028909507736384583, "f_p_value": 0.040658645908675836,
+        "loo_r2": 0.20919396598844775, "loo_mae": 0.04616893855011583},
+    (11, 25, 4, 3): {
+        "predictors": ["p0", "p3", "p1"], "formula": "acc_mean ≈ 0.6042 - 0.0421 × p0 - 0.01603 × p3 + 0.02329 × p1",
+        "coefficients": {"intercept": 0.6041922275562818, "p0": -0.04209507298323174, "p3": -0.016026311693817564,
+                         "p1": 0.023285341628974096},
+        "std_errors": {"intercept": 0.005029193411180143, "p0": 0.005475099419677884, "p3": 0.004502170766932998,
+                       "p1": 0.006279488274584249},
+        "p_values": {"intercept": 2.7504905864839776e-31, "p0": 1.547536915856466e-07, "p3": 0.001852039713768143,
+                     "p1": 0.001302610949018399},
+        "r2": 0.7914078891827918, "mae": 0.016033188263992554, "f_p_value": 2.425553766643529e-07,
+        "loo_r2": 0.6882511985244042, "loo_mae": 0.019592635627170486},
+}
+
+
+@pytest.mark.parametrize("case", list(HAND_WRITTEN_FITS))
+def test_prediction_model_gives_the_numbers_of_the_hand_written_fit(case):
+    seed, n, k, max_predictors = case
+    table = fixed_table(seed, n, k)
+    ranked = correlation.correlations(table, [f"p{i}" for i in range(k)], "acc_mean")
+    model = correlation.prediction_model(table, ranked, "acc_mean", max_predictors)
+    expected = HAND_WRITTEN_FITS[case]
+    assert model["predictors"] == expected["predictors"] and model["formula"] == expected["formula"]
+    for key, value in expected.items():
+        if key not in ("predictors", "formula"):
+            assert model[key] == pytest.approx(value, rel=1e-9, abs=1e-300), key
+    assert (len(model["warnings"]) == 2) == (n < 10)
+
+
 def test_correlation_of_a_small_study_warns(server, studies, tmp_path):
     """Another target, 6 trials: one predictor at most, and a warning."""
     analyse_here(correlation.main, server, "--study_name", "taylor-b", "--target", "acc_piqa", "--output_dir", str(tmp_path))
@@ -340,7 +403,8 @@ def test_correlation_of_a_small_study_warns(server, studies, tmp_path):
 def test_correlation_bad_input_is_one_line(server, studies, capsys):
     err = one_line_error(capsys, correlation.main, ["--tracking_uri", server, "--study_name", "no-such-study"])
     assert "no trial runs (prunetrack.kind=prune) of study 'no-such-study'" in err and "taylor-a" in err
-    err = one_line_error(capsys, correlation.main, ["--tracking_uri", server, "--study_name", "taylor-a", "--target", "acc_hellaswag"])
+    err = one_line_error(capsys, correlation.main,
+                         ["--tracking_uri", server, "--study_name", "taylor-a", "--target", "acc_hellaswag"])
     assert err.startswith("error: unknown target 'acc_hellaswag'; allowed for these trials: acc_boolq, acc_mean,")
 
 
@@ -356,7 +420,8 @@ def beam_run(server, client, tmp_path_factory):
     recommendations, previous = [], 0.0
     for k, (r, d) in enumerate(zip(removed, drops), 1):
         mean = float(np.mean(list(d.values())))
-        recommendations.append({"num_removed": k, "removed_blocks": r, "mean_drop": mean, "std_drop": float(np.std(list(d.values()))),
+        recommendations.append({"num_removed": k, "removed_blocks": r, "mean_drop": mean,
+                                "std_drop": float(np.std(list(d.values()))),
                                 "n_datasets": 3, "incremental_drop": mean - previous, "num_active_blocks": 16 - k,
                                 "active_blocks": [b for b in range(16) if b not in r], "drops": d, "complete": True})
         previous = mean
@@ -381,7 +446,8 @@ def test_beam_summary_table_intervals_and_task_types(client, beam_run):
         sample = list(d.values())
         low, high = stats.t.interval(0.95, len(sample) - 1, loc=np.mean(sample), scale=stats.sem(sample))
         assert (row["ci_low"], row["ci_high"]) == pytest.approx((low, high)) and row["n_datasets"] == 3
-    assert summary["rows"][1]["incremental_drop"] == pytest.approx(np.mean(list(drops[1].values())) - np.mean(list(drops[0].values())))
+    means = [np.mean(list(d.values())) for d in drops]
+    assert summary["rows"][1]["incremental_drop"] == pytest.approx(means[1] - means[0])
     assert summary["groups"]["vqa"]["mean_drop_by_num_removed"] == pytest.approx([(d["vqa_a"] + d["vqa_b"]) / 2 for d in drops])
     assert summary["groups"]["captioning"]["tasks"] == ["cap_a"]
     tex = (out_dir / "beam_table.tex").read_text()
@@ -415,7 +481,8 @@ def test_export_uploads_once_reads_back_and_never_logs_credentials(server, clien
     assert set(manifest["runs"]) == set(run_ids)
     assert manifest["runs"][correlation_run[0]]["params"]["target"] == "acc_mean"
     assert manifest["runs"][consistency_run[0]]["kind"] == "consistency"
-    assert manifest["code_version"]["prunetrack"] and manifest["exported_at"]
+    assert manifest["code_version"] == {"prunetrack": version("prunetrack"), "git_commit": head_commit()}
+    assert abs(datetime.strptime(manifest["exported_at"], "%Y-%m-%dT%H:%M:%S%z").timestamp() - datetime.now().timestamp()) < 600
     assert json.loads((tmp_path / "manifest.json").read_text()) == manifest
 
     for name, value in env.items():
@@ -430,11 +497,41 @@ def test_export_uploads_once_reads_back_and_never_logs_credentials(server, clien
         assert SECRET not in text and ACCESS not in text
 
 
+def test_export_sends_large_files_in_parts_and_skips_them_on_a_rerun(client, moto_s3, tmp_path, monkeypatch):
+    """A file above the multipart threshold goes up in parts; its ETag (not its MD5) is computed here
+    beforehand, so that a rerun skips it."""
+    monkeypatch.setattr(export, "TRANSFER", TransferConfig(multipart_threshold=5 * 2**20, multipart_chunksize=5 * 2**20,
+                                                           preferred_transfer_client="classic"))  # S3's smallest part
+    big, small = tmp_path / "big.json", tmp_path / "small.txt"
+    big.write_bytes(np.random.default_rng(0).bytes(11 * 2**20))  # parts of 5, 5 and 1 MiB
+    small.write_text("a small report\n")
+    run_id = client.create_run(tracking.experiment_id(client, "export/large"), tags={KIND: "study"}).info.run_id
+    client.log_artifact(run_id, str(big))
+    client.log_artifact(run_id, str(small), "reports")
+    client.set_terminated(run_id, "FINISHED")
+    s3, bucket = moto_s3.client(), moto_s3.bucket("large")
+
+    first = export.export(client, s3, bucket, "x", [client.get_run(run_id)])
+    assert (first["uploaded"], first["skipped"]) == (3, 0)
+    head = s3.head_object(Bucket=bucket, Key=f"x/{run_id}/big.json")
+    assert head["ETag"].strip('"') == export.digests(big, export.TRANSFER)[1] and head["ETag"].endswith('-3"')
+    assert head["ContentType"] == "application/json" and head["ContentLength"] == 11 * 2**20
+    assert s3.get_object(Bucket=bucket, Key=f"x/{run_id}/big.json")["Body"].read() == big.read_bytes()
+    objects = {o["key"]: o for o in first["manifest"]["runs"][run_id]["objects"]}
+    assert objects[f"x/{run_id}/big.json"]["md5"] == hashlib.md5(big.read_bytes()).hexdigest()
+    assert objects[f"x/{run_id}/reports/small.txt"] == {"key": f"x/{run_id}/reports/small.txt", "size": 15,
+                                                        "md5": hashlib.md5(b"a small report\n").hexdigest()}
+
+    second = export.export(client, s3, bucket, "x", [client.get_run(run_id)])
+    assert (second["uploaded"], second["skipped"]) == (0, 3) and second["manifest"] == first["manifest"]
+
+
 def test_export_missing_bucket_and_refused_credentials_are_one_line(server, moto_s3, consistency_run, capsys, monkeypatch):
     for name, value in {"AWS_ACCESS_KEY_ID": ACCESS, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(name, value)
     base = ["--tracking_uri", server, "--run_ids", consistency_run[0]]
-    err = one_line_error(capsys, export.main, [*base, "--dest", "s3://no-such-bucket-4242/x", "--endpoint_url", moto_s3.endpoint_url])
+    err = one_line_error(capsys, export.main,
+                         [*base, "--dest", "s3://no-such-bucket-4242/x", "--endpoint_url", moto_s3.endpoint_url])
     assert err == f"error: bucket 'no-such-bucket-4242' does not exist at {moto_s3.endpoint_url}"
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -468,14 +565,16 @@ def test_consistency_on_real_sensitivity_studies(server, client, tmp_path):
     AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     jobs = [subprocess.Popen([sys.executable, "-m", "search.sensitivity", "--model", str(model_dir), "--split", split,
-                              "--tasks", "pydoc_ppl,pydoc_cloze", "--n_samples", "6", "--device", "cpu", "--tracking_uri", server],
+                              "--tasks", "pydoc_ppl,pydoc_cloze", "--n_samples", "6", "--device", "cpu",
+                              "--tracking_uri", server],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                              env={**os.environ, "OMP_NUM_THREADS": "1"}) for split in ("train", "validation")]  # 2 jobs, 2 cores
     for process in jobs:
         _, err = process.communicate()
         assert process.returncode == 0, err[-3000:]
 
-    out = analyse_here(consistency.main, server, "--model", str(model_dir), "--n_resamples", "200", "--output_dir", str(tmp_path / "out"))
+    out = analyse_here(consistency.main, server, "--model", str(model_dir), "--n_resamples", "200",
+                       "--output_dir", str(tmp_path / "out"))
     result = json.loads((tmp_path / "out" / "consistency.json").read_text())
     assert set(result["datasets"]) == {"pydoc_ppl", "pydoc_cloze"}
     for task, d in result["datasets"].items():

@@ -36,16 +36,7 @@ N_BLOCKS, WIDTH, STEPS = 6, 2, 3
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def quiet_and_local(tmp_path_factory):
-    """One torch thread; artifacts of in-process runs go to a temporary folder, not the repo."""
-    threads, cwd = torch.get_num_threads(), os.getcwd()
-    torch.set_num_threads(1)
-    os.chdir(tmp_path_factory.mktemp("cwd"))
-    yield
-    os.chdir(cwd)
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread", "scratch_cwd")  # tests/conftest.py
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> str:

@@ -23,16 +23,7 @@ SPEED = ["--speed_batch", "2", "--prompt_len", "16", "--new_tokens", "4", "--rep
 TOL = 1e-5  # fp32: the exported model computes exactly what the in-place removal computes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def quiet_and_local(tmp_path_factory):
-    """One torch thread; MLflow's artifacts of in-process runs go to a temporary folder."""
-    threads, cwd = torch.get_num_threads(), os.getcwd()
-    torch.set_num_threads(1)
-    os.chdir(tmp_path_factory.mktemp("cwd"))
-    yield
-    os.chdir(cwd)
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread", "scratch_cwd")  # tests/conftest.py
 
 @pytest.fixture(scope="module")
 def tokenizer():

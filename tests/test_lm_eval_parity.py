@@ -95,3 +95,52 @@ def test_pruned_model_step_wide_with_shared_context_equals_lm_eval(data_dir):
     assert [int(per_doc[d]["acc"]) for d in keep] == ours.per_example["acc"]
     assert [int(per_doc[d]["acc_norm"]) for d in keep] == ours.per_example["acc_norm"]
     assert ours.metrics["acc"] == pytest.approx(out["results"][name]["acc,none"], abs=1e-12)
+
+
+def _wiki_dir(tmp_path_factory) -> str:
+    """`../shared/data` when it has WikiText-2, else generated pages in its layout (`{"page": ...}`)."""
+    if (SHARED / "wikitext2" / "validation.jsonl").is_file():
+        return str(SHARED)
+    import random
+
+    rng = random.Random(0)
+    words = [w for ex in builtin.passages("validation")[:50] for w in ex.text.split()]
+    folder = tmp_path_factory.mktemp("wikitext")
+    (folder / "wikitext2").mkdir()
+    with open(folder / "wikitext2" / "validation.jsonl", "w") as f:
+        for _ in range(PAGES):
+            lines = [" = " + " ".join(rng.sample(words, 3)) + " = ", " "]
+            lines += [" " + " @-@ ".join(" ".join(rng.sample(words, 12)) for _ in range(3)) + " , end . " for _ in range(6)]
+            f.write(json.dumps({"page": "\n".join(lines) + "\n"}) + "\n")
+    return str(folder)
+
+
+PAGES = 1  # the first page of WikiText-2's test split (about 1,300 tokens): CPU-sized; several pages: test_conventions
+PPL_WINDOW = 512  # several windows per page, as on long pages with a short-context model
+
+
+@pytest.mark.slow
+def test_perplexity_equals_lm_eval_metric_by_metric(tmp_path_factory):
+    """The first WikiText-2 pages (`sample=first`, lm-eval's `--limit`): each page's log-likelihood and
+    word_perplexity, byte_perplexity, bits_per_byte against lm-eval's own simple_evaluate on the default model."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    from pruning.models import load_model
+
+    folder = _wiki_dir(tmp_path_factory)
+    loaded = load_model("default")
+    task = load_task("wikitext", "validation", PAGES, seed=0, data_dir=folder, sample_how="first")
+    assert [ex.doc_id for ex in task.examples] == list(range(PAGES))
+    ours = Evaluator(loaded, [task], batch_size=4, max_length=PPL_WINDOW).evaluate(())["wikitext"]
+
+    lm_task, _ = build_lm_eval_task("wikitext", "validation", folder)
+    lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=4, max_length=PPL_WINDOW)
+    out = simple_evaluate(model=lm, tasks=[lm_task], limit=PAGES, log_samples=True, bootstrap_iters=0)
+    theirs = out["results"]["wikitext"]
+    per_doc = {s["doc_id"]: s for s in out["samples"]["wikitext"]}
+    assert sorted(per_doc) == list(range(PAGES))
+    their_nll = [-float(per_doc[d]["resps"][0][0]) for d in range(PAGES)]
+    assert ours.per_example["nll"] == pytest.approx(their_nll, rel=1e-5)
+    for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
+        assert ours.metrics[metric] == pytest.approx(theirs[f"{metric},none"], rel=1e-5), metric

@@ -59,6 +59,12 @@ def test_prune_run_logs_the_contract_and_a_model_that_reloads(tmp_path, family, 
                  "n_params_after", "extreme_pruning_layers", *GRAD_SUMMARY):
         assert logged[name] == pytest.approx(metrics[name]), name
     assert metrics["acc_mean"] == metrics["acc_pydoc_cloze"]
+    assert logged["headline_mean"] == logged["acc_mean"] and "baseline_headline_mean" in logged  # pydoc_cloze: acc
+    for name in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
+        assert f"{name}_pydoc_ppl" in logged and f"baseline_{name}_pydoc_ppl" in logged, name
+    run = client.get_run(run_id).data
+    assert run.tags["headline/pydoc_cloze"] == "acc" and run.tags["headline/pydoc_ppl"] == "word_perplexity"
+    assert run.params["ppl_window"] == "256"
     assert metrics["n_params_after"] < metrics["n_params_before"]
     assert 0.25 < metrics["pruned_fraction"] < 0.35
     for name in LAYER_SERIES:
@@ -105,6 +111,7 @@ def error_line(out: subprocess.CompletedProcess) -> str:
     (["--pruning_ratio", "1.5"], "error: pruning_ratio 1.5 out of range; allowed: 0 < ratio < 1"),
     (["--pruning_ratio", "0"], "error: pruning_ratio 0.0 out of range; allowed: 0 < ratio < 1"),
     (["--taylor_order", "third"], "error: unknown taylor_order 'third'; allowed: first, second"),
+    (["--sample", "random"], "error: unknown sample 'random'; allowed: seeded, first"),
 ])
 def test_bad_options_fail_before_any_run(tmp_path, args, expected):
     out = run_prune(*args, cwd=tmp_path)

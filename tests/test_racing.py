@@ -120,6 +120,9 @@ def test_beam_search_records_stops_apart_and_reuses_them(one_block_matters, tmp_
     assert raced["worker"]["stopped"] == 1 and raced["worker"]["evaluated"] == 4
     assert raced["worker"]["examples_scored"] == 4 * 200 + 32
     assert raced["recommendations"][0]["removed_blocks"] == [1]
+    parent = client.get_run(ctx.parent_id)
+    assert parent.data.tags["recommended/1"] == "1" and parent.data.metrics["configs_stopped"] == 1
+    assert "beam_drops.png" in {a.path for a in client.list_artifacts(ctx.parent_id)}
     (stop,) = client.search_runs([ctx.experiment_id], "tags.`prunetrack.stopped` = 'racing'")
     assert stop.data.tags["removed_blocks"] == "0" and stop.data.metrics[f"n_{task.name}"] == 32
     assert stop.data.tags["config_hash"] != ctx.hash_of((0,)) and "worse than 3 others" in stop.data.tags["prunetrack.stopped_reason"]

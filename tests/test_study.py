@@ -26,7 +26,7 @@ from search.study import RESULTS, main
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED_COLUMNS = ["trial_number", "state", "success", "taylor_seq_len", "taylor_num_samples", "pruning_ratio",
-                "acc_pydoc_cloze", "acc_mean", "ppl", "grad_norm_ratio", "grad_mean_ratio", "grad_std_ratio",
+                "acc_pydoc_cloze", "acc_mean", "headline_mean", "ppl", "grad_norm_ratio", "grad_mean_ratio", "grad_std_ratio",
                 "grad_max_ratio", "grad_mean_range", "grad_norm_range", "extreme_pruning_layers", "n_params_before",
                 "n_params_after", "pruning_rate", "duration", "mlflow_run_id", "error"]
 WORKER_TIMEOUT = 240  # seconds; the machine is shared

@@ -24,14 +24,7 @@ CHAT_TEMPLATE = (
 SHAPES = {"circle": "ellipse", "square": "rectangle"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: more threads only add overhead (and the test machine is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 # --- scoring: hand-computed cases of the official definitions ---------------------------------
 
@@ -71,9 +64,12 @@ def test_anls(prediction, answers, expected):
     assert m.anls(prediction, answers) == pytest.approx(expected)
 
 
-def test_levenshtein():
-    assert m.levenshtein("kitten", "sitting") == 3
-    assert m.levenshtein("", "abc") == 3 and m.levenshtein("abc", "abc") == 0
+def test_anls_counts_character_edits():
+    # the distances the hand-written Levenshtein gave before rapidfuzz replaced it: kitten/sitting 3,
+    # 日本語/日本 1 (characters, not bytes), two empty strings 0, "a"/"" 1
+    assert m.anls("kitten", ["sitting"]) == pytest.approx(1 - 3 / 7)
+    assert m.anls("日本語", ["日本"]) == pytest.approx(1 - 1 / 3)
+    assert m.anls("", [""]) == 1.0 and m.anls("a", [""]) == 0.0
 
 
 @pytest.mark.parametrize("prediction, expected", [

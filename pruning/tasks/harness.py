@@ -13,10 +13,16 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from pruning.tasks import Document, MultipleChoice, Task, TaskError
+from pruning.tasks import Document, MultipleChoice, Task, TaskError, count_bytes, count_words
 
 # Local folder names that differ from the lm-eval task name.
 LOCAL_NAMES = {"wikitext": "wikitext2"}
+# The metric papers report per task, as LLM-Pruner's tables do (acc_norm where lm-eval's leaderboards
+# and LLM-Pruner use it); other multiple-choice tasks: acc; rolling-perplexity tasks: word_perplexity.
+HEADLINE = {"hellaswag": "acc_norm", "arc_challenge": "acc_norm", "openbookqa": "acc_norm"}
+# How lm-eval aggregates a rolling task's (loglikelihood, count) pairs: the ones task_score computes.
+ROLLING_AGGREGATIONS = {"word_perplexity": "weighted_perplexity", "byte_perplexity": "weighted_perplexity",
+                        "bits_per_byte": "bits_per_byte"}
 DATA_DIR_ENV = "PRUNETRACK_DATA_DIR"
 
 
@@ -120,8 +126,9 @@ def load(name: str, split: str, data_dir: str | None = None) -> Task:
     path = local_file(name, split, data_dir)
     source = f"jsonl:{path}" if path else "lm_eval"
     if task.OUTPUT_TYPE == "loglikelihood_rolling":
-        examples = [Document(i, task.doc_to_target(doc)) for i, doc in enumerate(docs)]
-        return Task(name, split, "perplexity", examples, source=source)
+        _check_rolling(task)
+        examples = [_document(task, i, doc) for i, doc in enumerate(docs)]
+        return Task(name, split, "perplexity", examples, source=source, headline=HEADLINE.get(name, "word_perplexity"))
     if task.OUTPUT_TYPE != "multiple_choice":
         raise TaskError(
             f"task {name!r} is {task.OUTPUT_TYPE}; allowed: multiple_choice or loglikelihood_rolling tasks"
@@ -139,4 +146,34 @@ def load(name: str, split: str, data_dir: str | None = None) -> Task:
                 choice_lengths=tuple(float(len(c)) for c in choices),
             )
         )
-    return Task(name, split, "multiple_choice", examples, source=source)
+    defined = _metric_names(task)
+    metrics = ("acc",) + (("acc_norm",) if "acc_norm" in defined else ())  # acc always: drops use it
+    headline = HEADLINE.get(name, "acc")
+    return Task(name, split, "multiple_choice", examples, source=source, metrics=metrics,
+                headline=headline if headline in metrics else "acc")
+
+
+def _metric_names(task) -> list[str]:
+    """The metrics lm-eval reports for `task` (its metric_list)."""
+    return list(getattr(task, "_metric_fn_list", None) or task.aggregation())
+
+
+def _check_rolling(task) -> None:
+    """Refuse a rolling task whose metrics lm-eval aggregates otherwise than task_score does."""
+    aggregations = task.aggregation()
+    for metric in _metric_names(task):
+        fn = aggregations.get(metric)
+        name = getattr(fn, "__name__", str(fn))
+        if ROLLING_AGGREGATIONS.get(metric) != name:
+            raise TaskError(f"task {task.config.task!r}: metric {metric!r} aggregated by {name!r}; allowed: "
+                            + ", ".join(f"{m} by {a}" for m, a in ROLLING_AGGREGATIONS.items()))
+
+
+def _document(task, doc_id: int, doc) -> Document:
+    """A rolling task's document: the text lm-eval scores, and the word and byte counts its own
+    `process_results` divides by (WikiText counts them on the original page, not the scored text)."""
+    text = task.doc_to_target(doc)
+    counts = task.process_results(doc, [0.0])
+    words = counts.get("word_perplexity", (0.0, count_words(text)))[1]
+    n_bytes = counts.get("byte_perplexity", counts.get("bits_per_byte", (0.0, count_bytes(text))))[1]
+    return Document(doc_id, text, int(words), int(n_bytes))
