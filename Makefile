@@ -1,6 +1,7 @@
 # Two commands set everything up on a fresh machine with Python 3.11:
-#   make demo   install, then run a real sensitivity study on the offline default model
-#   make test   install, then run the whole test suite
+#   make demo   install the runtime (requirements.txt), then run a real sensitivity study on the offline default model
+#   make test   install the runtime and the test extras (requirements-test.txt), then run the whole test suite
+# Afterwards, `. .venv/bin/activate` puts mlflow and python of the venv first for the README's commands.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -9,7 +10,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: demo test install
+.PHONY: demo test install install-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,10 +22,19 @@ $(VENV)/.installed: requirements.txt pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
+$(VENV)/.test-installed: requirements-test.txt $(VENV)/.installed
+	$(BIN)/pip install -q -r requirements-test.txt
+	touch $@
+
 install: $(VENV)/.installed
+	@echo "installed; for the README's commands: . .venv/bin/activate"
+
+install-test: $(VENV)/.test-installed
 
 demo: install
-	$(BIN)/mlflow run . -e sensitivity --env-manager local -P n_samples=16
+	$(BIN)/mlflow run . -e sensitivity --env-manager local --experiment-name sensitivity/default -P n_samples=16
+	@echo "next: . .venv/bin/activate, then mlflow ui or the README's mlflow run commands"
 
-test: install
+test: install-test
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q

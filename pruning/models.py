@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -166,34 +167,85 @@ def _is_image_text_to_text(location: str, kwargs: dict) -> bool:
     return AutoConfig.from_pretrained(location, **kwargs).model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 
+def cache_root() -> Path:
+    """Where converted models live: $PRUNETRACK_CACHE, default ~/.cache/prunetrack."""
+    return Path(os.environ.get("PRUNETRACK_CACHE", Path.home() / ".cache" / "prunetrack"))
+
+
 def converted_gguf(path: str) -> str:
     """A Hugging Face copy of a GGUF file (dequantized once, then cached; loads in seconds).
 
-    The cache lives in $PRUNETRACK_CACHE (default ~/.cache/prunetrack), keyed by the file's
-    path, size and modification time, and is written atomically so parallel workers can share it.
+    The cache lives in $PRUNETRACK_CACHE (default ~/.cache/prunetrack)/gguf, keyed by the file's
+    content (`file_digest`), so the same file converts once per machine whatever the path it is
+    installed under (project venv, mlflow run's virtualenvs, a copy); written atomically so parallel
+    workers can share it. A copy made by an older version (keyed by path, size and mtime) is adopted.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    stat = os.stat(path)
-    key = hashlib.sha1(f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    root = Path(os.environ.get("PRUNETRACK_CACHE", Path.home() / ".cache" / "prunetrack")) / "gguf"
-    target = root / f"{Path(path).stem}-{key}"
+    root = cache_root() / "gguf"
+    target = root / f"{Path(path).stem}-{file_digest(path)[:16]}"
     if (target / "config.json").is_file():
         return str(target)
-    folder, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
-    lm = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    lm.hf_quantizer = None  # the weights are plain dequantized tensors now
-    del lm.config.quantization_config
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root) as tmp:
-        lm.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        legacy = root / f"{Path(path).stem}-{_legacy_key(path)}"
+        if (legacy / "config.json").is_file():  # hard links: no second copy of the weights
+            for item in legacy.iterdir():
+                try:
+                    os.link(item, Path(tmp) / item.name)
+                except OSError:
+                    shutil.copy2(item, Path(tmp) / item.name)
+        else:
+            _convert_gguf(path, tmp)
         try:
             os.replace(tmp, target)
         except OSError:  # another process finished first
             pass
     return str(target)
+
+
+def _convert_gguf(path: str, out_dir: str) -> None:
+    """Dequantize GGUF file `path` into a Hugging Face model directory `out_dir` (float32)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    lm = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    lm.hf_quantizer = None  # the weights are plain dequantized tensors now
+    del lm.config.quantization_config
+    lm.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def file_digest(path: str) -> str:
+    """SHA-256 of a file's bytes (hex). Hashed once per (path, size, mtime): the digest is remembered
+    under the cache's `digests/`, so later loads cost a stat (the default model: ~100 MB, ~0.3 s once)."""
+    stat = os.stat(path)
+    memo = cache_root() / "digests" / hashlib.sha1(
+        f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+    try:
+        known = memo.read_text().strip()
+        if len(known) == 64:
+            return known
+    except OSError:
+        pass
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    value = digest.hexdigest()
+    try:  # best effort: a read-only cache only costs a re-hash next time
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=memo.parent, delete=False) as out:
+            out.write(value)
+        os.replace(out.name, memo)
+    except OSError:
+        pass
+    return value
+
+
+def _legacy_key(path: str) -> str:
+    """The key of caches written before the content key: path, size and modification time."""
+    stat = os.stat(path)
+    return hashlib.sha1(f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
 
 
 def _revision_of(lm: nn.Module) -> str:

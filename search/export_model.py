@@ -208,7 +208,8 @@ def finish(source: Source, dense: LoadedModel, directory: Path, reference, remov
     diff = max(float((a - b).abs().max()) for a, b in zip(prompt_logits(loaded), reference))
     if diff > TOLERANCE[dtype]:
         raise SearchError(f"the exported {loaded.model.config.model_type} model's logits differ from the project's pruned "
-                          f"model by {diff:.3g} (tolerance {TOLERANCE[dtype]:g}): this family cannot be exported as a plain config")
+                          f"model by {diff:.3g} (tolerance {TOLERANCE[dtype]:g}): "
+                          "this family cannot be exported as a plain config")
     timings = measure(dense, loaded, speed)
     peaks = peak_memory([dense, loaded], speed, [(source.model, source.revision), (str(directory), None)])
     timings["dense"]["peak_memory_mb"], timings["pruned"]["peak_memory_mb"] = peaks
@@ -295,7 +296,8 @@ def peak_memory(models: list[LoadedModel], speed: SpeedSettings, sources: list[t
     for child in children:
         out, err = child.communicate()
         if child.returncode:
-            raise RuntimeError(f"peak memory measurement failed: {err.strip().splitlines()[-1] if err.strip() else child.returncode}")
+            reason = err.strip().splitlines()[-1] if err.strip() else child.returncode
+            raise RuntimeError(f"peak memory measurement failed: {reason}")
         peaks.append(float(out.split()[-1]))
     return peaks
 
@@ -324,10 +326,12 @@ def speed_report(exported: Exported, speed: SpeedSettings) -> dict:
     device = exported.loaded.device
     dense, pruned = exported.speed["dense"], exported.speed["pruned"]
     return {
-        "settings": {**asdict(speed), "warmup": 1, "statistic": "median", "order": "dense and pruned alternate", "prompts": "random token ids, seed 0",
+        "settings": {**asdict(speed), "warmup": 1, "statistic": "median", "order": "dense and pruned alternate",
+                     "prompts": "random token ids, seed 0",
                      "decode": "greedy, one token per step, KV cache"},
         "device": str(device), "dtype": str(next(exported.loaded.model.parameters()).dtype).removeprefix("torch."),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                        else platform.processor() or platform.machine()),
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
         "peak_memory": ("weights + peak allocated beyond them in one pass (torch.cuda)" if device.type == "cuda"
                         else "peak RSS (VmHWM) of a fresh process that loads the model and runs one pass"),

@@ -183,7 +183,8 @@ def _auth_config(profile: Profile) -> str:
         raise ProfileError(f"profile {profile.name!r}: server.auth must be false or a mapping with database_uri")
     permission = get("default_permission", "READ")
     if permission not in PERMISSIONS:
-        raise ProfileError(f"profile {profile.name!r}: server.auth.default_permission {permission!r}; allowed: {', '.join(PERMISSIONS)}")
+        raise ProfileError(f"profile {profile.name!r}: server.auth.default_permission {permission!r}; "
+                           f"allowed: {', '.join(PERMISSIONS)}")
     cache = str(get("cache_seconds", 60))
     if not cache.isdigit():
         raise ProfileError(f"profile {profile.name!r}: server.auth.cache_seconds {cache!r}; allowed: a whole number of seconds")

@@ -15,7 +15,8 @@ import numpy as np
 from pruning.evaluate import Evaluator
 from pruning.models import load_model
 from pruning.tasks import load_task, parse_task_list
-from pruning.vlm import SCORER_VERSION as GENERATION_SCORER, GenerationEvaluator
+from pruning.vlm import SCORER_VERSION as GENERATION_SCORER
+from pruning.vlm import GenerationEvaluator
 from search import tracking
 from search.cli import common_parser, run_main
 from search.configs import StudyContext, drop, evaluate_configs, removed_tag, study_identity

@@ -54,8 +54,8 @@ from pruning.models import ModelError
 from pruning.tasks import parse_task_list
 from search import profiles, tracking
 from search.cli import USER_ERRORS, SearchError, run_main
-from search.prune import PruneSettings, prune_and_evaluate
 from search.configs import METRICS, error_line
+from search.prune import PruneSettings, prune_and_evaluate
 from search.work import POLL_S, RUNNING, STALE_S, Claims, free_memory, storage_url
 
 STUDIES_DIR = Path(__file__).resolve().parents[1] / "mlruns_config" / "studies"
@@ -169,7 +169,8 @@ def load_spec(ref: str, storage: str = "", study_name: str = "", n_trials: int |
     spec = StudySpec(
         name=study_name or str(data.get("study_name") or path.stem), storage=storage or _config_storage(where, data),
         settings=settings, space=space, sampler=sampler, objectives=objectives, directions=directions,
-        n_trials=_integer(where, "n_trials", n_trials), sampler_seed=data.get("sampler_seed") and _integer(where, "sampler_seed", data["sampler_seed"], minimum=0),
+        n_trials=_integer(where, "n_trials", n_trials),
+        sampler_seed=data.get("sampler_seed") and _integer(where, "sampler_seed", data["sampler_seed"], minimum=0),
         **{k: _integer(where, k, data[k], minimum=0) for k in ("max_retry",) if k in data})
     return spec
 
@@ -345,6 +346,7 @@ def open_study(spec: StudySpec, storage: RDBStorage, client) -> tuple[optuna.Stu
     try:
         study = optuna.create_study(storage=storage, study_name=spec.name, directions=spec.directions,
                                     sampler=spec.sampler_object())
+        study.set_metric_names(spec.objectives)  # optuna-dashboard shows them instead of "Objective 0"
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=spec.name, storage=storage, sampler=spec.sampler_object())
         return study, _join(study, spec, client)
@@ -353,16 +355,20 @@ def open_study(spec: StudySpec, storage: RDBStorage, client) -> tuple[optuna.Stu
 
 def _set_up(study: optuna.Study, spec: StudySpec, client) -> str:
     """Create the parent run (the `mlflow run` run when there is one), enqueue the grid, mark the study ready."""
+    name = tracking.run_name(KIND, {"model": spec.settings.model, "tasks": spec.settings.tasks,
+                                    "n_samples": spec.settings.n_samples, "study_name": spec.name})
     parent = os.environ.get("MLFLOW_RUN_ID")
-    if not parent:
+    if parent:
+        tracking.name_run(client, parent, name)
+    else:
         exp_id = tracking.experiment_id(client, f"taylor_study/{spec.settings.model}")
-        parent = client.create_run(exp_id, run_name=f"study-{spec.name}").info.run_id
+        parent = client.create_run(exp_id, run_name=name).info.run_id
     searched = set(spec.space)
     params = {**{k: v for k, v in asdict(spec.settings).items() if k not in searched}, "sampler": spec.sampler,
               "search_space": json.dumps(spec.space), "objective": ",".join(spec.objectives),
               "direction": ",".join(spec.directions)}
     existing = client.get_run(parent).data.params
-    tracking.log(client, parent, params={k: v for k, v in params.items() if k not in existing},
+    tracking.log(client, parent, params={k: v for k, v in params.items() if k not in existing and str(v) != ""},
                  tags={tracking.KIND: KIND, STUDY_TAG: spec.name, STORAGE_TAG: storage_label(spec.storage),
                        tracking.HOST: socket.gethostname(), tracking.PID: str(os.getpid())})
     if spec.sampler == "grid":
@@ -451,7 +457,8 @@ class TrialRunner:
                 TRIAL_TAG: str(trial.number), tracking.HOST: socket.gethostname(),
                 tracking.PID: str(os.getpid())}).info.run_id
             trial.set_user_attr("mlflow_run_id", run_id)
-            tracking.log(client, run_id, params={**asdict(settings), "study_name": name, "trial_number": trial.number})
+            given = {k: v for k, v in asdict(settings).items() if str(v) != ""}  # unset options show as absent, not ''
+            tracking.log(client, run_id, params={**given, "study_name": name, "trial_number": trial.number})
             self.evaluated += 1
             metrics = prune_and_evaluate(client, run_id, self.exp_id, settings)
             missing = [m for m in self.spec.objectives if m not in metrics]

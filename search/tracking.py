@@ -162,18 +162,26 @@ def experiment_id(client: MlflowClient, name: str) -> str:
 
 
 @contextlib.contextmanager
-def study_run(client: MlflowClient, kind: str, experiment: str, params: dict, tags: dict | None = None):
+def study_run(client: MlflowClient, kind: str, experiment: str, params: dict, tags: dict | None = None,
+              name: str | None = None):
     """The parent run of a study: the run `mlflow run` created (MLFLOW_RUN_ID), else a new one
-    in `experiment`. Yields (run_id, experiment_id); ends FINISHED, or FAILED with the reason."""
+    in `experiment`. Yields (run_id, experiment_id); ends FINISHED, or FAILED with the reason.
+
+    The run is named `name`, else after its kind, model and key settings (`run_name`), also when
+    `mlflow run` created it (unless it was given a name there: `mlflow run --run-name`). Params
+    whose value is an empty string (a setting not given) are not logged."""
+    name = name or run_name(kind, params)
     run_id = os.environ.get("MLFLOW_RUN_ID")
     if run_id:
         run = client.get_run(run_id)
         exp_id = run.info.experiment_id
+        name_run(client, run_id, name, run.info.run_name)
+        _hint_experiment(client, exp_id, experiment)
     else:
         exp_id = experiment_id(client, experiment)
-        run_id = client.create_run(exp_id, run_name=f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}").info.run_id
+        run_id = client.create_run(exp_id, run_name=name).info.run_id
     existing = client.get_run(run_id).data.params
-    new_params = {k: str(v) for k, v in params.items() if k not in existing}
+    new_params = {k: str(v) for k, v in params.items() if k not in existing and str(v) != ""}
     log(client, run_id, params=new_params, tags={KIND: kind, HOST: socket.gethostname(), PID: str(os.getpid()), **(tags or {})})
     close_dead_processes(client, exp_id)
     try:
@@ -184,6 +192,88 @@ def study_run(client: MlflowClient, kind: str, experiment: str, params: dict, ta
         raise
     client.set_terminated(run_id, "FINISHED")
     close_dead_processes(client, exp_id)  # a dead worker's runs are closed by the survivors
+
+
+# The default model's name (pruning.models.DEFAULT_MODEL; not imported: analysis never loads torch).
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+# The settings a study's run name shows after model, tasks and sample size, per kind: (param, label).
+NAME_SETTINGS = {
+    "beam_search": (("beam_width", "width"), ("max_removed", "max_removed")),
+    "prune": (("pruning_ratio", "ratio"),),
+    "export": (("num_removed", "removed"), ("dest", "")),
+    "correlation": (("study_name", ""), ("target", "")),
+    "beam_summary": (("beam_search_run_id", "of"),),
+    "study": (("study_name", ""),),
+}
+_NAME_LIMIT = 250
+
+
+def model_label(model: str) -> str:
+    """A model as a run name shows it: `default` is the default model's name; a hub id, folder or
+    .gguf file its last part (`HuggingFaceTB/SmolLM2-1.7B` -> `SmolLM2-1.7B`)."""
+    model = str(model).strip().rstrip("/")
+    if model in ("", "default"):
+        return DEFAULT_MODEL_NAME if model else ""
+    return re.sub(r"\.gguf$", "", model.replace("\\", "/").rsplit("/", 1)[-1])
+
+
+def run_name(kind: str, params: dict) -> str:
+    """A study run's name: its kind, model, tasks, sample size, split (when not validation) and the
+    key settings of its kind, e.g. `sensitivity SmolLM2-135M-Instruct piqa,arc_easy n=100`."""
+    parts = [kind]
+    if str(params.get("model", "")).strip():
+        parts.append(model_label(params["model"]))
+    tasks = str(params.get("tasks", "")).strip()
+    if tasks:
+        parts.append(tasks if len(tasks) <= 80 else tasks[:77] + "...")
+    n = str(params.get("n_samples", "")).strip()
+    if n:
+        parts.append("n=all" if n == "0" else f"n={n}")
+    split = str(params.get("split", "")).strip()
+    if split and split != "validation":
+        parts.append(split)
+    for key, label in NAME_SETTINGS.get(kind, ()):
+        value = str(params.get(key, "")).strip()
+        if value:
+            parts.append(f"{label}={value}" if label else value)
+    return " ".join(parts)[:_NAME_LIMIT]
+
+
+def name_run(client: MlflowClient, run_id: str, name: str, current: str | None = None) -> None:
+    """Give run `run_id` (one `mlflow run` created) the name `name`, unless it has one the user gave
+    (`mlflow run --run-name`); MLflow's made-up names (`bemused-fox-123`) are replaced."""
+    if current is None:
+        current = client.get_run(run_id).info.run_name
+    if _generated_name(current):
+        client.update_run(run_id, name=name)
+
+
+def _generated_name(name: str | None) -> bool:
+    """Whether a run name is one MLflow made up (`bemused-fox-123`), not one the user gave."""
+    if not name:
+        return True
+    match = re.fullmatch(r"([a-z]+)-([a-z]+)-(\d+)", name)
+    if not match:
+        return False
+    try:
+        from mlflow.utils import name_utils
+
+        predicates = {w.lower() for w in name_utils._GENERATOR_PREDICATES}
+        nouns = {w.lower() for w in name_utils._GENERATOR_NOUNS}
+    except (ImportError, AttributeError):  # MLflow moved its word lists: the pattern alone decides
+        return True
+    return match.group(1) in predicates and match.group(2) in nouns
+
+
+def _hint_experiment(client: MlflowClient, exp_id: str, experiment: str) -> None:
+    """Under `mlflow run` without an experiment: say how to file the study under its own."""
+    try:
+        name = client.get_experiment(exp_id).name
+    except Exception:
+        return
+    if name == "Default" and experiment != "Default":
+        print(f"note: mlflow run filed this study under experiment 'Default'; pass --experiment-name {experiment} "
+              f"(or set MLFLOW_EXPERIMENT_NAME={experiment}) to file it under its own", file=sys.stderr)
 
 
 def close_dead_processes(client: MlflowClient, exp_id: str) -> int:
@@ -292,7 +382,8 @@ def open_child(client: MlflowClient, exp_id: str, parent_id: str, conf_hash: str
     run = client.create_run(
         exp_id,
         run_name=name,
-        tags={MLFLOW_PARENT_RUN_ID: parent_id, "config_hash": conf_hash, HOST: socket.gethostname(), PID: str(os.getpid()), **tags},
+        tags={MLFLOW_PARENT_RUN_ID: parent_id, "config_hash": conf_hash, HOST: socket.gethostname(),
+              PID: str(os.getpid()), **tags},
     )
     log(client, run.info.run_id, params=params)
     return run.info.run_id

@@ -42,6 +42,7 @@ pytestmark = pytest.mark.usefixtures("one_thread", "scratch_cwd")  # tests/conft
 def model_dir(tmp_path_factory) -> str:
     """A random 6-block Llama with a character tokenizer, saved like a hub model."""
     from pydoc_data.topics import topics
+
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     chars = sorted(set("".join(topics.values())))

@@ -1,7 +1,6 @@
 """`export_model`: physical block removal, the exported Hugging Face and MLflow models, speed metrics, the
 Model Registry, width-pruned models, bad input; tiny random models, and the default model once (slow)."""
 
-import os
 from pathlib import Path
 
 import mlflow
@@ -29,6 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread", "scratch_cwd")  # tests/conft
 def tokenizer():
     """A character tokenizer covering the builtin tasks' text."""
     from pydoc_data.topics import topics
+
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     chars = sorted(set("".join(topics.values())))
@@ -70,7 +70,8 @@ def beam_run(client, model_dir: str, removed_by_k: dict[int, tuple[int, ...]]) -
     exp_id = tracking.experiment_id(client, "beam_search/tiny")
     parent = client.create_run(exp_id, tags={tracking.KIND: "beam_search"}).info.run_id
     tracking.log(client, parent, params={"model": model_dir, "tasks": ",".join(TASKS), "split": "validation",
-                                        "n_samples": 4, "seed": 0, "model_revision": "local", "model_blocks_path": "model.layers"})
+                                        "n_samples": 4, "seed": 0, "model_revision": "local",
+                                        "model_blocks_path": "model.layers"})
     loaded = load_model(model_dir, device="cpu", dtype="float32")
     evaluator = Evaluator(loaded, [load_task(t, "validation", 4, 0) for t in TASKS], 8)
     recommendations = []

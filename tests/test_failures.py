@@ -13,7 +13,6 @@ import threading
 import time
 from pathlib import Path
 
-import optuna
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient

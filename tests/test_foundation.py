@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from pruning.evaluate import Evaluator, encode_request, rolling_windows
 from pruning.models import LoadedModel, ModelError, blocks_removed, find_blocks_path, load_model
-from pruning.tasks import TaskError, builtin, load_task, parse_task_list
+from pruning.tasks import TaskError, load_task, parse_task_list
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = {

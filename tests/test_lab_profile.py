@@ -11,7 +11,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from servers import MLFLOW_SERVER_ENV, free_port, moto_s3, postgres_database, server_process  # noqa: F401
+from servers import MLFLOW_SERVER_ENV, free_port, postgres_database, server_process
 
 from search import profiles, tracking
 
@@ -72,7 +72,7 @@ def test_profiles_lookup_and_errors(tmp_path, monkeypatch):
                       "  artifacts_destination: /tmp/a\n  auth: {database_uri: sqlite:///a.db, default_permission: ALL}\n")
     monkeypatch.delenv("MY_HOST", raising=False)
     with pytest.raises(profiles.ProfileError, match="environment variable MY_HOST is not set \\(used in tracking_uri\\)"):
-        profiles.load(str(custom)).tracking_uri
+        _ = profiles.load(str(custom)).tracking_uri  # resolving the URI raises
     monkeypatch.setenv("MY_HOST", "gpu-box")
     monkeypatch.setenv("MLFLOW_FLASK_SERVER_SECRET_KEY", "k")
     with pytest.raises(profiles.ProfileError, match="default_permission 'ALL'; allowed: READ, EDIT, MANAGE, NO_PERMISSIONS"):
@@ -218,7 +218,8 @@ def test_basic_auth_refuses_a_client_without_credentials(tmp_path, monkeypatch):
                        f"  auth:\n    database_uri: sqlite:///{tmp_path}/auth.db\n    admin_username: boss\n")
     secrets = {"MLFLOW_FLASK_SERVER_SECRET_KEY": "test-key", "MLFLOW_AUTH_ADMIN_PASSWORD": "a-Long-pass-1234"}
     cmd = [sys.executable, "-m", "search.profiles", "serve", str(profile)]
-    with server_process(cmd, f"http://127.0.0.1:{port}/health", env={**os.environ, **MLFLOW_SERVER_ENV, **secrets, "TMPDIR": str(tmp_path)}, cwd=str(ROOT)):
+    env = {**os.environ, **MLFLOW_SERVER_ENV, **secrets, "TMPDIR": str(tmp_path)}
+    with server_process(cmd, f"http://127.0.0.1:{port}/health", env=env, cwd=str(ROOT)):
         for var, value in FAST_FAIL.items():
             monkeypatch.setenv(var, value)
         monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)

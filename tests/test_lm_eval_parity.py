@@ -1,7 +1,6 @@
 """Our scorer against lm-eval's own simple_evaluate with its HF model class, same examples."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest

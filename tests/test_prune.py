@@ -12,8 +12,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from pruning.evaluate import Evaluator
 from pruning.models import LoadedModel, converted_gguf, default_model_path, find_blocks_path
-from pruning.taylor import load_pruned
 from pruning.tasks import load_task
+from pruning.taylor import load_pruned
 from search import tracking
 from search.prune import LAYER_SERIES, PruneSettings, prune_and_evaluate
 

@@ -15,7 +15,6 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
-from servers import postgres_db  # noqa: F401  (fixture)
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from pruning.models import converted_gguf, default_model_path
@@ -277,7 +276,8 @@ def test_a_user_error_in_a_trial_stops_the_worker_and_keeps_the_queue(tmp_path, 
 BAD_INPUT = [
     ("model: [unclosed", "error: config study.yaml is not valid YAML: while parsing a flow sequence"),
     ({"colour": "red"}, "error: config study.yaml: unknown key 'colour'; allowed: study_name, storage, sampler"),
-    ({"objective": "acc_piqa"}, "error: config study.yaml: unknown objective metric 'acc_piqa'; allowed: acc_mean, acc_norm_pydoc_cloze"),
+    ({"objective": "acc_piqa"},
+     "error: config study.yaml: unknown objective metric 'acc_piqa'; allowed: acc_mean, acc_norm_pydoc_cloze"),
     ({"search_space": {"pruning_ratio": [0.2, 1.5]}},
      "error: config study.yaml: search_space.pruning_ratio: pruning_ratio 1.5 out of range; allowed: 0 < ratio < 1"),
     ({"search_space": {"taylor_seq_len": [0, 16]}},

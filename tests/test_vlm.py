@@ -131,8 +131,15 @@ def write_task(folder: Path, records: list[dict], images: list[Image.Image]) -> 
 
 @pytest.fixture(scope="session")
 def vlm_dir(tmp_path_factory):
-    from transformers import (AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import (
+        AutoTokenizer,
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     from pruning.models import converted_gguf, default_model_path
 
