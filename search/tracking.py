@@ -436,7 +436,12 @@ _ALLOWED = {"int": "an integer", "float": "a number", "_optional_int": "an integ
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with one-line errors (`UsageError`, no usage block) that name the value and what is
-    allowed. An option named `storage` also accepts a profile (search.profiles.storage)."""
+    allowed. An option named `storage` also accepts a profile (search.profiles.storage). `--help`
+    shows each option's default."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         match = re.fullmatch(r"argument --?(\w+)(?:/\S+)?: invalid (\w+) value: (.*)", message)
