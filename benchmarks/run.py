@@ -156,7 +156,7 @@ def bench_sensitivity(loaded: LoadedModel, tasks: list[Task], batch_size: int, b
     configs = [()] + [(i,) for i in range(loaded.num_blocks)]
     _warm_up(loaded, tasks[0], batch_size)
     ample = Evaluator(loaded, tasks, batch_size, chunk_budget_gb=2**20)
-    dataset_states = sum(c.state_bytes for c in ample.chunks) * ample._kept_blocks
+    dataset_states = sum(c.state_bytes for c in ample.chunks) * ample.kept_blocks
     budget = dataset_states * budget_share if budget_share else dataset_states
     evaluator = Evaluator(loaded, tasks, batch_size, chunk_budget_gb=budget / 2**30)
     alone, scratch = _timed(lambda: {c: evaluator.evaluate(c) for c in configs})
@@ -349,6 +349,11 @@ def summary(results: dict) -> dict:
     return flat
 
 
+def _samples(part: dict) -> str:
+    """Examples per task of a measurement, e.g. `piqa 4, arc_easy 4`."""
+    return ", ".join(f"{k} {v['n']}" for k, v in part["tasks"].items())
+
+
 def markdown(results: dict) -> str:
     """The results as a Markdown table, one row per measurement."""
     rows = ["| measurement | ours | baseline | ratio | target | samples | machine | date |",
@@ -357,14 +362,14 @@ def markdown(results: dict) -> str:
                                ("scale_sensitivity", "budget of 1/30 of the data's block states", ">= 1.5x, identical")):
         if key in results:
             r = results[key]
-            samples = ", ".join(f"{k} {v['n']}" for k, v in r["tasks"].items())
+            samples = _samples(r)
             rows.append(f"| sensitivity study, {r['configs']} configurations, step-wide vs each alone ({label}: "
                         f"{r['chunks']} chunks, kept states <= {r['kept_states_mb']:.0f} of {r['dataset_states_mb']:.0f} MB) "
                         f"| {r['seconds_stepwide']:.1f} s | {r['seconds_from_scratch']:.1f} s | {r['speedup']:.2f}x "
                         f"(max abs diff {r['max_abs_diff']:.1g}) | {target} | {samples} | {r['device']} | {r['date']} |")
     if "racing" in results:
         r = results["racing"]
-        samples = ", ".join(f"{k} {v['n']}" for k, v in r["tasks"].items())
+        samples = _samples(r)
         rows.append(f"| beam search (width {r['beam_width']}, up to {r['max_removed']} removed), racing vs exhaustive: "
                     f"example-configurations scored ({r['racing']['stopped']} candidates stopped) "
                     f"| {r['racing']['example_configs']:,} ({r['racing']['seconds']:.0f} s) "
@@ -374,7 +379,7 @@ def markdown(results: dict) -> str:
                     f"| {r['device']} | {r['date']} |")
     if "multiple_choice" in results:
         m = results["multiple_choice"]
-        samples = ", ".join(f"{k} {v['n']}" for k, v in m["tasks"].items())
+        samples = _samples(m)
         accs = "; ".join(f"{k} acc {v['acc']:.3f}/{v['acc_lm_eval']:.3f}, "
                          f"acc_norm {v['acc_norm']:.3f}/{v['acc_norm_lm_eval']:.3f}" for k, v in m["tasks"].items())
         rows.append(f"| multiple choice vs lm-eval's HFLM.loglikelihood ({accs}) | {m['seconds_ours']:.1f} s "

@@ -435,7 +435,7 @@ class Evaluator:
         self.chunk_budget = int(chunk_budget_gb * 2**30)
         width = loaded.model.get_input_embeddings().embedding_dim
         self._token_bytes = width * next(loaded.model.parameters()).element_size()
-        self._kept_blocks = max(1, loaded.num_blocks - 1)  # the most block outputs a chunk may keep
+        self.kept_blocks = max(1, loaded.num_blocks - 1)  # the most block outputs a chunk may keep
         self.chunks: list[Chunk] = []
         self.tokens: list[list[int]] = []  # scored tokens per example, per task
         for t, task in enumerate(self.tasks):
@@ -449,7 +449,7 @@ class Evaluator:
     @property
     def max_state_bytes(self) -> int:
         """The most memory kept block outputs can take at once: every block but the last, one chunk."""
-        return self._kept_blocks * max(c.state_bytes for c in self.chunks)
+        return self.kept_blocks * max(c.state_bytes for c in self.chunks)
 
     def _cut(self, t: int, task: Task, max_length: int) -> None:
         """Split task `t` into chunks: a seeded order, cut at the looks, then by the memory budget."""
@@ -463,7 +463,7 @@ class Evaluator:
             while pending:
                 examples = sorted(pending.pop(0))
                 chunk = self._chunk(t, task, look, examples, pairs, groups, max_length)
-                if chunk.state_bytes * self._kept_blocks > self.chunk_budget and len(examples) > 1:
+                if chunk.state_bytes * self.kept_blocks > self.chunk_budget and len(examples) > 1:
                     half = len(examples) // 2
                     pending[:0] = [examples[:half], examples[half:]]
                 else:
@@ -515,7 +515,7 @@ class Evaluator:
                     errors[removed] = err
                     active.remove(removed)
             if race is not None and look < self.n_looks - 1 and active:
-                for removed, reason in race.stop(self, {c: lls[c] for c in active}, look).items():
+                for removed, reason in race.stop(self, {c: lls[c] for c in active}).items():
                     stopped[removed] = reason
                     active.remove(removed)
         return {c: ConfigScores(None, error=errors[c]) if c in errors else

@@ -42,22 +42,19 @@ class Race:
     width: int
     alpha: float = 0.05
 
-    def stop(self, evaluator, lls: dict, look: int) -> dict[tuple[int, ...], str]:
-        """Configurations (keys of `lls`: per task, example -> request log-likelihoods) to stop
-        after `look`, with the reason: out of every beam they compete in."""
-        running = list(lls)
-        out = {}
+    def stop(self, evaluator, lls: dict) -> dict[tuple[int, ...], str]:
+        """Configurations (keys of `lls`: per task, example -> request log-likelihoods) to stop now,
+        with the reason: out of every beam they compete in."""
+        out, kept = {}, set()
         for beam in self.beams:
-            members = [c for c in running if c in beam.members]
-            out_here = self._out_of(beam, members, evaluator, lls, look) if len(members) > self.width else {}
-            for c in members:
-                if c not in out_here:
-                    out[c] = None  # stays in this beam: it runs on
-                elif out.get(c, "") is not None:
-                    out[c] = out_here[c]
-        return {c: reason for c, reason in out.items() if reason is not None}
+            members = [c for c in lls if c in beam.members]
+            out_here = self._out_of(beam, members, evaluator, lls) if len(members) > self.width else {}
+            kept.update(c for c in members if c not in out_here)
+            for c, reason in out_here.items():
+                out.setdefault(c, reason)
+        return {c: reason for c, reason in out.items() if c not in kept}
 
-    def _out_of(self, beam: Beam, members: list, evaluator, lls: dict, look: int) -> dict:
+    def _out_of(self, beam: Beam, members: list, evaluator, lls: dict) -> dict:
         diff = np.zeros((len(members), len(members)))
         var = np.zeros_like(diff)
         seen_text = []

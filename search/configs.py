@@ -11,12 +11,10 @@ from mlflow.tracking import MlflowClient
 from tqdm import tqdm
 
 from pruning.evaluate import SCORER_VERSION, Evaluator
-from pruning.tasks import METRICS, Task  # noqa: F401 (METRICS: re-exported, the names runs log per task kind)
+from pruning.tasks import Task
 from search import tracking
 
 STOPPED, STOPPED_REASON = "prunetrack.stopped", "prunetrack.stopped_reason"  # tags of a run racing stopped
-# METRICS: the metrics a configuration run logs per task kind (pruning.tasks.METRICS); a task may log
-# fewer (`Task.metrics`: lm-eval's BoolQ and WinoGrande define no acc_norm, so none is logged).
 HEADLINE_TAG = "headline/{task}"  # tag of configuration and prune runs: the metric papers report for the task
 
 
@@ -117,7 +115,6 @@ class Outcome:
     metrics: dict[str, dict[str, float]] | None = None
     run_id: str | None = None
     error: str | None = None
-    reused: bool = False
     stopped: str | None = None
     seen: dict[str, int] | None = None
 
@@ -142,7 +139,7 @@ def lookup(ctx: StudyContext, removed: tuple[int, ...], race_key: str | None = N
             run = finished[0]
             stopped = run.data.tags.get(STOPPED_REASON)
             seen = {t.name: int(run.data.metrics[f"n_{t.name}"]) for t in ctx.tasks} if stopped else None
-            return Outcome(removed, conf_hash, _metrics_from(run, ctx.tasks), run.info.run_id, reused=True,
+            return Outcome(removed, conf_hash, _metrics_from(run, ctx.tasks), run.info.run_id,
                            stopped=stopped, seen=seen)
     return None
 

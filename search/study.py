@@ -51,10 +51,10 @@ from optuna.trial import TrialState
 
 from pruning import taylor
 from pruning.models import ModelError
-from pruning.tasks import parse_task_list
+from pruning.tasks import METRICS, parse_task_list
 from search import profiles, tracking
 from search.cli import USER_ERRORS, SearchError, run_main
-from search.configs import METRICS, error_line
+from search.configs import error_line
 from search.prune import PruneSettings, prune_and_evaluate
 from search.work import POLL_S, RUNNING, STALE_S, Claims, free_memory, storage_url
 
@@ -331,8 +331,7 @@ def redo_trial(client, study: optuna.Study, trial, reason: str, max_retry: int |
     parent = study.user_attrs.get(SETUP_ATTR, {}).get("parent_run_id")
     for run in trial_runs(client, parent) if parent else []:
         if run.data.tags.get(TRIAL_TAG) == str(trial.number) and run.info.status == "RUNNING":
-            client.set_tag(run.info.run_id, tracking.ERROR, f"{reason}; trial redone")
-            client.set_terminated(run.info.run_id, "KILLED")
+            tracking.kill(client, run.info.run_id, f"{reason}; trial redone")
     retry_callback(max_retry)(study, trial)
 
 
@@ -474,8 +473,7 @@ class TrialRunner:
             raise
         except BaseException as err:  # Ctrl-C, SIGTERM: the point goes back to the queue
             if run_id:
-                client.set_tag(run_id, tracking.ERROR, f"{tracking.error_tag(err)}; trial redone")
-                client.set_terminated(run_id, "KILLED")
+                tracking.kill(client, run_id, f"{tracking.error_tag(err)}; trial redone")
             frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
             retry_callback()(trial.study, frozen)
             self.claims.settle(key, tracking.error_tag(err))

@@ -285,8 +285,7 @@ def close_dead_processes(client: MlflowClient, exp_id: str) -> int:
         for run in client.search_runs([exp_id], query, max_results=5000):
             pid = run.data.tags.get(PID, "")
             if pid and not process_alive(host, pid):
-                client.set_tag(run.info.run_id, ERROR, f"process {host}:{pid} died before the run finished")
-                client.set_terminated(run.info.run_id, "KILLED")
+                kill(client, run.info.run_id, f"process {host}:{pid} died before the run finished")
                 closed += 1
     except Exception as err:  # the store is not answering: the next start closes them
         print(f"warning: cannot close the runs of dead processes: {_reason(err)}", file=sys.stderr)
@@ -362,8 +361,7 @@ def close_dead_runs(client: MlflowClient, conf_hash: str) -> int:
     closed = 0
     for run in find_runs(client, conf_hash, "RUNNING"):
         if not process_alive(run.data.tags.get(HOST), run.data.tags.get(PID, "0")):
-            client.set_tag(run.info.run_id, ERROR, "process died before the run finished")
-            client.set_terminated(run.info.run_id, "KILLED")
+            kill(client, run.info.run_id, "process died before the run finished")
             closed += 1
     return closed
 
@@ -387,6 +385,12 @@ def open_child(client: MlflowClient, exp_id: str, parent_id: str, conf_hash: str
     )
     log(client, run.info.run_id, params=params)
     return run.info.run_id
+
+
+def kill(client: MlflowClient, run_id: str, reason: str) -> None:
+    """Record a run whose process stopped before it finished as KILLED, with `reason` in `prunetrack.error`."""
+    client.set_tag(run_id, ERROR, reason)
+    client.set_terminated(run_id, "KILLED")
 
 
 def fail(client: MlflowClient, run_id: str, error: BaseException | str) -> None:

@@ -231,6 +231,9 @@ class Worker:
                           f"{self.batch_size}", file=sys.stderr)
                     continue
                 outcomes = {removed: Outcome(removed, self.ctx.hash_of(removed), error=error_line(err)) for removed in pending}
+            else:
+                if any(o.error for o in outcomes.values()):
+                    free_memory()
             retry = []
             for removed in pending:
                 outcome = outcomes[removed]
@@ -238,7 +241,6 @@ class Worker:
                 if outcome.error is None:
                     done[removed] = outcome
                     continue
-                free_memory()
                 failures[removed] += 1
                 if failures[removed] > self.retries:
                     self.ctx.counts["failed"] += 1
@@ -267,8 +269,7 @@ class Worker:
         host, pid, _ = claim.owner.rsplit(":", 2)
         for run in tracking.find_runs(self.ctx.client, claim.conf_hash, "RUNNING"):
             if (run.data.tags.get(tracking.HOST), run.data.tags.get(tracking.PID)) == (host, pid):
-                self.ctx.client.set_tag(run.info.run_id, tracking.ERROR, f"worker {claim.owner} stopped before finishing")
-                self.ctx.client.set_terminated(run.info.run_id, "KILLED")
+                tracking.kill(self.ctx.client, run.info.run_id, f"worker {claim.owner} stopped before finishing")
 
 
 @contextlib.contextmanager

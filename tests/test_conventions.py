@@ -16,9 +16,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from pruning.evaluate import SCORER_VERSION, Evaluator, _pairs_of, prefix_token_id, task_score
 from pruning.models import LoadedModel, find_blocks_path
-from pruning.tasks import Document, Task, TaskError, load_task, sample
+from pruning.tasks import METRICS, Document, Task, TaskError, load_task, sample
 from pruning.tasks.harness import build_lm_eval_task
-from search.configs import METRICS, _metrics_from, convention_tags, headline_mean, metric_name
+from search.configs import _metrics_from, convention_tags, headline_mean, metric_name
 from search.prune import PruneSettings, _task_metrics
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -36,14 +36,14 @@ def test_a_confidently_worse_configuration_stops_and_close_ones_do_not():
     bad = [rng.random() < 0.2 for _ in range(40)]
     lls = {(1,): lls_with(good), (2,): lls_with(good), (3,): lls_with(close), (4,): lls_with(bad)}
     ev = fake_evaluator(200)
-    stopped = race(2, lls).stop(ev, lls, 0)
+    stopped = race(2, lls).stop(ev, lls)
     assert list(stopped) == [(4,)]
     assert "worse than 3 others" in stopped[(4,)] and "40/200 t" in stopped[(4,)] and "(4 candidates x 3 looks)" in stopped[(4,)]
-    assert list(race(3, lls).stop(ev, lls, 0)) == [(4,)]  # 3 others are confidently better
-    assert race(4, lls).stop(ev, lls, 0) == {}  # all fit in the beam
+    assert list(race(3, lls).stop(ev, lls)) == [(4,)]  # 3 others are confidently better
+    assert race(4, lls).stop(ev, lls) == {}  # all fit in the beam
     # fewer examples than the first look needs: nobody stops, however clear
     few = {c: [{e: v[0][e] for e in range(20)}] for c, v in lls.items()}
-    assert race(2, lls).stop(fake_evaluator(200), few, 0) == {}
+    assert race(2, lls).stop(fake_evaluator(200), few) == {}
 
 
 def test_a_configuration_in_another_beam_runs_on():
@@ -51,14 +51,14 @@ def test_a_configuration_in_another_beam_runs_on():
     lls = {(1,): lls_with(good), (2,): lls_with(good), (3,): lls_with(good), (4,): lls_with(bad)}
     ev = fake_evaluator(100)
     both = Race([Beam({"t": 1.0}, {(1,), (2,), (3,), (4,)}), Beam({"t": 1.0}, {(4,)})], 2)
-    assert both.stop(ev, lls, 0) == {}  # (4,) is the only member of the second beam
-    assert list(race(2, lls).stop(ev, lls, 0)) == [(4,)]
+    assert both.stop(ev, lls) == {}  # (4,) is the only member of the second beam
+    assert list(race(2, lls).stop(ev, lls)) == [(4,)]
 
 
 def test_identical_results_never_stop():
     same = [True, False] * 20
     lls = {(b,): lls_with(same) for b in range(6)}
-    assert race(1, lls).stop(fake_evaluator(40 * 10), lls, 0) == {}
+    assert race(1, lls).stop(fake_evaluator(40 * 10), lls) == {}
 
 
 @pytest.fixture(scope="module")
