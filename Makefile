@@ -36,5 +36,6 @@ demo: install
 	@echo "next: . .venv/bin/activate, then mlflow ui or the README's mlflow run commands"
 
 test: install-test
+	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q

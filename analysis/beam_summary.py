@@ -11,33 +11,41 @@ or --task_types) and the entries hold per-task `drops`, the mean drop per task t
 
 from __future__ import annotations
 
+from analysis.settings import BeamSummarySettings
+from analysis.settings import beam_summary_parser as parser
+from contract import cli
+
+if __name__ == "__main__":  # `--help` and a bad argument are answered before the imports below load MLflow
+    cli.check_args(parser)
+
 import json
 import math
 import tempfile
 from pathlib import Path
 
+from matplotlib.figure import Figure  # no pyplot: no backend or global figure state
 from scipy import stats
 
 from analysis import job, store
-from analysis.report import latex_table, pyplot, tex
+from analysis.report import latex_table, tex
 from analysis.store import AnalysisError
-from search import tracking
-
-KIND = "beam_summary"
-RESULTS = "beam_search_results.json"
+from contract import names, tracking
+from contract.records import BeamResults
 
 
 def select_run(client, run_id: str = "", experiment: str = "", model: str = ""):
     """The beam search run named, else the latest FINISHED one (of `model`, in `experiment`)."""
     if run_id:
         run = store.get_run(client, run_id)
-        if run.data.tags.get(tracking.KIND) != "beam_search":
-            raise AnalysisError(f"run {run_id} is not a beam search (prunetrack.kind={run.data.tags.get(tracking.KIND)!r})")
+        if run.data.tags.get(names.KIND) != names.BEAM_SEARCH:
+            raise AnalysisError(f"run {run_id} is not a beam search ({names.KIND}={run.data.tags.get(names.KIND)!r})")
         return run
-    found = [r for r in store.runs(client, "beam_search", experiment) if not model or r.data.params.get("model") == model]
+    found = [r for r in store.runs(client, names.BEAM_SEARCH, experiment) if not model or r.data.params.get("model") == model]
     if not found:
-        raise AnalysisError(f"no FINISHED beam search{f' of model {model!r}' if model else ''} in {client.tracking_uri}"
-                            + (f", experiment {experiment!r}" if experiment else ""))
+        raise AnalysisError(
+            f"no FINISHED beam search{f' of model {model!r}' if model else ''} in {client.tracking_uri}"
+            + (f", experiment {experiment!r}" if experiment else "")
+        )
     return found[0]
 
 
@@ -49,74 +57,108 @@ def parse_types(text: str) -> dict[str, str]:
     return dict(p.split("=") for p in pairs)
 
 
-def summarize(results: dict, task_types: dict[str, str], level: float = 0.95) -> dict:
+def summarize(results: BeamResults, task_types: dict[str, str], level: float = 0.95) -> dict:
     """The table rows (with a t interval of the mean drop over datasets) and the per-type means."""
     rows = []
-    for e in results["recommendations"]:
-        n, std = e["n_datasets"], e["std_drop"]
+    for e in results.recommendations:
+        n, std = e.n_datasets, e.std_drop
         # std_drop is the spread over the n datasets (ddof 0), so the standard error is std / sqrt(n - 1)
         half = float(stats.t.ppf(0.5 + level / 2, n - 1) * std / math.sqrt(n - 1)) if n > 1 else None
-        rows.append({"num_removed": len(e["removed_blocks"]), "removed_blocks": e["removed_blocks"], "mean_drop": e["mean_drop"],
-                     "std_drop": std, "ci_low": e["mean_drop"] - half if half is not None else None,
-                     "ci_high": e["mean_drop"] + half if half is not None else None, "n_datasets": n,
-                     "incremental_drop": e["incremental_drop"], "active_blocks": e["active_blocks"]})
-    groups, note = {}, ""
-    if task_types and all("drops" in e for e in results["recommendations"]):
-        for kind in sorted(set(task_types.values())):
-            tasks = sorted(t for t, k in task_types.items()
-                           if k == kind and all(t in e["drops"] for e in results["recommendations"]))
-            if tasks:
-                per_k = [sum(e["drops"][t] for t in tasks) / len(tasks) for e in results["recommendations"]]
-                groups[kind] = {"tasks": tasks, "n_tasks": len(tasks), "mean_drop_by_num_removed": per_k,
-                                "mean_drop": sum(per_k) / len(per_k)}
-    elif task_types:
-        note = "task types given, but the recommendations hold no per-task drops: no grouping"
-    return {"model": results.get("model"), "tasks": results.get("tasks"), "num_blocks": results.get("num_blocks"),
-            "criterion": (results.get("settings") or {}).get("criterion"), "ci_level": level, "rows": rows,
-            "task_types": task_types, "groups": groups, "note": note}
+        rows.append(
+            {
+                "num_removed": len(e.removed_blocks),
+                "removed_blocks": e.removed_blocks,
+                "mean_drop": e.mean_drop,
+                "std_drop": std,
+                "ci_low": e.mean_drop - half if half is not None else None,
+                "ci_high": e.mean_drop + half if half is not None else None,
+                "n_datasets": n,
+                "incremental_drop": e.incremental_drop,
+                "active_blocks": e.active_blocks,
+            }
+        )
+    groups = {}
+    for kind in sorted(set(task_types.values())):
+        tasks = sorted(t for t, k in task_types.items() if k == kind and t in results.tasks)
+        if tasks:
+            per_k = [sum(e.drops[t] for t in tasks) / len(tasks) for e in results.recommendations]
+            groups[kind] = {
+                "tasks": tasks,
+                "n_tasks": len(tasks),
+                "mean_drop_by_num_removed": per_k,
+                "mean_drop": sum(per_k) / len(per_k),
+            }
+    return {
+        "model": results.model,
+        "tasks": results.tasks,
+        "num_blocks": results.num_blocks,
+        "criterion": results.settings.get("criterion"),
+        "ci_level": level,
+        "rows": rows,
+        "task_types": task_types,
+        "groups": groups,
+    }
 
 
 def markdown(summary: dict) -> str:
     """beam_summary.md: the recommendation table and the per-type means."""
     pct = round(100 * summary["ci_level"])
-    lines = [f"## Blocks to remove: {summary['model']} ({summary['num_blocks']} blocks, drops over {summary['tasks']})", "",
-             f"| removed | blocks | mean drop ± std | {pct}% CI of the mean | datasets | increment | active blocks |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"## Blocks to remove: {summary['model']} ({summary['num_blocks']} blocks, drops over {summary['tasks']})",
+        "",
+        f"| removed | blocks | mean drop ± std | {pct}% CI of the mean | datasets | increment | active blocks |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in summary["rows"]:
         ci = "n/a" if r["ci_low"] is None else f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}]"
-        lines.append(f"| {r['num_removed']} | {', '.join(map(str, r['removed_blocks']))} | {r['mean_drop']:.4f} ± "
-                     f"{r['std_drop']:.4f} | {ci} | {r['n_datasets']} | {r['incremental_drop']:+.4f} | "
-                     f"{len(r['active_blocks'])} |")
+        lines.append(
+            f"| {r['num_removed']} | {', '.join(map(str, r['removed_blocks']))} | {r['mean_drop']:.4f} ± "
+            f"{r['std_drop']:.4f} | {ci} | {r['n_datasets']} | {r['incremental_drop']:+.4f} | "
+            f"{len(r['active_blocks'])} |"
+        )
     if summary["groups"]:
         lines += ["", "| task type | tasks | mean drop over 1..k removed | by number removed |", "| --- | --- | --- | --- |"]
-        lines += [f"| {kind} | {', '.join(g['tasks'])} (n={g['n_tasks']}) | {g['mean_drop']:.4f} | "
-                  f"{', '.join(f'{v:.4f}' for v in g['mean_drop_by_num_removed'])} |" for kind, g in summary["groups"].items()]
-    if summary["note"]:
-        lines += ["", summary["note"]]
+        lines += [
+            f"| {kind} | {', '.join(g['tasks'])} (n={g['n_tasks']}) | {g['mean_drop']:.4f} | "
+            f"{', '.join(f'{v:.4f}' for v in g['mean_drop_by_num_removed'])} |"
+            for kind, g in summary["groups"].items()
+        ]
     return "\n".join(lines) + "\n"
 
 
 def latex(summary: dict) -> str:
     """beam_table.tex."""
-    rows = [[str(r["num_removed"]), ", ".join(map(str, r["removed_blocks"])), f"{r['mean_drop']:.4f} $\\pm$ {r['std_drop']:.4f}",
-             "--" if r["ci_low"] is None else f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}]", str(r["n_datasets"]),
-             f"{r['incremental_drop']:+.4f}"] for r in summary["rows"]]
+    rows = [
+        [
+            str(r["num_removed"]),
+            ", ".join(map(str, r["removed_blocks"])),
+            f"{r['mean_drop']:.4f} $\\pm$ {r['std_drop']:.4f}",
+            "--" if r["ci_low"] is None else f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}]",
+            str(r["n_datasets"]),
+            f"{r['incremental_drop']:+.4f}",
+        ]
+        for r in summary["rows"]
+    ]
     pct = round(100 * summary["ci_level"])
-    caption = (f"Blocks to remove from {tex(summary['model'])} ({summary['num_blocks']} blocks): beam search, mean drop over "
-               f"the datasets $\\pm$ standard deviation, {pct}\\% $t$ interval of the mean, increment over one block fewer.")
+    caption = (
+        f"Blocks to remove from {tex(summary['model'])} ({summary['num_blocks']} blocks): beam search, mean drop over "
+        f"the datasets $\\pm$ standard deviation, {pct}\\% $t$ interval of the mean, increment over one block fewer."
+    )
     header = ["Removed", "Blocks", r"Mean drop $\pm$ std", f"{pct}\\% CI", "Datasets", "Increment"]
     return latex_table(header, rows, "rlcccr", caption, "tab:beam")
 
 
 def plot(summary: dict, path: Path) -> None:
     """beam_drops.png: mean drop against blocks removed, with the interval of the mean."""
-    plt = pyplot()
     rows = summary["rows"]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
     k = [r["num_removed"] for r in rows]
     mean = [r["mean_drop"] for r in rows]
-    err = [[m - (r["ci_low"] if r["ci_low"] is not None else m) for m, r in zip(mean, rows)],
-           [(r["ci_high"] if r["ci_high"] is not None else m) - m for m, r in zip(mean, rows)]]
+    err = [
+        [m - (r["ci_low"] if r["ci_low"] is not None else m) for m, r in zip(mean, rows)],
+        [(r["ci_high"] if r["ci_high"] is not None else m) - m for m, r in zip(mean, rows)],
+    ]
     ax.errorbar(k, mean, yerr=err, marker="o", capsize=3)
     for x, y, r in zip(k, mean, rows):
         ax.annotate(",".join(map(str, r["removed_blocks"])), (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
@@ -126,7 +168,6 @@ def plot(summary: dict, path: Path) -> None:
     ax.set_title(f"{round(100 * summary['ci_level'])}% t interval of the mean", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def write(summary: dict, folder: Path) -> None:
@@ -138,24 +179,23 @@ def write(summary: dict, folder: Path) -> None:
 
 
 def main(argv=None) -> None:
-    p = job.parser("Cross-dataset recommendation table of a beam search")
-    p.add_argument("--run_id", default="", help="the beam search run (default: the latest FINISHED one)")
-    p.add_argument("--experiment", default="", help="look for beam searches in this experiment only")
-    p.add_argument("--model", default="", help="only beam searches of this model")
-    p.add_argument("--task_types", default="", help="task=type,... to group the drops by task type")
-    args = p.parse_args(argv)
-    types = parse_types(args.task_types)
+    """Run the analysis: `python -m analysis.beam_summary ...` or `mlflow run . -e beam_summary`."""
+    args = parser().parse_args(argv)
+    settings = cli.settings_from(BeamSummarySettings, args)
+    types = parse_types(settings.task_types)
     client = tracking.connect(args.tracking_uri or None)
-    run = select_run(client, args.run_id, args.experiment, args.model)
-    results = store.read_json(client, run.info.run_id, RESULTS)
-    if not results.get("recommendations"):
-        raise AnalysisError(f"beam search run {run.info.run_id} has no recommendations in {RESULTS}")
-    tagged = {k.removeprefix("task_type/"): v for k, v in run.data.tags.items() if k.startswith("task_type/")}
+    run = select_run(client, settings.run_id, settings.experiment, settings.model)
+    results = store.read_record(client, run.info.run_id, names.BEAM_RESULTS, BeamResults)
+    if not results.recommendations:
+        raise AnalysisError(f"beam search run {run.info.run_id} has no recommendations in {names.BEAM_RESULTS}")
+    tagged = {
+        k.removeprefix(names.task_type_tag("")): v for k, v in run.data.tags.items() if k.startswith(names.task_type_tag(""))
+    }
     summary = {"beam_search_run_id": run.info.run_id, **summarize(results, {**tagged, **types})}
-    params = {"beam_search_run_id": run.info.run_id, "task_types": args.task_types}
+    params = {"beam_search_run_id": run.info.run_id, "task_types": settings.task_types}
     with tempfile.TemporaryDirectory() as tmp:
         write(summary, Path(tmp))
-        run_id = job.publish(client, KIND, params, Path(tmp), args.output_dir)
+        run_id = job.publish(client, names.BEAM_SUMMARY, params, Path(tmp), args.output_dir)
     print(markdown(summary) + f"beam search run: {run.info.run_id}\nanalysis run: {run_id}")
 
 

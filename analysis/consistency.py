@@ -11,6 +11,13 @@ per-example results, recomputes both importance vectors and r. Consistent when r
 
 from __future__ import annotations
 
+from analysis.settings import ConsistencySettings
+from analysis.settings import consistency_parser as parser
+from contract import cli
+
+if __name__ == "__main__":  # `--help` and a bad argument are answered before the imports below load MLflow
+    cli.check_args(parser)
+
 import json
 import math
 import tempfile
@@ -18,22 +25,23 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure  # no pyplot: no backend or global figure state
 from mlflow.entities import Run
 from scipy import stats
 
 from analysis import job, store
-from analysis.report import STARS_LEGEND, fmt_p, latex_table, pyplot, stars, tex, tex_p
+from analysis.report import STARS_LEGEND, fmt_p, latex_table, stars, tex, tex_p
 from analysis.store import AnalysisError
-from search import tracking
+from contract import names, tracking
+from contract.records import SensitivityReport
 
-KIND = "consistency"
 SPLITS = ("train", "validation")
 _CHUNK = 100  # bootstrap resamples drawn at once (bounds memory on large splits)
 
 
 def select_studies(client, model: str = "", experiment: str = "") -> tuple[str, dict[str, dict[str, Run]]]:
     """The model and, per task and split, the latest FINISHED sensitivity study holding the task."""
-    found = store.runs(client, "sensitivity", experiment)
+    found = store.runs(client, names.SENSITIVITY, experiment)
     if model:
         found = [r for r in found if r.data.params.get("model") == model]
     where = f"{client.tracking_uri}" + (f", experiment {experiment!r}" if experiment else "")
@@ -60,8 +68,10 @@ def examples(results: list[dict]) -> tuple[np.ndarray, np.ndarray | None]:
     for result in results:
         position = {d: i for i, d in enumerate(result["doc_id"])}
         if len(position) != len(order) or any(d not in position for d in order):
-            raise AnalysisError(f"per-example results of task {result.get('task')!r} cover different examples across "
-                                "the configurations of one study")
+            raise AnalysisError(
+                f"per-example results of task {result.get('task')!r} cover different examples across "
+                "the configurations of one study"
+            )
         index = [position[d] for d in order]
         if "nll" in result:
             values.append(np.asarray(result["nll"], float)[index])
@@ -110,15 +120,23 @@ def _number(x) -> float | None:
     return float(x) if x is not None and math.isfinite(x) else None
 
 
-def analyse_task(client, task: str, studies: dict[str, Run], reports: dict[str, dict], threshold: float,
-                 n_resamples: int, seed: int, level: float) -> dict:
+def analyse_task(
+    client,
+    task: str,
+    studies: dict[str, Run],
+    reports: dict[str, SensitivityReport],
+    threshold: float,
+    n_resamples: int,
+    seed: int,
+    level: float,
+) -> dict:
     """Spearman, Kendall and the bootstrap interval for one task."""
-    vectors = {s: np.asarray(reports[s]["importance"][task], float) for s in SPLITS}
+    vectors = {s: np.asarray(reports[s].importance[task], float) for s in SPLITS}
     data, kind = {}, None
     for split in SPLITS:
-        children = reports[split]["child_runs"]
-        ids = [children["baseline"]] + [children[str(i)] for i in range(reports[split]["num_blocks"])]
-        results = store.read_json_many(client, [(r, f"per_example/{task}.json") for r in ids])
+        children = reports[split].child_runs
+        ids = [children["baseline"]] + [children[str(i)] for i in range(reports[split].num_blocks)]
+        results = store.read_json_many(client, [(r, names.per_example(task)) for r in ids])
         data[split], kind = examples(results), results[0].get("kind")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a constant vector: r is undefined, reported as null
@@ -128,26 +146,44 @@ def analyse_task(client, task: str, studies: dict[str, Run], reports: dict[str, 
     valid = resampled[np.isfinite(resampled)]
     low, high = np.percentile(valid, [50 * (1 - level), 50 * (1 + level)]) if len(valid) else (None, None)
     return {
-        "dataset": task, "kind": kind,
-        "n_blocks": len(vectors["train"]), "n_examples_train": data["train"][0].shape[1],
+        "dataset": task,
+        "kind": kind,
+        "n_blocks": len(vectors["train"]),
+        "n_examples_train": data["train"][0].shape[1],
         "n_examples_validation": data["validation"][0].shape[1],
-        "spearman_r": _number(r), "p_value": _number(p), "kendall_tau": _number(tau), "kendall_p_value": _number(tau_p),
-        "ci_low": _number(low), "ci_high": _number(high), "ci_level": level,
-        "n_resamples": n_resamples, "n_resamples_valid": int(len(valid)),
+        "spearman_r": _number(r),
+        "p_value": _number(p),
+        "kendall_tau": _number(tau),
+        "kendall_p_value": _number(tau_p),
+        "ci_low": _number(low),
+        "ci_high": _number(high),
+        "ci_level": level,
+        "n_resamples": n_resamples,
+        "n_resamples_valid": int(len(valid)),
         "consistent": bool(math.isfinite(r) and r >= threshold),
-        "train_run_id": studies["train"].info.run_id, "validation_run_id": studies["validation"].info.run_id,
-        "importance_train": vectors["train"].tolist(), "importance_validation": vectors["validation"].tolist(),
+        "train_run_id": studies["train"].info.run_id,
+        "validation_run_id": studies["validation"].info.run_id,
+        "importance_train": vectors["train"].tolist(),
+        "importance_validation": vectors["validation"].tolist(),
     }
 
 
-def consistency(client, model: str = "", experiment: str = "", threshold: float = 0.9, n_resamples: int = 1000,
-                seed: int = 0, level: float = 0.95) -> dict:
+def consistency(
+    client,
+    model: str = "",
+    experiment: str = "",
+    threshold: float = 0.9,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict:
     """Everything the analysis reports (consistency.json)."""
     if n_resamples < 1 or not 0 < level < 1:
-        raise AnalysisError(f"n_resamples {n_resamples} and ci_level {level} out of range; "
-                            "allowed: n_resamples >= 1, 0 < ci_level < 1")
+        raise AnalysisError(
+            f"n_resamples {n_resamples} and ci_level {level} out of range; allowed: n_resamples >= 1, 0 < ci_level < 1"
+        )
     model, chosen = select_studies(client, model, experiment)
-    reports: dict[str, dict] = {}
+    reports: dict[str, SensitivityReport] = {}
     datasets, skipped = [], {}
     for task, studies in sorted(chosen.items()):
         missing = [s for s in SPLITS if s not in studies]
@@ -156,26 +192,39 @@ def consistency(client, model: str = "", experiment: str = "", threshold: float 
             continue
         for run in studies.values():
             if run.info.run_id not in reports:
-                reports[run.info.run_id] = store.read_json(client, run.info.run_id, "sensitivity.json")
+                reports[run.info.run_id] = store.read_record(client, run.info.run_id, names.SENSITIVITY_REPORT, SensitivityReport)
         pair = {s: reports[studies[s].info.run_id] for s in SPLITS}
-        if pair["train"]["num_blocks"] != pair["validation"]["num_blocks"]:
-            skipped[task] = f"train study has {pair['train']['num_blocks']} blocks, validation {pair['validation']['num_blocks']}"
+        if pair["train"].num_blocks != pair["validation"].num_blocks:
+            skipped[task] = f"train study has {pair['train'].num_blocks} blocks, validation {pair['validation'].num_blocks}"
             continue
         datasets.append(analyse_task(client, task, studies, pair, threshold, n_resamples, seed, level))
     if not datasets:
-        raise AnalysisError(f"no task of model {model!r} has FINISHED sensitivity studies on both train and validation; "
-                            + "; ".join(f"{t}: {why}" for t, why in skipped.items()))
+        raise AnalysisError(
+            f"no task of model {model!r} has FINISHED sensitivity studies on both train and validation; "
+            + "; ".join(f"{t}: {why}" for t, why in skipped.items())
+        )
     datasets.sort(key=lambda d: -(d["spearman_r"] if d["spearman_r"] is not None else -math.inf))
     rs = [d["spearman_r"] for d in datasets if d["spearman_r"] is not None]
     return {
-        "model": model, "experiment": experiment, "tracking_uri": client.tracking_uri, "threshold": threshold,
-        "n_resamples": n_resamples, "seed": seed, "ci_level": level,
-        "method": ("Spearman r over blocks of train vs validation importance; p: scipy.stats.spearmanr; Kendall tau "
-                   "beside it; interval: bootstrap percentile, resampling each split's examples with replacement "
-                   "and recomputing both importance vectors"),
+        "model": model,
+        "experiment": experiment,
+        "tracking_uri": client.tracking_uri,
+        "threshold": threshold,
+        "n_resamples": n_resamples,
+        "seed": seed,
+        "ci_level": level,
+        "method": (
+            "Spearman r over blocks of train vs validation importance; p: scipy.stats.spearmanr; Kendall tau "
+            "beside it; interval: bootstrap percentile, resampling each split's examples with replacement "
+            "and recomputing both importance vectors"
+        ),
         "datasets": {d["dataset"]: d for d in datasets},
-        "summary": {"n_datasets": len(datasets), "n_consistent": sum(d["consistent"] for d in datasets),
-                    "mean_r": float(np.mean(rs)) if rs else None, "n_with_r": len(rs)},
+        "summary": {
+            "n_datasets": len(datasets),
+            "n_consistent": sum(d["consistent"] for d in datasets),
+            "mean_r": float(np.mean(rs)) if rs else None,
+            "n_with_r": len(rs),
+        },
         "runs_used": {d["dataset"]: {"train": d["train_run_id"], "validation": d["validation_run_id"]} for d in datasets},
         "skipped": skipped,
     }
@@ -185,24 +234,34 @@ def summary_text(result: dict) -> str:
     """The table and the summary, for the terminal and consistency_report.txt."""
     s = result["summary"]
     pct = round(100 * result["ci_level"])
-    lines = [f"Train vs validation consistency of block importance, model {result['model']}",
-             f"Spearman r over blocks; {pct}% CI: bootstrap over examples, {result['n_resamples']} resamples "
-             f"(seed {result['seed']}); consistent when r >= {result['threshold']}; {STARS_LEGEND}", "",
-             f"{'dataset':<24}{'blocks':>7}{'n_train':>9}{'n_val':>7}{'spearman_r':>12}  {'p':<10}{'CI':<18}"
-             f"{'kendall_tau':>12}  consistent"]
+    lines = [
+        f"Train vs validation consistency of block importance, model {result['model']}",
+        f"Spearman r over blocks; {pct}% CI: bootstrap over examples, {result['n_resamples']} resamples "
+        f"(seed {result['seed']}); consistent when r >= {result['threshold']}; {STARS_LEGEND}",
+        "",
+        f"{'dataset':<24}{'blocks':>7}{'n_train':>9}{'n_val':>7}{'spearman_r':>12}  {'p':<10}{'CI':<18}"
+        f"{'kendall_tau':>12}  consistent",
+    ]
     for d in result["datasets"].values():
         r = "n/a" if d["spearman_r"] is None else f"{d['spearman_r']:.4f}"
         ci = "n/a" if d["ci_low"] is None else f"[{d['ci_low']:.3f}, {d['ci_high']:.3f}]"
         p = fmt_p(d["p_value"])
         tau = "n/a" if d["kendall_tau"] is None else f"{d['kendall_tau']:.4f}"
-        lines.append(f"{d['dataset']:<24}{d['n_blocks']:>7}{d['n_examples_train']:>9}{d['n_examples_validation']:>7}"
-                     f"{r:>9}{stars(d['p_value']):<3}  {p:<10}{ci:<18}{tau:>12}  {'yes' if d['consistent'] else 'no'}")
+        lines.append(
+            f"{d['dataset']:<24}{d['n_blocks']:>7}{d['n_examples_train']:>9}{d['n_examples_validation']:>7}"
+            f"{r:>9}{stars(d['p_value']):<3}  {p:<10}{ci:<18}{tau:>12}  {'yes' if d['consistent'] else 'no'}"
+        )
     mean = "n/a" if s["mean_r"] is None else f"{s['mean_r']:.4f}"
-    lines += ["", f"consistent: {s['n_consistent']}/{s['n_datasets']} datasets; mean Spearman r {mean} "
-                  f"(over {s['n_with_r']} datasets)"]
-    lines += [f"{d['dataset']}: {d['n_resamples'] - d['n_resamples_valid']} of {d['n_resamples']} resamples gave a constant "
-              "importance vector (r undefined) and are left out of the interval"
-              for d in result["datasets"].values() if d["n_resamples_valid"] < d["n_resamples"]]
+    lines += [
+        "",
+        f"consistent: {s['n_consistent']}/{s['n_datasets']} datasets; mean Spearman r {mean} (over {s['n_with_r']} datasets)",
+    ]
+    lines += [
+        f"{d['dataset']}: {d['n_resamples'] - d['n_resamples_valid']} of {d['n_resamples']} resamples gave a constant "
+        "importance vector (r undefined) and are left out of the interval"
+        for d in result["datasets"].values()
+        if d["n_resamples_valid"] < d["n_resamples"]
+    ]
     lines += [f"skipped {t}: {why}" for t, why in result["skipped"].items()]
     lines += ["runs used (latest FINISHED study per split):"]
     lines += [f"  {t}: train {u['train']}, validation {u['validation']}" for t, u in result["runs_used"].items()]
@@ -217,27 +276,54 @@ def latex(result: dict) -> str:
         r = "--" if d["spearman_r"] is None else f"{d['spearman_r']:.4f}"
         ci = "--" if d["ci_low"] is None else f"[{d['ci_low']:.3f}, {d['ci_high']:.3f}]"
         tau = "--" if d["kendall_tau"] is None else f"{d['kendall_tau']:.4f}"
-        rows.append([tex(d["dataset"]), str(d["n_blocks"]), str(d["n_examples_train"]), str(d["n_examples_validation"]),
-                     r, ci, tex_p(d["p_value"]), tau, "yes" if d["consistent"] else "no"])
+        rows.append(
+            [
+                tex(d["dataset"]),
+                str(d["n_blocks"]),
+                str(d["n_examples_train"]),
+                str(d["n_examples_validation"]),
+                r,
+                ci,
+                tex_p(d["p_value"]),
+                tau,
+                "yes" if d["consistent"] else "no",
+            ]
+        )
     mean = "--" if s["mean_r"] is None else f"{s['mean_r']:.4f}"
-    caption = (f"Train vs validation consistency of block importance ({tex(result['model'])}). Spearman $r$ over blocks; "
-               f"{round(100 * result['ci_level'])}\\% CI: bootstrap over examples ({result['n_resamples']} resamples); "
-               f"consistent when $r \\ge {result['threshold']}$: {s['n_consistent']}/{s['n_datasets']}, mean $r$ = {mean}.")
-    header = ["Dataset", "Blocks", r"$n_\mathrm{train}$", r"$n_\mathrm{val}$", r"Spearman $r$",
-              f"{round(100 * result['ci_level'])}\\% CI", "$p$", r"Kendall $\tau$", "Consistent"]
+    caption = (
+        f"Train vs validation consistency of block importance ({tex(result['model'])}). Spearman $r$ over blocks; "
+        f"{round(100 * result['ci_level'])}\\% CI: bootstrap over examples ({result['n_resamples']} resamples); "
+        f"consistent when $r \\ge {result['threshold']}$: {s['n_consistent']}/{s['n_datasets']}, mean $r$ = {mean}."
+    )
+    header = [
+        "Dataset",
+        "Blocks",
+        r"$n_\mathrm{train}$",
+        r"$n_\mathrm{val}$",
+        r"Spearman $r$",
+        f"{round(100 * result['ci_level'])}\\% CI",
+        "$p$",
+        r"Kendall $\tau$",
+        "Consistent",
+    ]
     return latex_table(header, rows, "lrrrrcrrc", caption, "tab:consistency")
 
 
 def plot_bars(result: dict, path: Path) -> None:
     """correlation_bar_chart.png: r per dataset with its interval and the threshold."""
-    plt = pyplot()
     ds = [d for d in result["datasets"].values() if d["spearman_r"] is not None]
-    fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(ds) + 2), 4))
+    fig = Figure(figsize=(max(5, 0.8 * len(ds) + 2), 4))
+    ax = fig.subplots()
     r = np.array([d["spearman_r"] for d in ds])
     low = np.array([d["ci_low"] if d["ci_low"] is not None else d["spearman_r"] for d in ds])
     high = np.array([d["ci_high"] if d["ci_high"] is not None else d["spearman_r"] for d in ds])
-    ax.bar(range(len(ds)), r, color=["tab:green" if d["consistent"] else "tab:orange" for d in ds],
-           yerr=[np.clip(r - low, 0, None), np.clip(high - r, 0, None)], capsize=3)
+    ax.bar(
+        range(len(ds)),
+        r,
+        color=["tab:green" if d["consistent"] else "tab:orange" for d in ds],
+        yerr=[np.clip(r - low, 0, None), np.clip(high - r, 0, None)],
+        capsize=3,
+    )
     ax.axhline(result["threshold"], color="k", ls="--", lw=1, label=f"threshold {result['threshold']}")
     ax.set_xticks(range(len(ds)), [d["dataset"] for d in ds], rotation=30, ha="right")
     ax.set_ylabel("Spearman r (train vs validation)")
@@ -245,16 +331,15 @@ def plot_bars(result: dict, path: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_scatter(result: dict, path: Path) -> None:
     """scatter_comparison.png: train vs validation importance per block, one panel per dataset."""
-    plt = pyplot()
     ds = list(result["datasets"].values())
     cols = min(3, len(ds))
     rows = math.ceil(len(ds) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.6 * rows), squeeze=False)
+    fig = Figure(figsize=(4 * cols, 3.6 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax, d in zip(axes.flat, ds):
         x, y = d["importance_train"], d["importance_validation"]
         ax.scatter(x, y, s=14)
@@ -266,19 +351,17 @@ def plot_scatter(result: dict, path: Path) -> None:
         ax.set_title(f"{d['dataset']}: r = {r} ({d['n_blocks']} blocks)", fontsize=9)
         ax.set_xlabel("train importance", fontsize=8)
         ax.set_ylabel("validation importance", fontsize=8)
-    for ax in list(axes.flat)[len(ds):]:
+    for ax in list(axes.flat)[len(ds) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_heatmap(result: dict, path: Path) -> None:
     """importance_heatmap.png: dataset x block, per split, each dataset scaled by its largest |importance|."""
-    plt = pyplot()
     ds = list(result["datasets"].values())
-    fig, axes = plt.subplots(2, 1, figsize=(max(6, 0.35 * ds[0]["n_blocks"] + 3), 1.6 + 1.2 * len(ds)), squeeze=False,
-                             layout="constrained")
+    fig = Figure(figsize=(max(6, 0.35 * ds[0]["n_blocks"] + 3), 1.6 + 1.2 * len(ds)), layout="constrained")
+    axes = fig.subplots(2, 1, squeeze=False)
     for ax, split in zip(axes[:, 0], SPLITS):
         scaled = []
         for d in ds:
@@ -290,7 +373,6 @@ def plot_heatmap(result: dict, path: Path) -> None:
     axes[-1, 0].set_xlabel("block")
     fig.colorbar(image, ax=axes[:, 0], label="importance / max |importance| of the dataset")
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def write(result: dict, folder: Path) -> None:
@@ -304,25 +386,31 @@ def write(result: dict, folder: Path) -> None:
 
 
 def main(argv=None) -> None:
-    p = job.parser("Train vs validation consistency of block importance")
-    p.add_argument("--model", default="", help="the model's name as the sensitivity studies logged it")
-    p.add_argument("--experiment", default="", help="only studies in this experiment (name or id)")
-    p.add_argument("--threshold", type=float, default=0.9, help="consistent when Spearman r >= threshold")
-    p.add_argument("--n_resamples", type=int, default=1000, help="bootstrap resamples")
-    p.add_argument("--ci_level", type=float, default=0.95, help="bootstrap interval level")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    args = p.parse_args(argv)
+    """Run the analysis: `python -m analysis.consistency ...` or `mlflow run . -e consistency`."""
+    args = parser().parse_args(argv)
+    settings = cli.settings_from(ConsistencySettings, args)
     client = tracking.connect(args.tracking_uri or None)
-    result = consistency(client, args.model, args.experiment, args.threshold, args.n_resamples, args.seed, args.ci_level)
+    result = consistency(
+        client, settings.model, settings.experiment, settings.threshold, settings.n_resamples, settings.seed, settings.ci_level
+    )
     s = result["summary"]
-    params = {"model": result["model"], "experiment": args.experiment, "threshold": args.threshold,
-              "n_resamples": args.n_resamples, "ci_level": args.ci_level, "seed": args.seed,
-              "datasets": ",".join(result["datasets"])}
-    metrics = {"n_datasets": s["n_datasets"], "n_consistent": s["n_consistent"],
-               **({"mean_r": s["mean_r"]} if s["mean_r"] is not None else {})}
+    params = {
+        "model": result["model"],
+        "experiment": settings.experiment,
+        "threshold": settings.threshold,
+        "n_resamples": settings.n_resamples,
+        "ci_level": settings.ci_level,
+        "seed": settings.seed,
+        "datasets": ",".join(result["datasets"]),
+    }
+    metrics = {
+        "n_datasets": s["n_datasets"],
+        "n_consistent": s["n_consistent"],
+        **({"mean_r": s["mean_r"]} if s["mean_r"] is not None else {}),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         write(result, Path(tmp))
-        run_id = job.publish(client, KIND, params, Path(tmp), args.output_dir, metrics)
+        run_id = job.publish(client, names.CONSISTENCY, params, Path(tmp), args.output_dir, metrics)
     print(summary_text(result) + f"analysis run: {run_id}")
 
 

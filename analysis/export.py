@@ -14,6 +14,13 @@ and are never logged; passwords in URLs are masked in params and the manifest.
 
 from __future__ import annotations
 
+from analysis.settings import ExportSettings
+from analysis.settings import export_parser as parser
+from contract import cli
+
+if __name__ == "__main__":  # `--help` and a bad argument are answered before the imports below load MLflow
+    cli.check_args(parser)
+
 import hashlib
 import json
 import mimetypes
@@ -31,10 +38,8 @@ from s3transfer.utils import ChunksizeAdjuster
 
 from analysis import job, store
 from analysis.store import AnalysisError
-from search import tracking
+from contract import names, tracking
 
-KIND = "export"
-DEFAULT_KINDS = "consistency,correlation,beam_summary,beam_search,study"
 ROOT = Path(__file__).resolve().parents[1]
 _PASSWORD = re.compile(r"(://[^/:@\s]*):[^/@\s]*@")
 
@@ -70,8 +75,10 @@ def s3_error(err: Exception, bucket: str, url: str | None) -> AnalysisError:
         if status == 404 or code in ("404", "NoSuchBucket"):
             return AnalysisError(f"bucket {bucket!r} does not exist {where}")
         if status == 403 or code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied"):
-            return AnalysisError(f"S3 {where} refused the credentials for bucket {bucket!r} ({code or status}); "
-                                 "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE")
+            return AnalysisError(
+                f"S3 {where} refused the credentials for bucket {bucket!r} ({code or status}); "
+                "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE"
+            )
         return AnalysisError(f"S3 {where} failed on bucket {bucket!r}: {code or status}")
     return AnalysisError(f"S3 {where} failed on bucket {bucket!r}: {type(err).__name__}")
 
@@ -82,8 +89,10 @@ def chosen_runs(client, run_ids: list[str], experiment: str, kinds: list[str]) -
         return [store.get_run(client, r) for r in run_ids]
     found = [run for kind in kinds for run in store.runs(client, kind, experiment)]
     if not found:
-        raise AnalysisError(f"no FINISHED run of kind {', '.join(kinds)} in {public(client.tracking_uri)}"
-                            + (f", experiment {experiment!r}" if experiment else ""))
+        raise AnalysisError(
+            f"no FINISHED run of kind {', '.join(kinds)} in {public(client.tracking_uri)}"
+            + (f", experiment {experiment!r}" if experiment else "")
+        )
     return sorted(found, key=lambda r: (r.info.start_time, r.info.run_id))
 
 
@@ -157,8 +166,13 @@ def export(client, s3, bucket: str, prefix: str, runs: list) -> dict:
         if existing.get(key) == (size, etag):
             counts["skipped"] += 1
         else:
-            s3.upload_file(str(path), bucket, key, Config=TRANSFER,
-                           ExtraArgs={"ContentType": mimetypes.guess_type(key)[0] or "application/octet-stream"})
+            s3.upload_file(
+                str(path),
+                bucket,
+                key,
+                Config=TRANSFER,
+                ExtraArgs={"ContentType": mimetypes.guess_type(key)[0] or "application/octet-stream"},
+            )
             counts["uploaded"] += 1
         return {"key": key, "size": size, "md5": md5}
 
@@ -167,12 +181,20 @@ def export(client, s3, bucket: str, prefix: str, runs: list) -> dict:
         run_id = run.info.run_id
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(client.download_artifacts(run_id, "", tmp))
-            objects = [put(_key(prefix, run_id, path.relative_to(local).as_posix()), path)
-                       for path in sorted(p for p in local.rglob("*") if p.is_file())]
-        listed[run_id] = {"kind": run.data.tags.get(tracking.KIND), "run_name": run.info.run_name,
-                          "experiment_id": run.info.experiment_id, "status": run.info.status,
-                          "start_time": run.info.start_time, "source_commit": run.data.tags.get("mlflow.source.git.commit"),
-                          "params": {k: public(v) for k, v in sorted(run.data.params.items())}, "objects": objects}
+            objects = [
+                put(_key(prefix, run_id, path.relative_to(local).as_posix()), path)
+                for path in sorted(p for p in local.rglob("*") if p.is_file())
+            ]
+        listed[run_id] = {
+            "kind": run.data.tags.get(names.KIND),
+            "run_name": run.info.run_name,
+            "experiment_id": run.info.experiment_id,
+            "status": run.info.status,
+            "start_time": run.info.start_time,
+            "source_commit": run.data.tags.get("mlflow.source.git.commit"),
+            "params": {k: public(v) for k, v in sorted(run.data.params.items())},
+            "objects": objects,
+        }
     manifest_key = _key(prefix, "manifest.json")
     previous = {}
     if manifest_key in existing:
@@ -182,8 +204,13 @@ def export(client, s3, bucket: str, prefix: str, runs: list) -> dict:
         manifest = previous
         counts["skipped"] += 1
     else:
-        manifest = {"destination": f"s3://{bucket}/{prefix}", "tracking_uri": public(client.tracking_uri),
-                    "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "code_version": code_version(), "runs": merged}
+        manifest = {
+            "destination": f"s3://{bucket}/{prefix}",
+            "tracking_uri": public(client.tracking_uri),
+            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "code_version": code_version(),
+            "runs": merged,
+        }
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "manifest.json"
             path.write_text(json.dumps(manifest, indent=1, sort_keys=True))
@@ -192,33 +219,39 @@ def export(client, s3, bucket: str, prefix: str, runs: list) -> dict:
 
 
 def main(argv=None) -> None:
-    p = job.parser("Upload the reports and figures of chosen runs to S3")
-    p.add_argument("--dest", required=True, help="s3://bucket/prefix")
-    p.add_argument("--run_ids", default="", help="comma-separated run ids (default: every FINISHED run of --kinds)")
-    p.add_argument("--experiment", default="", help="only runs in this experiment (name or id)")
-    p.add_argument("--kinds", default=DEFAULT_KINDS, help="prunetrack.kind values to export when no run ids are given")
-    p.add_argument("--endpoint_url", default="",
-                   help="S3-compatible endpoint (default $AWS_ENDPOINT_URL, $MLFLOW_S3_ENDPOINT_URL)")
-    args = p.parse_args(argv)
-    bucket, prefix = parse_dest(args.dest)
+    """Run the analysis: `python -m analysis.export ...` or `mlflow run . -e export`."""
+    args = parser().parse_args(argv)
+    settings = cli.settings_from(ExportSettings, args)
+    bucket, prefix = parse_dest(settings.dest)
     client = tracking.connect(args.tracking_uri or None)
-    runs = chosen_runs(client, [r.strip() for r in args.run_ids.split(",") if r.strip()], args.experiment,
-                       [k.strip() for k in args.kinds.split(",") if k.strip()])
-    url = endpoint(args.endpoint_url)
+    runs = chosen_runs(
+        client,
+        [r.strip() for r in settings.run_ids.split(",") if r.strip()],
+        settings.experiment,
+        [k.strip() for k in settings.kinds.split(",") if k.strip()],
+    )
+    url = endpoint(settings.endpoint_url)
     try:
         s3 = boto3.client("s3", endpoint_url=url)
         s3.head_bucket(Bucket=bucket)
         result = export(client, s3, bucket, prefix, runs)
     except (BotoCoreError, ClientError) as err:
         raise s3_error(err, bucket, url) from None
-    params = {"dest": args.dest, "run_ids": ",".join(r.info.run_id for r in runs), "experiment": args.experiment,
-              "kinds": args.kinds, "endpoint_url": public(url or "")}
+    params = {
+        "dest": settings.dest,
+        "run_ids": ",".join(r.info.run_id for r in runs),
+        "experiment": settings.experiment,
+        "kinds": settings.kinds,
+        "endpoint_url": public(url or ""),
+    }
     metrics = {"uploaded": result["uploaded"], "skipped": result["skipped"], "n_runs": len(runs)}
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "manifest.json").write_text(json.dumps(result["manifest"], indent=1, sort_keys=True))
-        run_id = job.publish(client, KIND, params, Path(tmp), args.output_dir, metrics)
-    print(f"exported {len(runs)} runs to {args.dest}: uploaded {result['uploaded']}, skipped {result['skipped']} "
-          f"(already there, same size and MD5)\nanalysis run: {run_id}")
+        run_id = job.publish(client, names.EXPORT, params, Path(tmp), args.output_dir, metrics)
+    print(
+        f"exported {len(runs)} runs to {settings.dest}: uploaded {result['uploaded']}, skipped {result['skipped']} "
+        f"(already there, same size and MD5)\nanalysis run: {run_id}"
+    )
 
 
 if __name__ == "__main__":

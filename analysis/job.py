@@ -1,4 +1,4 @@
-"""What every analysis job shares: its command line, its own MLflow run, one-line errors.
+"""What every analysis job shares: its own MLflow run, one-line errors (its settings: analysis.settings).
 
 An analysis writes its outputs into a folder; `publish` then records them as one run tagged
 `prunetrack.kind=<kind>` (the run `mlflow run` started, else a new one in experiment `analysis`),
@@ -7,28 +7,20 @@ logs the folder as the run's artifacts and copies it to `--output_dir` when give
 
 from __future__ import annotations
 
-import argparse
 import shutil
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
 from analysis.store import AnalysisError
-from search import tracking
+from contract import cli, tracking
 
 EXPERIMENT = "analysis"
 
 
-def parser(description: str) -> argparse.ArgumentParser:
-    """The options every analysis takes: the tracking store and an optional output folder."""
-    p = tracking.ArgumentParser(description=description)
-    p.add_argument("--tracking_uri", default="", help="tracking URI or profile (overrides MLFLOW_TRACKING_URI)")
-    p.add_argument("--output_dir", default="", help="also write the outputs to this folder")
-    return p
-
-
-def publish(client: MlflowClient, kind: str, params: dict, outputs: Path, output_dir: str = "",
-            metrics: dict | None = None) -> str:
+def publish(
+    client: MlflowClient, kind: str, params: dict, outputs: Path, output_dir: str = "", metrics: dict | None = None
+) -> str:
     """Record the files in `outputs` as the artifacts of an analysis run of `kind`; its run id."""
     with tracking.study_run(client, kind, EXPERIMENT, params) as (run_id, _):
         tracking.log(client, run_id, metrics=metrics or {})
@@ -39,9 +31,5 @@ def publish(client: MlflowClient, kind: str, params: dict, outputs: Path, output
 
 
 def run_main(main, argv=None) -> int:
-    """Run `main(argv)`; a user error becomes one line `error: ...` on stderr and exit code 2.
-
-    The same contract as search.cli.run_main (search.tracking.guarded), which cannot be imported here:
-    search.cli pulls in the model side (pruning, torch), and analysis never does.
-    """
-    return tracking.guarded(main, argv, (AnalysisError,))
+    """Run `main(argv)` as an entry point (contract.cli.run_main); AnalysisError is a user error."""
+    return cli.run_main(main, argv, (AnalysisError,))

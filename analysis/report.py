@@ -1,11 +1,21 @@
-"""Formatting shared by the analyses: significance stars, LaTeX (booktabs) tables, headless pyplot."""
+"""Formatting shared by the analyses: significance stars, LaTeX (booktabs) tables."""
 
 from __future__ import annotations
 
 import math
 
-_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-        "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+_TEX = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+}
 
 
 def stars(p: float | None) -> str:
@@ -45,16 +55,21 @@ def tex_p(p: float | None) -> str:
 def latex_table(header: list[str], rows: list[list[str]], align: str, caption: str, label: str) -> str:
     """A booktabs table; cells are LaTeX already (escape data with `tex`)."""
     body = [" & ".join(row) + r" \\" for row in rows]
-    return "\n".join([r"% needs \usepackage{booktabs}", r"\begin{table}[t]", r"\centering", rf"\caption{{{caption}}}",
-                      rf"\label{{{label}}}", rf"\begin{{tabular}}{{{align}}}", r"\toprule", " & ".join(header) + r" \\",
-                      r"\midrule", *body, r"\bottomrule", r"\end{tabular}", r"\end{table}", ""])
-
-
-def pyplot():
-    """matplotlib.pyplot on the file-only Agg backend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return "\n".join(
+        [
+            r"% needs \usepackage{booktabs}",
+            r"\begin{table}[t]",
+            r"\centering",
+            rf"\caption{{{caption}}}",
+            rf"\label{{{label}}}",
+            rf"\begin{{tabular}}{{{align}}}",
+            r"\toprule",
+            " & ".join(header) + r" \\",
+            r"\midrule",
+            *body,
+            r"\bottomrule",
+            r"\end{tabular}",
+            r"\end{table}",
+            "",
+        ]
+    )

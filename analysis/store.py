@@ -12,8 +12,9 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from search import tracking
-from search.tracking import KIND
+from contract import tracking
+from contract.names import KIND
+from contract.records import Record, RecordError
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per small JSON file clutters the logs
 
@@ -45,16 +46,22 @@ def experiment_ids(client: MlflowClient, experiment: str = "") -> list[str]:
             found = None
     if found is None:
         names = sorted(e.name for e in _pages(client.search_experiments, max_results=1000))
-        raise AnalysisError(f"unknown experiment {experiment!r} in {client.tracking_uri}; "
-                            f"experiments: {', '.join(names) or 'none'}")
+        raise AnalysisError(
+            f"unknown experiment {experiment!r} in {client.tracking_uri}; experiments: {', '.join(names) or 'none'}"
+        )
     return [found.experiment_id]
 
 
 def runs(client: MlflowClient, kind: str, experiment: str = "", status: str | None = "FINISHED") -> list[Run]:
     """Runs tagged `prunetrack.kind=<kind>` (of one status, or any when None), newest first."""
     query = f"tags.`{KIND}` = '{kind}'" + (f" and attributes.status = '{status}'" if status else "")
-    return _pages(client.search_runs, experiment_ids=experiment_ids(client, experiment), filter_string=query,
-                  max_results=1000, order_by=["attributes.start_time DESC"])
+    return _pages(
+        client.search_runs,
+        experiment_ids=experiment_ids(client, experiment),
+        filter_string=query,
+        max_results=1000,
+        order_by=["attributes.start_time DESC"],
+    )
 
 
 def get_run(client: MlflowClient, run_id: str) -> Run:
@@ -71,6 +78,14 @@ def read_json(client: MlflowClient, run_id: str, path: str):
         return tracking.load_json(client, run_id, path)
     except (MlflowException, OSError, ValueError) as err:
         raise AnalysisError(f"cannot read artifact {path!r} of run {run_id}: {str(err).strip().splitlines()[0][:200]}") from None
+
+
+def read_record(client: MlflowClient, run_id: str, path: str, record: type[Record]):
+    """JSON artifact `path` of run `run_id` as a `record` (contract.records), or a one-line error."""
+    try:
+        return record.from_json(read_json(client, run_id, path))
+    except RecordError as err:
+        raise AnalysisError(f"artifact {path!r} of run {run_id} is {err}") from None
 
 
 def read_json_many(client: MlflowClient, items: list[tuple[str, str]]) -> list:

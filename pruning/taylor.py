@@ -47,8 +47,9 @@ def calibration_text(source: str = "pydoc") -> str:
         return _hub_text(source)
     path = Path(source)
     if path.suffix not in (".txt", ".jsonl"):
-        raise ModelError(f"unknown calibration source {source!r}; allowed: pydoc, a .txt file, a .jsonl file, "
-                         "hf:<dataset>[:<config>]")
+        raise ModelError(
+            f"unknown calibration source {source!r}; allowed: pydoc, a .txt file, a .jsonl file, hf:<dataset>[:<config>]"
+        )
     if not path.is_file():
         raise ModelError(f"calibration file not found: {source!r}")
     if path.suffix == ".txt":
@@ -77,8 +78,11 @@ def _hub_text(source: str) -> str:
     except Exception as err:  # offline, unknown name, missing config
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise ModelError(f"cannot load calibration dataset {source!r}: {first}") from None
-    column = "text" if "text" in rows.column_names else next(
-        (c for c, f in rows.features.items() if getattr(f, "dtype", None) == "string"), None)
+    column = (
+        "text"
+        if "text" in rows.column_names
+        else next((c for c, f in rows.features.items() if getattr(f, "dtype", None) == "string"), None)
+    )
     if column is None:
         raise ModelError(f"calibration dataset {source!r} has no text column")
     return "\n\n".join(t for t in rows[column] if t and t.strip())
@@ -107,9 +111,7 @@ def calibration_batches(
         raise ModelError(f"seq_len {seq_len} out of range; allowed: {limit}")
     ids = tokenizer(calibration_text(source), add_special_tokens=False, verbose=False)["input_ids"]
     if len(ids) < seq_len + 1:
-        raise ModelError(
-            f"calibration corpus {source!r} has {len(ids)} tokens; seq_len {seq_len} needs at least {seq_len + 1}"
-        )
+        raise ModelError(f"calibration corpus {source!r} has {len(ids)} tokens; seq_len {seq_len} needs at least {seq_len + 1}")
     tokens = torch.tensor(ids, dtype=torch.long)
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(ids) - seq_len + 1, (num_samples,), generator=generator)
@@ -142,9 +144,7 @@ def check_family(model: nn.Module) -> None:
     """Refuse a model whose family the width pruner cannot slice (one-line ModelError)."""
     model_type = getattr(model.config, "model_type", None)
     if model_type not in SUPPORTED_FAMILIES:
-        raise ModelError(
-            f"model type {model_type!r} not supported for width pruning; supported: {', '.join(SUPPORTED_FAMILIES)}"
-        )
+        raise ModelError(f"model type {model_type!r} not supported for width pruning; supported: {', '.join(SUPPORTED_FAMILIES)}")
 
 
 def _blocks(model: nn.Module) -> nn.ModuleList:
@@ -336,8 +336,9 @@ def _normalize(scores: torch.Tensor, method: str) -> torch.Tensor:
     return scores / max(scale, _EPS)
 
 
-def check_prune_options(ratio: float, normalization: str = "none", max_layer_rate: float = 1.0,
-                        min_heads: int = 1, min_channels: int = 1) -> None:
+def check_prune_options(
+    ratio: float, normalization: str = "none", max_layer_rate: float = 1.0, min_heads: int = 1, min_channels: int = 1
+) -> None:
     """Validate `global_prune`'s options without touching a model (so callers can fail before compute)."""
     if not 0 < ratio < 1:
         raise ModelError(f"pruning_ratio {ratio} out of range; allowed: 0 < ratio < 1")
@@ -504,8 +505,6 @@ def load_pruned(directory) -> nn.Module:
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
     if unexpected or set(missing) - tied:
-        raise ModelError(
-            f"{directory}: weights do not match the pruned shapes (missing {missing}, unexpected {unexpected})"
-        )
+        raise ModelError(f"{directory}: weights do not match the pruned shapes (missing {missing}, unexpected {unexpected})")
     model.tie_weights()
     return model.eval()

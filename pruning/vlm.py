@@ -76,11 +76,14 @@ class GenerationEvaluator:
         text = [t.name for t in tasks if t.kind != KIND]
         if text:
             vqa = [t.name for t in tasks if t.kind == KIND]
-            raise TaskError(f"tasks mix text tasks ({', '.join(text)}) with VQA tasks ({', '.join(vqa)}); "
-                            "allowed: all of one kind per study")
+            raise TaskError(
+                f"tasks mix text tasks ({', '.join(text)}) with VQA tasks ({', '.join(vqa)}); allowed: all of one kind per study"
+            )
         if loaded.processor is None:
-            raise ModelError(f"model {loaded.name!r} has no vision tower (it loads as a causal LM); VQA tasks "
-                             f"({', '.join(t.name for t in tasks)}) need an image-text-to-text model")
+            raise ModelError(
+                f"model {loaded.name!r} has no vision tower (it loads as a causal LM); VQA tasks "
+                f"({', '.join(t.name for t in tasks)}) need an image-text-to-text model"
+            )
         self.loaded = loaded
         self.batch_size = batch_size
         self.tasks = list(tasks)
@@ -122,11 +125,17 @@ class GenerationEvaluator:
         examples = prepared.task.examples
         for start in range(0, len(examples), self.batch_size):
             batch = examples[start : start + self.batch_size]
-            inputs = processor(images=[ex.load() for ex in batch], text=prepared.prompts[start : start + len(batch)],
-                               return_tensors="pt", padding=True, padding_side="left")
+            inputs = processor(
+                images=[ex.load() for ex in batch],
+                text=prepared.prompts[start : start + len(batch)],
+                return_tensors="pt",
+                padding=True,
+                padding_side="left",
+            )
             inputs = inputs.to(self.loaded.device, dtype=dtype)
-            out = model.generate(**inputs, max_new_tokens=prepared.max_new_tokens, do_sample=False, num_beams=1,
-                                 pad_token_id=pad_id)
+            out = model.generate(
+                **inputs, max_new_tokens=prepared.max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id
+            )
             texts = self.loaded.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
             answers += [(t.strip().splitlines() or [""])[0].strip() for t in texts]
             if progress is not None:

@@ -20,25 +20,33 @@ each other, and compute the same beams from the store.
 
 from __future__ import annotations
 
+from contract import cli
+from search.settings import BeamSearchSettings
+from search.settings import beam_parser as parser
+
+if __name__ == "__main__":  # `--help` and a bad argument are answered before the imports below load torch
+    cli.check_args(parser)
+
+import dataclasses
+import logging
 import math
-import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from contract import names, tracking
+from contract.records import BeamResults, BeamStep, Candidate, Recommendation
 from pruning.evaluate import Evaluator
 from pruning.racing import Beam, Race
 from pruning.tasks import parse_task_list
-from search import tracking
-from search.cli import SearchError, common_parser, run_main
+from search.cli import SearchError, run_main
 from search.configs import Outcome, StudyContext, drop
 from search.sensitivity import open_context, study_params
 from search.work import Worker, shared_claims
 
-KIND = "beam_search"
-RESULTS = "beam_search_results.json"
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -73,7 +81,7 @@ def parse_blocks(text: str) -> tuple[int, ...]:
     return tuple(sorted(blocks))
 
 
-def settings_of(args) -> Settings:
+def settings_of(args: BeamSearchSettings) -> Settings:
     """The search parameters, checked before any compute."""
     tasks = parse_task_list(args.tasks)
     for name in ("beam_width", "max_removed", "min_active_blocks"):
@@ -87,8 +95,15 @@ def settings_of(args) -> Settings:
         raise SearchError(f"racing_alpha must be between 0 and 1 (exclusive), got {args.racing_alpha}")
     if args.claim_size < 1:
         raise SearchError(f"claim_size must be at least 1, got {args.claim_size}")
-    return Settings(args.beam_width, args.max_removed, args.min_active_blocks, parse_blocks(args.protect), args.criterion,
-                    args.racing == "true", args.racing_alpha)
+    return Settings(
+        args.beam_width,
+        args.max_removed,
+        args.min_active_blocks,
+        parse_blocks(args.protect),
+        args.criterion,
+        args.racing,
+        args.racing_alpha,
+    )
 
 
 def check_blocks(settings: Settings, num_blocks: int) -> None:
@@ -97,9 +112,11 @@ def check_blocks(settings: Settings, num_blocks: int) -> None:
     if bad:
         raise SearchError(f"protect block {bad[0]} out of range; allowed: 0..{num_blocks - 1}")
     if settings.steps(num_blocks) < 1:
-        raise SearchError(f"nothing to remove from {num_blocks} blocks with min_active_blocks="
-                          f"{settings.min_active_blocks} and protect={','.join(map(str, settings.protect))}; "
-                          f"allowed: min_active_blocks 1..{num_blocks - 1}, at least one block not protected")
+        raise SearchError(
+            f"nothing to remove from {num_blocks} blocks with min_active_blocks="
+            f"{settings.min_active_blocks} and protect={','.join(map(str, settings.protect))}; "
+            f"allowed: min_active_blocks 1..{num_blocks - 1}, at least one block not protected"
+        )
 
 
 def criteria(criterion: str, tasks: list[str]) -> list[str]:
@@ -112,32 +129,30 @@ def extend(beam: list[tuple[int, ...]], allowed: list[int]) -> list[tuple[int, .
     return sorted({tuple(sorted((*kept, b))) for kept in beam for b in allowed if b not in kept})
 
 
-def score(row: dict, criterion: str) -> float:
+def score(row: Candidate, criterion: str) -> float:
     """A candidate's ranking value (lower is better); NaN ranks last."""
-    value = row["mean_drop"] if criterion == "mean" else row["drops"][criterion]
+    value = row.mean_drop if criterion == "mean" else row.drops[criterion]
     return math.inf if math.isnan(value) else value
 
 
-def select(rows: dict[tuple[int, ...], dict], candidates: list[tuple[int, ...]], criterion: str, width: int):
+def select(rows: dict[tuple[int, ...], Candidate], candidates: list[tuple[int, ...]], criterion: str, width: int):
     """The `width` best evaluated candidates by `criterion`, ties broken by the sorted tuple."""
-    ok = [c for c in candidates if rows[c]["drops"] is not None]
+    ok = [c for c in candidates if rows[c].ranked]
     return sorted(ok, key=lambda c: (score(rows[c], criterion), c))[:width]
 
 
-def candidate_row(ctx: StudyContext, baseline: dict, outcome: Outcome) -> dict:
+def candidate_row(ctx: StudyContext, baseline: dict, outcome: Outcome) -> Candidate:
     """What a step reports about one candidate: metrics and drop per task, or its error. A
     candidate that racing stopped has `drops` None (it is never ranked), its `partial_drops` on
     the examples it saw (`n_examples` per task) and the reason in `stopped`."""
     status = "FAILED" if outcome.error else "STOPPED" if outcome.stopped else "FINISHED"
-    row = {"removed_blocks": list(outcome.removed), "config_hash": outcome.conf_hash, "run_id": outcome.run_id,
-           "status": status, "metrics": outcome.metrics, "drops": None, "mean_drop": None, "error": outcome.error}
+    row = Candidate(list(outcome.removed), outcome.conf_hash, outcome.run_id, status, outcome.metrics, error=outcome.error)
     if outcome.metrics is not None:
         drops = {t.name: drop(t, baseline[t.name], outcome.metrics[t.name]) for t in ctx.tasks}
         if outcome.stopped:
-            row.update(partial_drops=drops, n_examples=outcome.seen, stopped=outcome.stopped)
+            row.partial_drops, row.n_examples, row.stopped = drops, outcome.seen, outcome.stopped
         else:
-            row["drops"] = drops
-            row["mean_drop"] = float(np.mean(list(drops.values())))
+            row.drops, row.mean_drop = drops, float(np.mean(list(drops.values())))
     return row
 
 
@@ -147,21 +162,29 @@ def race_of(ctx: StudyContext, settings: Settings, candidates: dict[str, list]) 
         return None
     tasks = [t.name for t in ctx.tasks]
     weights = {c: {t: 1 / len(tasks) for t in tasks} if c == "mean" else {c: 1.0} for c in candidates}
-    return Race([Beam(weights[c], set(members)) for c, members in candidates.items()], settings.beam_width,
-                settings.racing_alpha)
+    return Race([Beam(weights[c], set(members)) for c, members in candidates.items()], settings.beam_width, settings.racing_alpha)
 
 
-def best_entry(row: dict, k: int, num_blocks: int, previous: float, complete: bool) -> dict:
+def best_entry(row: Candidate, k: int, num_blocks: int, previous: float, complete: bool) -> Recommendation:
     """One line of the recommendation table: removing `k` blocks."""
-    drops = list(row["drops"].values())
-    removed = row["removed_blocks"]
-    return {"num_removed": k, "removed_blocks": removed, "mean_drop": row["mean_drop"],
-            "std_drop": float(np.std(drops)), "n_datasets": len(drops), "incremental_drop": row["mean_drop"] - previous,
-            "num_active_blocks": num_blocks - k, "active_blocks": [b for b in range(num_blocks) if b not in removed],
-            "drops": row["drops"], "config_hash": row["config_hash"], "run_id": row["run_id"], "complete": complete}
+    drops = list(row.drops.values())
+    return Recommendation(
+        k,
+        row.removed_blocks,
+        row.mean_drop,
+        float(np.std(drops)),
+        len(drops),
+        row.mean_drop - previous,
+        num_blocks - k,
+        [b for b in range(num_blocks) if b not in row.removed_blocks],
+        row.drops,
+        row.config_hash,
+        row.run_id,
+        complete,
+    )
 
 
-def run_beam_search(ctx: StudyContext, worker: Worker, settings: Settings, key: str = "") -> dict:
+def run_beam_search(ctx: StudyContext, worker: Worker, settings: Settings, key: str = "") -> BeamResults:
     """Run the search, logging each step and the results to the parent run; return the results.
     `key` identifies the search (its racing stops are recorded per step under it)."""
     n = ctx.evaluator.loaded.num_blocks
@@ -170,90 +193,102 @@ def run_beam_search(ctx: StudyContext, worker: Worker, settings: Settings, key: 
     if base.error:
         raise RuntimeError(f"the baseline (no block removed) could not be evaluated: {base.error}")
     allowed = [b for b in range(n) if b not in settings.protect]
-    names = criteria(settings.criterion, tasks)
-    beams = {c: [()] for c in names}
-    best = {c: [] for c in names}  # per step: the best kept entry of each beam
-    complete = dict.fromkeys(names, True)  # no candidate of this beam has failed so far
+    criteria_names = criteria(settings.criterion, tasks)
+    beams = {c: [()] for c in criteria_names}
+    best = {c: [] for c in criteria_names}  # per step: the best kept entry of each beam
+    complete = dict.fromkeys(criteria_names, True)  # no candidate of this beam has failed so far
     failed = []
     for k in range(1, settings.steps(n) + 1):
-        candidates = {c: extend(beams[c], allowed) for c in names}
+        candidates = {c: extend(beams[c], allowed) for c in criteria_names}
         union = sorted(set().union(*candidates.values()))
         if not union:
             break
-        print(f"step {k} of {settings.steps(n)}: {len(union)} candidates", file=sys.stderr)
+        logger.info(f"step {k} of {settings.steps(n)}: {len(union)} candidates")
         outcomes = worker.run(union, race_of(ctx, settings, candidates), f"{key}/step{k}")
         rows = {r: candidate_row(ctx, base.metrics, outcomes[r]) for r in union}
-        step = {"step": k, "candidates": [rows[r] for r in union], "beams": {},
-                "failed": [rows[r] for r in union if rows[r]["error"]],
-                "stopped": [list(r) for r in union if rows[r]["status"] == "STOPPED"]}
-        failed += [{**row, "step": k} for row in step["failed"]]
-        for c in names:
-            complete[c] &= all(rows[r]["error"] is None for r in candidates[c])
+        step = BeamStep(
+            k,
+            [rows[r] for r in union],
+            {},
+            [rows[r] for r in union if rows[r].error],
+            [list(r) for r in union if rows[r].status == "STOPPED"],
+        )
+        failed += [dataclasses.replace(row, step=k) for row in step.failed]
+        for c in criteria_names:
+            complete[c] &= all(rows[r].error is None for r in candidates[c])
             beams[c] = select(rows, candidates[c], c, settings.beam_width)
-            step["beams"][c] = [{"removed_blocks": list(r), "score": score(rows[r], c)} for r in beams[c]]
+            step.beams[c] = [{"removed_blocks": list(r), "score": score(rows[r], c)} for r in beams[c]]
             if beams[c]:
-                previous = best[c][-1]["mean_drop"] if best[c] else 0.0
+                previous = best[c][-1].mean_drop if best[c] else 0.0
                 best[c].append(best_entry(rows[beams[c][0]], k, n, previous, complete[c]))
-        tracking.log_json(ctx.client, ctx.parent_id, f"beam_step{k}.json", step)
-        _log_step(ctx, names, best, k)
-        print(f"step {k}: {len(union)} candidates ({len(step['stopped'])} stopped by racing), best {names[0]}: "
-              f"{best[names[0]][-1]['removed_blocks'] if best[names[0]] else 'none'}", file=sys.stderr)
-    main = best[names[0]]
-    results = {
-        "model": ctx.identity["model"], "tasks": tasks, "num_blocks": n, "settings": asdict(settings),
-        "baseline": base.metrics, "baseline_run_id": base.run_id,
-        "recommendations": main,
-        "num_active_blocks": {str(n): list(range(n)), **{str(e["num_active_blocks"]): e["active_blocks"] for e in main}},
-        "per_task": {c: best[c] for c in names if c != "mean"},
-        "failed": failed,
-        "worker": {"parent_run_id": ctx.parent_id, **ctx.counts},
-    }
+        tracking.log_json(ctx.client, ctx.parent_id, names.beam_step(k), step.to_json())
+        _log_step(ctx, criteria_names, best, k)
+        logger.info(
+            f"step {k}: {len(union)} candidates ({len(step.stopped)} stopped by racing), best {criteria_names[0]}: "
+            f"{best[criteria_names[0]][-1].removed_blocks if best[criteria_names[0]] else 'none'}"
+        )
+    main = best[criteria_names[0]]
+    results = BeamResults(
+        ctx.identity["model"],
+        tasks,
+        n,
+        asdict(settings),
+        base.metrics,
+        base.run_id,
+        main,
+        {str(n): list(range(n)), **{str(e.num_active_blocks): e.active_blocks for e in main}},
+        {c: best[c] for c in criteria_names if c != "mean"},
+        failed,
+        {"parent_run_id": ctx.parent_id, **ctx.counts},
+    )
     _log_results(ctx, results)
     return results
 
 
-def _log_step(ctx: StudyContext, names: list[str], best: dict, k: int) -> None:
+def _log_step(ctx: StudyContext, criteria_names: list[str], best: dict[str, list[Recommendation]], k: int) -> None:
     metrics = {}
-    main = best[names[0]]
+    main = best[criteria_names[0]]
     if len(main) == k:
         entry = main[-1]
-        metrics = {"mean_drop": entry["mean_drop"], "std_drop": entry["std_drop"], "incremental_drop": entry["incremental_drop"],
-                   **{f"drop/{t}": d for t, d in entry["drops"].items()}}
-    metrics.update({f"best_drop/{c}": best[c][-1]["drops"][c] for c in names if c != "mean" and len(best[c]) == k})
+        metrics = {
+            "mean_drop": entry.mean_drop,
+            "std_drop": entry.std_drop,
+            "incremental_drop": entry.incremental_drop,
+            **{f"drop/{t}": d for t, d in entry.drops.items()},
+        }
+    metrics.update({f"best_drop/{c}": best[c][-1].drops[c] for c in criteria_names if c != "mean" and len(best[c]) == k})
     tracking.log(ctx.client, ctx.parent_id, metrics=metrics, step=k)
 
 
-def _log_results(ctx: StudyContext, results: dict) -> None:
-    baseline = {f"baseline_{m}_{t}": v for t, ms in results["baseline"].items() for m, v in ms.items()}
+def _log_results(ctx: StudyContext, results: BeamResults) -> None:
+    baseline = {f"baseline_{m}_{t}": v for t, ms in results.baseline.items() for m, v in ms.items()}
     counts = {f"configs_{k}": v for k, v in ctx.counts.items()}
-    recommended = {f"recommended/{e['num_removed']}": ",".join(map(str, e["removed_blocks"]))
-                   for e in results["recommendations"]}
-    tracking.log(ctx.client, ctx.parent_id, metrics={**baseline, **counts},
-                 tags={"prunetrack.failed_configs": len(results["failed"]), **recommended})
-    tracking.log_json(ctx.client, ctx.parent_id, RESULTS, results)
-    ctx.client.log_text(ctx.parent_id, summary(results), "recommendations.md")
-    if results["recommendations"]:
+    recommended = {names.recommended_tag(e.num_removed): ",".join(map(str, e.removed_blocks)) for e in results.recommendations}
+    tracking.log(
+        ctx.client, ctx.parent_id, metrics={**baseline, **counts}, tags={names.FAILED_CONFIGS: len(results.failed), **recommended}
+    )
+    tracking.log_json(ctx.client, ctx.parent_id, names.BEAM_RESULTS, results.to_json())
+    ctx.client.log_text(ctx.parent_id, summary(results), names.BEAM_TABLE)
+    if results.recommendations:
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "beam_drops.png"
+            path = Path(tmp) / names.BEAM_DROPS_PLOT
             plot_drops(results, path)
             ctx.client.log_artifact(ctx.parent_id, str(path))
 
 
-def plot_drops(results: dict, path: Path) -> None:
+def plot_drops(results: BeamResults, path: Path) -> None:
     """Drop of the recommended configuration vs number of removed blocks: the mean over the tasks with
     its spread (+- std over tasks, shaded) and each task's drop."""
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no backend or global figure state
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    entries = results["recommendations"]
-    k = [0] + [e["num_removed"] for e in entries]
-    mean = np.array([0.0] + [e["mean_drop"] for e in entries])
-    std = np.array([0.0] + [e["std_drop"] for e in entries])
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for task in results["tasks"]:
-        ax.plot(k, [0.0] + [e["drops"][task] for e in entries], marker=".", linewidth=1, alpha=0.7, label=task)
+    entries = results.recommendations
+    k = [0] + [e.num_removed for e in entries]
+    mean = np.array([0.0] + [e.mean_drop for e in entries])
+    std = np.array([0.0] + [e.std_drop for e in entries])
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    for task in results.tasks:
+        ax.plot(k, [0.0] + [e.drops[task] for e in entries], marker=".", linewidth=1, alpha=0.7, label=task)
     ax.plot(k, mean, marker="o", color="black", linewidth=2, label="mean over tasks")
     ax.fill_between(k, mean - std, mean + std, color="grey", alpha=0.25, label="+- std over tasks")
     ax.set_xlabel("blocks removed (recommended set)")
@@ -262,66 +297,61 @@ def plot_drops(results: dict, path: Path) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
-def summary(results: dict) -> str:
+def summary(results: BeamResults) -> str:
     """The recommendation table (markdown), per-task bests, and failures."""
-    criterion = results["settings"]["criterion"]
+    criterion = results.settings["criterion"]
     ranking = "mean drop over the tasks" if criterion in ("mean", "all") else f"drop on {criterion}"
-    lines = [f"## Removing 1..{len(results['recommendations'])} of {results['num_blocks']} blocks "
-             f"(ranked by {ranking}; tasks: {', '.join(results['tasks'])})", "",
-             "| removed | blocks | mean drop | std | datasets | increment | active blocks |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for e in results["recommendations"]:
-        flag = "" if e["complete"] else " (some candidates failed)"
-        lines.append(f"| {e['num_removed']} | {e['removed_blocks']}{flag} | {e['mean_drop']:.4f} | {e['std_drop']:.4f} "
-                     f"| {e['n_datasets']} | {e['incremental_drop']:+.4f} | {e['num_active_blocks']} -> {e['active_blocks']} |")
-    if results["per_task"]:
+    lines = [
+        f"## Removing 1..{len(results.recommendations)} of {results.num_blocks} blocks "
+        f"(ranked by {ranking}; tasks: {', '.join(results.tasks)})",
+        "",
+        "| removed | blocks | mean drop | std | datasets | increment | active blocks |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for e in results.recommendations:
+        flag = "" if e.complete else " (some candidates failed)"
+        lines.append(
+            f"| {e.num_removed} | {e.removed_blocks}{flag} | {e.mean_drop:.4f} | {e.std_drop:.4f} "
+            f"| {e.n_datasets} | {e.incremental_drop:+.4f} | {e.num_active_blocks} -> {e.active_blocks} |"
+        )
+    if results.per_task:
         lines.append("")
-    for task, entries in results["per_task"].items():
-        lines.append(f"best on {task}: " + ", ".join(f"{e['removed_blocks']} ({e['drops'][task]:.4f})" for e in entries))
-    if results["failed"]:
-        lines.append(f"\nFAILED configurations ({len(results['failed'])}), not ranked: "
-                     + "; ".join(f"{f['removed_blocks']}: {f['error']}" for f in results["failed"]))
+    for task, entries in results.per_task.items():
+        lines.append(f"best on {task}: " + ", ".join(f"{e.removed_blocks} ({e.drops[task]:.4f})" for e in entries))
+    if results.failed:
+        lines.append(
+            f"\nFAILED configurations ({len(results.failed)}), not ranked: "
+            + "; ".join(f"{f.removed_blocks}: {f.error}" for f in results.failed)
+        )
     return "\n".join(lines) + "\n"
-
-
-def parser():
-    """The command line: the common parameters plus the search's (the MLproject names)."""
-    p = common_parser("Beam search over removed blocks")
-    p.add_argument("--beam_width", type=int, default=3, help="configurations kept per step")
-    p.add_argument("--max_removed", type=int, default=4, help="stop after removing this many blocks")
-    p.add_argument("--min_active_blocks", type=int, default=1, help="never keep fewer blocks than this")
-    p.add_argument("--protect", default="", help="blocks never removed, e.g. 0,29 or 0-3")
-    p.add_argument("--criterion", default="all", help="mean, all (mean plus one beam per task), or a task name")
-    p.add_argument("--retries", type=int, default=3, help="retries of a failing evaluation")
-    p.add_argument("--retry_delay", type=float, default=60.0, help="seconds between retries")
-    p.add_argument("--storage", default="", help="database shared by workers: postgresql://..., sqlite:///path or a file")
-    p.add_argument("--racing", choices=("true", "false"), default="true",
-                   help="stop candidates confidently out of the beam early (false: exhaustive)")
-    p.add_argument("--racing_alpha", type=float, default=0.05, help="error level of racing's stops, per step")
-    p.add_argument("--claim_size", type=int, default=32,
-                   help="configurations a worker claims and scores together when workers share storage")
-    return p
 
 
 def main(argv=None) -> None:
     """Run a beam search study: `python -m search.beam ...` or `mlflow run . -e beam_search`."""
     args = parser().parse_args(argv)
-    settings = settings_of(args)
+    given = cli.settings_from(BeamSearchSettings, args)
+    settings = settings_of(given)
     client = tracking.connect(args.tracking_uri or None)
-    params = {**study_params(args), **asdict(settings), "protect": args.protect, "retries": args.retries,
-              "retry_delay": args.retry_delay, "claim_size": args.claim_size, "racing": args.racing}
-    with shared_claims(args.storage) as claims:
+    params = {
+        **study_params(given),
+        **asdict(settings),
+        "protect": given.protect,
+        "retries": given.retries,
+        "retry_delay": given.retry_delay,
+        "claim_size": given.claim_size,
+    }
+    with shared_claims(given.storage) as claims:
         params["storage"] = claims.shown if claims else ""
-        with tracking.study_run(client, KIND, f"{KIND}/{args.model}", params) as (run_id, exp_id):
-            ctx = open_context(args, client, run_id, exp_id)
+        with tracking.study_run(client, names.BEAM_SEARCH, f"{names.BEAM_SEARCH}/{given.model}", params) as (run_id, exp_id):
+            ctx = open_context(given, client, run_id, exp_id)
             check_blocks(settings, ctx.evaluator.loaded.num_blocks)
             key = tracking.config_hash({**ctx.identity, **asdict(settings)})
             tracking.log(client, run_id, tags={"beam_key": key})
-            worker = Worker(ctx, args.batch_size, args.chunk_budget_gb, args.retries, args.retry_delay, claims,
-                            args.claim_size)
+            worker = Worker(
+                ctx, given.batch_size, given.chunk_budget_gb, given.retries, given.retry_delay, claims, given.claim_size
+            )
             results = run_beam_search(ctx, worker, settings, key)
     print(summary(results))
     print(f"parent run: {run_id}\nsee it: {tracking.ui_hint(client.tracking_uri)}")

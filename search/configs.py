@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 
 from mlflow.tracking import MlflowClient
 from tqdm import tqdm
 
+from contract import names, tracking
 from pruning.evaluate import SCORER_VERSION, Evaluator
 from pruning.tasks import Task
-from search import tracking
 
-STOPPED, STOPPED_REASON = "prunetrack.stopped", "prunetrack.stopped_reason"  # tags of a run racing stopped
-HEADLINE_TAG = "headline/{task}"  # tag of configuration and prune runs: the metric papers report for the task
-
-
-def metric_name(metric: str, task: str) -> str:
-    """Name of a task's metric in a configuration run, e.g. `acc_piqa`, `ppl_pydoc_ppl`."""
-    return f"{metric}_{task}"
+logger = logging.getLogger(__name__)
 
 
 def drop(task: Task, baseline: dict[str, float], value: dict[str, float]) -> float:
@@ -88,7 +82,7 @@ def headline_mean(by_task: dict[str, dict[str, float]], tasks: list[Task]) -> fl
 
 def convention_tags(tasks: list[Task]) -> dict[str, str]:
     """`headline/<task>` tags: which metric is each task's headline."""
-    return {HEADLINE_TAG.format(task=t.name): t.headline for t in tasks if t.headline}
+    return {names.headline_tag(t.name): t.headline for t in tasks if t.headline}
 
 
 def ppl_window(evaluator, tasks: list[Task]) -> dict[str, int]:
@@ -119,15 +113,9 @@ class Outcome:
     seen: dict[str, int] | None = None
 
 
-def error_line(err: BaseException) -> str:
-    """`Type: first line of the message`, as a failed run's `prunetrack.error` tag holds it."""
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"[:5000]
-
-
 def _metrics_from(run, tasks: list[Task]) -> dict[str, dict[str, float]]:
     values = run.data.metrics
-    return {t.name: {m: values[metric_name(m, t.name)] for m in t.metrics} for t in tasks}
+    return {t.name: {m: values[names.metric(m, t.name)] for m in t.metrics} for t in tasks}
 
 
 def lookup(ctx: StudyContext, removed: tuple[int, ...], race_key: str | None = None) -> Outcome | None:
@@ -137,15 +125,15 @@ def lookup(ctx: StudyContext, removed: tuple[int, ...], race_key: str | None = N
         finished = tracking.find_runs(ctx.client, conf_hash, "FINISHED")
         if finished:
             run = finished[0]
-            stopped = run.data.tags.get(STOPPED_REASON)
+            stopped = run.data.tags.get(names.STOPPED_REASON)
             seen = {t.name: int(run.data.metrics[f"n_{t.name}"]) for t in ctx.tasks} if stopped else None
-            return Outcome(removed, conf_hash, _metrics_from(run, ctx.tasks), run.info.run_id,
-                           stopped=stopped, seen=seen)
+            return Outcome(removed, conf_hash, _metrics_from(run, ctx.tasks), run.info.run_id, stopped=stopped, seen=seen)
     return None
 
 
-def evaluate_configs(ctx: StudyContext, configs: list[tuple[int, ...]], race=None, race_key: str | None = None,
-                     desc: str = "evaluating") -> dict[tuple[int, ...], Outcome]:
+def evaluate_configs(
+    ctx: StudyContext, configs: list[tuple[int, ...]], race=None, race_key: str | None = None, desc: str = "evaluating"
+) -> dict[tuple[int, ...], Outcome]:
     """Outcomes of `configs`: each FINISHED run with the same hash (or, with `race_key`, the
     record of its stop in that step) is reused; the rest are scored together, step-wide (with
     `race`: racing), each as a child run. A configuration whose scoring fails comes back with
@@ -160,7 +148,7 @@ def evaluate_configs(ctx: StudyContext, configs: list[tuple[int, ...]], race=Non
         else:
             todo.append(removed)
     if outcomes:
-        print(f"{desc}: {len(outcomes)} of {len(configs)} configurations reused from the store", file=sys.stderr)
+        logger.info(f"{desc}: {len(outcomes)} of {len(configs)} configurations reused from the store")
     if not todo:
         return outcomes
     runs = {removed: _open_run(ctx, removed) for removed in todo}
@@ -180,11 +168,19 @@ def evaluate_configs(ctx: StudyContext, configs: list[tuple[int, ...]], race=Non
 
 def _open_run(ctx: StudyContext, removed: tuple[int, ...]) -> str:
     name = f"remove[{removed_tag(removed)}]" if removed else "baseline"
-    tags = {tracking.KIND: "config", "removed_blocks": removed_tag(removed), "num_removed": str(len(removed)),
-            **convention_tags(ctx.tasks)}
-    params = {**{k: v for k, v in ctx.identity.items() if k != "tasks"}, "tasks": ",".join(t.name for t in ctx.tasks),
-              "removed_blocks": removed_tag(removed), "scorer_version": SCORER_VERSION,
-              **ppl_window(ctx.evaluator, ctx.tasks)}
+    tags = {
+        names.KIND: names.CONFIG,
+        names.REMOVED_BLOCKS: removed_tag(removed),
+        names.NUM_REMOVED: str(len(removed)),
+        **convention_tags(ctx.tasks),
+    }
+    params = {
+        **{k: v for k, v in ctx.identity.items() if k != "tasks"},
+        "tasks": ",".join(t.name for t in ctx.tasks),
+        "removed_blocks": removed_tag(removed),
+        "scorer_version": SCORER_VERSION,
+        **ppl_window(ctx.evaluator, ctx.tasks),
+    }
     return tracking.open_child(ctx.client, ctx.experiment_id, ctx.parent_id, ctx.hash_of(removed), name, tags, params)
 
 
@@ -193,22 +189,22 @@ def _record(ctx: StudyContext, removed, run_id: str, result, race_key: str | Non
     conf_hash = ctx.hash_of(removed)
     if result.error is not None:
         tracking.fail(ctx.client, run_id, result.error)
-        return Outcome(removed, conf_hash, run_id=run_id, error=error_line(result.error))
+        return Outcome(removed, conf_hash, run_id=run_id, error=tracking.error_tag(result.error))
     scores = result.scores
-    metrics = {metric_name(m, s.task): v for s in scores.values() for m, v in s.metrics.items()}
+    metrics = {names.metric(m, s.task): v for s in scores.values() for m, v in s.metrics.items()}
     metrics.update({f"n_{s.task}": s.n for s in scores.values()})
     tags = {}
     if result.stopped:
         conf_hash = ctx.hash_of(removed, race_key)
-        tags = {"config_hash": conf_hash, STOPPED: "racing", STOPPED_REASON: result.stopped}
+        tags = {names.CONFIG_HASH: conf_hash, names.STOPPED: "racing", names.STOPPED_REASON: result.stopped}
         ctx.counts["stopped"] += 1
     else:
         ctx.counts["evaluated"] += 1
     ctx.counts["examples_scored"] += result.n_examples
     tracking.log(ctx.client, run_id, metrics={**metrics, "eval_seconds": seconds}, tags=tags)
-    for s in scores.values():
-        tracking.log_json(ctx.client, run_id, f"{s.task}.json", {"task": s.task, "kind": s.kind, **s.per_example}, "per_example")
+    tracking.log_per_example(ctx.client, run_id, scores.values())
     ctx.client.set_terminated(run_id, "FINISHED")
     seen = {s.task: s.n for s in scores.values()} if result.stopped else None
-    return Outcome(removed, conf_hash, {s.task: dict(s.metrics) for s in scores.values()}, run_id,
-                   stopped=result.stopped, seen=seen)
+    return Outcome(
+        removed, conf_hash, {s.task: dict(s.metrics) for s in scores.values()}, run_id, stopped=result.stopped, seen=seen
+    )

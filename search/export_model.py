@@ -11,7 +11,13 @@ gets the metrics, `speed.json` and the MLflow model `model/`, optionally registe
 
 from __future__ import annotations
 
-import argparse
+from contract import cli
+from search.settings import ExportModelSettings
+from search.settings import export_model_parser as parser
+
+if __name__ == "__main__":  # `--help` and a bad argument are answered before the imports below load torch
+    cli.check_args(parser)
+
 import inspect
 import json
 import platform
@@ -27,14 +33,13 @@ from pathlib import Path
 
 import torch
 
+from contract import names, tracking
+from contract.records import BeamResults
 from pruning.evaluate import Evaluator, max_length_of
 from pruning.models import LoadedModel, blocks_removed, check_blocks, load_model, save_without_blocks
 from pruning.tasks import load_task, parse_task_list
-from search import tracking
-from search.cli import SearchError, common_parser, run_main
+from search.cli import SearchError, run_main
 
-KIND = "export"
-BEAM_RESULTS = "beam_search_results.json"  # written by search.beam on its parent run
 PROMPTS = ("The quick brown fox jumps over the lazy dog.", "def main():\n    return 0", "In 1905, Albert Einstein")
 # Largest |logit difference| between the exported model and the project's pruned model, by dtype.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 5e-2}
@@ -61,12 +66,13 @@ class Source:
 @dataclass
 class SpeedSettings:
     """How dense and pruned models are timed: `batch` random prompts of `prompt_len` tokens, then
-    `new_tokens` greedy decode steps with the KV cache; one warm-up, then the median of `repeats`."""
+    `new_tokens` greedy decode steps with the KV cache; one warm-up, then the median of `repeats`
+    (ExportModelSettings' speed_batch, prompt_len, new_tokens, repeats)."""
 
-    batch: int = 1
-    prompt_len: int = 128
-    new_tokens: int = 32
-    repeats: int = 5
+    batch: int
+    prompt_len: int
+    new_tokens: int
+    repeats: int
 
     def check(self) -> None:
         for name, value in asdict(self).items():
@@ -102,30 +108,46 @@ def source_of(client, args) -> Source:
     if not args.run_id:
         if not args.blocks:
             raise SearchError("nothing to export: pass run_id=<beam search or prune run> or blocks=<list, e.g. 3,5>")
-        return Source(args.model, args.revision or None, args.blocks_path or None, parse_task_list(args.tasks),
-                      args.split, args.n_samples, args.seed, parse_blocks(args.blocks), sample=args.sample)
+        return Source(
+            args.model,
+            args.revision or None,
+            args.blocks_path or None,
+            parse_task_list(args.tasks),
+            args.split,
+            args.n_samples,
+            args.seed,
+            parse_blocks(args.blocks),
+            sample=args.sample,
+        )
     try:
         run = client.get_run(args.run_id)
     except MlflowException:
         raise SearchError(f"run {args.run_id!r} not found in tracking store {client.tracking_uri!r}") from None
-    kind, p = run.data.tags.get(tracking.KIND, ""), run.data.params
+    kind, p = run.data.tags.get(names.KIND, ""), run.data.params
     revision = p.get("model_revision") if p.get("model_revision") not in (None, "", "local") else None
-    common = dict(model=p.get("model", ""), revision=revision, blocks_path=p.get("model_blocks_path") or None,
-                  split=p.get("split", "validation"), n_samples=int(p.get("n_samples", 0)), seed=int(p.get("seed", 0)),
-                  kind=kind, run_id=args.run_id, sample=p.get("sample", "seeded"))
-    if kind == "beam_search":
+    common = dict(
+        model=p.get("model", ""),
+        revision=revision,
+        blocks_path=p.get("model_blocks_path") or None,
+        split=p.get("split", "validation"),
+        n_samples=int(p.get("n_samples", 0)),
+        seed=int(p.get("seed", 0)),
+        kind=kind,
+        run_id=args.run_id,
+        sample=p.get("sample", "seeded"),
+    )
+    if kind == names.BEAM_SEARCH:
         try:
-            results = tracking.load_json(client, args.run_id, BEAM_RESULTS)
+            results = BeamResults.from_json(tracking.load_json(client, args.run_id, names.BEAM_RESULTS))
         except Exception:
-            raise SearchError(f"beam search run {args.run_id} has no {BEAM_RESULTS} (did it finish?)") from None
-        found = {e["num_removed"]: e for e in results["recommendations"]}
+            raise SearchError(f"beam search run {args.run_id} has no readable {names.BEAM_RESULTS} (did it finish?)") from None
+        found = {e.num_removed: e for e in results.recommendations}
         k = args.num_removed or max(found, default=0)
         if k not in found:
             allowed = f"1..{max(found)}" if found else "none, it recorded no recommendation"
             raise SearchError(f"num_removed {k} was not searched by beam search run {args.run_id}; allowed: {allowed}")
-        return Source(**common, tasks=results["tasks"], removed=tuple(found[k]["removed_blocks"]),
-                      reference_run_id=found[k]["run_id"])
-    if kind == "prune":
+        return Source(**common, tasks=results.tasks, removed=tuple(found[k].removed_blocks), reference_run_id=found[k].run_id)
+    if kind == names.PRUNE:
         tasks = parse_task_list(p["tasks"])
         tasks += [p["ppl_task"]] if p.get("ppl_task") and p["ppl_task"] not in tasks else []
         return Source(**common, tasks=tasks, reference_run_id=args.run_id)
@@ -153,9 +175,11 @@ def plain_width_config(pruned_dir: Path):
     shapes = getattr(config, "prunetrack_layers", None) or []
     if not shapes or any(s != shapes[0] for s in shapes):
         kept = sorted({(s["num_attention_heads"], s["intermediate_size"]) for s in shapes})
-        raise SearchError(f"the width-pruned {config.model_type} model keeps different sizes per layer ((heads, channels): "
-                          f"{kept[:3]}{' ...' if len(kept) > 3 else ''}), which a plain {config.model_type} config cannot "
-                          "express; load its artifact pruned_model/ with pruning.taylor.load_pruned")
+        raise SearchError(
+            f"the width-pruned {config.model_type} model keeps different sizes per layer ((heads, channels): "
+            f"{kept[:3]}{' ...' if len(kept) > 3 else ''}), which a plain {config.model_type} config cannot "
+            "express; load its artifact pruned_model/ with pruning.taylor.load_pruned"
+        )
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     config.update({**shapes[0], "head_dim": head_dim})
     del config.prunetrack_layers
@@ -164,8 +188,9 @@ def plain_width_config(pruned_dir: Path):
 
 def export_blocks(source: Source, args, directory: Path, speed: SpeedSettings) -> Exported:
     """Save the dense model without the source's blocks to `directory`; the in-place removal is the reference."""
-    dense = load_model(source.model, device=args.device, dtype=args.dtype, revision=source.revision,
-                       blocks_path=source.blocks_path)
+    dense = load_model(
+        source.model, device=args.device, dtype=args.dtype, revision=source.revision, blocks_path=source.blocks_path
+    )
     removed = check_blocks(source.removed, dense.num_blocks)
     if not removed:
         raise SearchError(f"blocks is empty; allowed: one or more of 0..{dense.num_blocks - 1}")
@@ -207,9 +232,11 @@ def finish(source: Source, dense: LoadedModel, directory: Path, reference, remov
     dtype = next(loaded.model.parameters()).dtype
     diff = max(float((a - b).abs().max()) for a, b in zip(prompt_logits(loaded), reference))
     if diff > TOLERANCE[dtype]:
-        raise SearchError(f"the exported {loaded.model.config.model_type} model's logits differ from the project's pruned "
-                          f"model by {diff:.3g} (tolerance {TOLERANCE[dtype]:g}): "
-                          "this family cannot be exported as a plain config")
+        raise SearchError(
+            f"the exported {loaded.model.config.model_type} model's logits differ from the project's pruned "
+            f"model by {diff:.3g} (tolerance {TOLERANCE[dtype]:g}): "
+            "this family cannot be exported as a plain config"
+        )
     timings = measure(dense, loaded, speed)
     peaks = peak_memory([dense, loaded], speed, [(source.model, source.revision), (str(directory), None)])
     timings["dense"]["peak_memory_mb"], timings["pruned"]["peak_memory_mb"] = peaks
@@ -222,8 +249,10 @@ def finish(source: Source, dense: LoadedModel, directory: Path, reference, remov
 def check_lengths(loaded: LoadedModel, speed: SpeedSettings) -> None:
     limit = max_length_of(loaded.model)
     if speed.prompt_len + speed.new_tokens > limit:
-        raise SearchError(f"prompt_len {speed.prompt_len} + new_tokens {speed.new_tokens} exceeds the model's context "
-                          f"{limit}; allowed: a sum of at most {limit}")
+        raise SearchError(
+            f"prompt_len {speed.prompt_len} + new_tokens {speed.new_tokens} exceeds the model's context "
+            f"{limit}; allowed: a sum of at most {limit}"
+        )
 
 
 def _sync(device: torch.device) -> None:
@@ -272,12 +301,15 @@ def measure(dense: LoadedModel, pruned: LoadedModel, speed: SpeedSettings) -> di
         prefill, decode = zip(*times[name])
         p, d = statistics.median(prefill), statistics.median(decode)
         params = list(loaded.model.parameters())
-        out[name] = {"n_params": sum(t.numel() for t in params),
-                     "weight_mb": sum(t.numel() * t.element_size() for t in params) / 2**20,
-                     "prefill_tokens_per_s": speed.batch * speed.prompt_len / p,
-                     "decode_tokens_per_s": speed.batch * speed.new_tokens / d,
-                     "decode_ms_per_token": 1000 * d / speed.new_tokens,
-                     "prefill_seconds": list(prefill), "decode_seconds": list(decode)}
+        out[name] = {
+            "n_params": sum(t.numel() for t in params),
+            "weight_mb": sum(t.numel() * t.element_size() for t in params) / 2**20,
+            "prefill_tokens_per_s": speed.batch * speed.prompt_len / p,
+            "decode_tokens_per_s": speed.batch * speed.new_tokens / d,
+            "decode_ms_per_token": 1000 * d / speed.new_tokens,
+            "prefill_seconds": list(prefill),
+            "decode_seconds": list(decode),
+        }
     return out
 
 
@@ -290,8 +322,15 @@ def peak_memory(models: list[LoadedModel], speed: SpeedSettings, sources: list[t
         return [_cuda_peak(loaded, speed) for loaded in models]
     dtype = str(next(models[0].model.parameters()).dtype).removeprefix("torch.")
     code = "import sys; from search.export_model import _child_peak; print(_child_peak(*sys.argv[1:]))"
-    children = [subprocess.Popen([sys.executable, "-c", code, source, dtype, revision or "", json.dumps(asdict(speed))],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for source, revision in sources]
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, source, dtype, revision or "", json.dumps(asdict(speed))],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for source, revision in sources
+    ]
     peaks = []
     for child in children:
         out, err = child.communicate()
@@ -326,16 +365,29 @@ def speed_report(exported: Exported, speed: SpeedSettings) -> dict:
     device = exported.loaded.device
     dense, pruned = exported.speed["dense"], exported.speed["pruned"]
     return {
-        "settings": {**asdict(speed), "warmup": 1, "statistic": "median", "order": "dense and pruned alternate",
-                     "prompts": "random token ids, seed 0",
-                     "decode": "greedy, one token per step, KV cache"},
-        "device": str(device), "dtype": str(next(exported.loaded.model.parameters()).dtype).removeprefix("torch."),
-        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                        else platform.processor() or platform.machine()),
-        "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "peak_memory": ("weights + peak allocated beyond them in one pass (torch.cuda)" if device.type == "cuda"
-                        else "peak RSS (VmHWM) of a fresh process that loads the model and runs one pass"),
-        "dense": dense, "pruned": pruned,
+        "settings": {
+            **asdict(speed),
+            "warmup": 1,
+            "statistic": "median",
+            "order": "dense and pruned alternate",
+            "prompts": "random token ids, seed 0",
+            "decode": "greedy, one token per step, KV cache",
+        },
+        "device": str(device),
+        "dtype": str(next(exported.loaded.model.parameters()).dtype).removeprefix("torch."),
+        "device_name": (
+            torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+        ),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peak_memory": (
+            "weights + peak allocated beyond them in one pass (torch.cuda)"
+            if device.type == "cuda"
+            else "peak RSS (VmHWM) of a fresh process that loads the model and runs one pass"
+        ),
+        "dense": dense,
+        "pruned": pruned,
         "prefill_speedup": pruned["prefill_tokens_per_s"] / dense["prefill_tokens_per_s"],
         "decode_speedup": pruned["decode_tokens_per_s"] / dense["decode_tokens_per_s"],
     }
@@ -343,8 +395,10 @@ def speed_report(exported: Exported, speed: SpeedSettings) -> dict:
 
 def rescore(exported: Exported, source: Source, args) -> dict[str, float]:
     """`<metric>_<task>` of the exported model on the source's tasks and data."""
-    tasks = [load_task(n, source.split, source.n_samples or None, source.seed, args.data_dir or None, source.sample)
-             for n in source.tasks]
+    tasks = [
+        load_task(n, source.split, source.n_samples or None, source.seed, args.data_dir or None, source.sample)
+        for n in source.tasks
+    ]
     scores = Evaluator(exported.loaded, tasks, args.batch_size).evaluate(())
     return {f"{m}_{s.task}": v for s in scores.values() for m, v in s.metrics.items()}
 
@@ -367,25 +421,46 @@ def log_export(client, run_id: str, source: Source, exported: Exported, report: 
     import transformers
 
     dense, pruned = report["dense"], report["pruned"]
-    values = {"n_params": pruned["n_params"], "n_params_dense": dense["n_params"], "weight_mb": pruned["weight_mb"],
-              "weight_mb_dense": dense["weight_mb"], "prefill_tokens_per_s": pruned["prefill_tokens_per_s"],
-              "prefill_tokens_per_s_dense": dense["prefill_tokens_per_s"], "prefill_speedup": report["prefill_speedup"],
-              "decode_tokens_per_s": pruned["decode_tokens_per_s"], "decode_tokens_per_s_dense": dense["decode_tokens_per_s"],
-              "decode_speedup": report["decode_speedup"], "decode_ms_per_token": pruned["decode_ms_per_token"],
-              "decode_ms_per_token_dense": dense["decode_ms_per_token"], "export_max_logit_diff": exported.logit_diff,
-              **metrics}
+    values = {
+        "n_params": pruned["n_params"],
+        "n_params_dense": dense["n_params"],
+        "weight_mb": pruned["weight_mb"],
+        "weight_mb_dense": dense["weight_mb"],
+        "prefill_tokens_per_s": pruned["prefill_tokens_per_s"],
+        "prefill_tokens_per_s_dense": dense["prefill_tokens_per_s"],
+        "prefill_speedup": report["prefill_speedup"],
+        "decode_tokens_per_s": pruned["decode_tokens_per_s"],
+        "decode_tokens_per_s_dense": dense["decode_tokens_per_s"],
+        "decode_speedup": report["decode_speedup"],
+        "decode_ms_per_token": pruned["decode_ms_per_token"],
+        "decode_ms_per_token_dense": dense["decode_ms_per_token"],
+        "export_max_logit_diff": exported.logit_diff,
+        **metrics,
+    }
     values.update(peak_memory_mb=pruned["peak_memory_mb"], peak_memory_mb_dense=dense["peak_memory_mb"])
     diff = reference_diff(client, source, metrics)
     if diff is not None:
         values["rescore_max_diff"] = diff
-    tracking.log(client, run_id, metrics=values, tags={
-        "removed_blocks": ",".join(map(str, exported.removed)), "source_run_id": source.run_id,
-        "source_kind": source.kind, "reference_run_id": source.reference_run_id})
+    tracking.log(
+        client,
+        run_id,
+        metrics=values,
+        tags={
+            "removed_blocks": ",".join(map(str, exported.removed)),
+            "source_run_id": source.run_id,
+            "source_kind": source.kind,
+            "reference_run_id": source.reference_run_id,
+        },
+    )
     tracking.log_json(client, run_id, "speed.json", report)
     with tempfile.TemporaryDirectory() as tmp:
         pip = [f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}"]
-        mlflow.transformers.save_model({"model": exported.loaded.model, "tokenizer": exported.loaded.tokenizer},
-                                       f"{tmp}/model", task="text-generation", pip_requirements=pip)
+        mlflow.transformers.save_model(
+            {"model": exported.loaded.model, "tokenizer": exported.loaded.tokenizer},
+            f"{tmp}/model",
+            task="text-generation",
+            pip_requirements=pip,
+        )
         client.log_artifacts(run_id, f"{tmp}/model", "model")
 
 
@@ -402,52 +477,52 @@ def register(client, run_id: str, name: str, source: Source, removed: tuple[int,
     return version
 
 
-def parser() -> argparse.ArgumentParser:
-    """The common parameters plus the export's (the MLproject names)."""
-    p = common_parser("Export a pruned model as a plain Hugging Face model and an MLflow model, with its measured speedup")
-    p.add_argument("--run_id", default="", help="a beam_search or prune run to export")
-    p.add_argument("--num_removed", type=int, default=0, help="which recommendation of a beam search (0: the largest)")
-    p.add_argument("--blocks", default="", help="blocks to remove from --model instead of a run, e.g. 3,5,7")
-    p.add_argument("--register_as", default="", help="register the model under this name (a new version)")
-    p.add_argument("--output_dir", default="", help="also write the plain Hugging Face model directory here")
-    for name, default in asdict(SpeedSettings()).items():
-        p.add_argument(f"--{'speed_batch' if name == 'batch' else name}", type=int, default=default)
-    return p
-
-
 def main(argv=None) -> None:
+    """Export a pruned model: `python -m search.export_model ...` or `mlflow run . -e export_model`."""
     args = parser().parse_args(argv)
-    speed = SpeedSettings(args.speed_batch, args.prompt_len, args.new_tokens, args.repeats)
+    settings = cli.settings_from(ExportModelSettings, args)
+    speed = SpeedSettings(settings.speed_batch, settings.prompt_len, settings.new_tokens, settings.repeats)
     speed.check()
     client = tracking.connect(args.tracking_uri or None)
-    source = source_of(client, args)
+    source = source_of(client, settings)
     for name in source.tasks:  # unknown tasks and data fail before any model loads
-        load_task(name, source.split, source.n_samples or None, source.seed, args.data_dir or None, source.sample)
+        load_task(name, source.split, source.n_samples or None, source.seed, settings.data_dir or None, source.sample)
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp) / "hf"
-        if source.kind == "prune":
-            exported = export_width(source, args, client, directory, speed)
+        if source.kind == names.PRUNE:
+            exported = export_width(source, settings, client, directory, speed)
         else:
-            exported = export_blocks(source, args, directory, speed)
-        metrics = rescore(exported, source, args)
+            exported = export_blocks(source, settings, directory, speed)
+        metrics = rescore(exported, source, settings)
         report = speed_report(exported, speed)
-        params = {"model": source.model, "num_removed": len(exported.removed), "dtype": report["dtype"],
-                  "device": report["device"], "tasks": ",".join(source.tasks), "split": source.split,
-                  "n_samples": source.n_samples, "seed": source.seed, "batch_size": args.batch_size,
-                  "torch_threads": report["torch_threads"], "register_as": args.register_as,
-                  **{f"speed_{k}" if k == "batch" else k: v for k, v in asdict(speed).items()}}
-        with tracking.study_run(client, KIND, f"{KIND}/{source.model}", params) as (run_id, _):
-            log_export(client, run_id, source, exported, report, metrics, args)
-            version = register(client, run_id, args.register_as, source, exported.removed) if args.register_as else None
-        if args.output_dir:
-            shutil.copytree(directory, args.output_dir, dirs_exist_ok=True)
+        params = {
+            "model": source.model,
+            "num_removed": len(exported.removed),
+            "dtype": report["dtype"],
+            "device": report["device"],
+            "tasks": ",".join(source.tasks),
+            "split": source.split,
+            "n_samples": source.n_samples,
+            "seed": source.seed,
+            "batch_size": settings.batch_size,
+            "torch_threads": report["torch_threads"],
+            "register_as": settings.register_as,
+            **{f"speed_{k}" if k == "batch" else k: v for k, v in asdict(speed).items()},
+        }
+        with tracking.study_run(client, names.EXPORT, f"{names.EXPORT}/{source.model}", params) as (run_id, _):
+            log_export(client, run_id, source, exported, report, metrics, settings)
+            version = register(client, run_id, settings.register_as, source, exported.removed) if settings.register_as else None
+        if settings.output_dir:
+            shutil.copytree(directory, settings.output_dir, dirs_exist_ok=True)
     what = f"without blocks {list(exported.removed)}" if exported.removed else "width-pruned"
-    print(f"exported {source.model} {what}: {report['pruned']['n_params']:,} of "
-          f"{report['dense']['n_params']:,} parameters; prefill {report['prefill_speedup']:.2f}x, decode "
-          f"{report['decode_speedup']:.2f}x ({report['device']}, {report['dtype']}, batch {speed.batch}, "
-          f"{speed.prompt_len}+{speed.new_tokens} tokens, median of {speed.repeats})")
+    print(
+        f"exported {source.model} {what}: {report['pruned']['n_params']:,} of "
+        f"{report['dense']['n_params']:,} parameters; prefill {report['prefill_speedup']:.2f}x, decode "
+        f"{report['decode_speedup']:.2f}x ({report['device']}, {report['dtype']}, batch {speed.batch}, "
+        f"{speed.prompt_len}+{speed.new_tokens} tokens, median of {speed.repeats})"
+    )
     print(json.dumps(metrics, indent=1))
-    print(f"run: {run_id}" + (f"\nregistered: {args.register_as} version {version}" if version else ""))
+    print(f"run: {run_id}" + (f"\nregistered: {settings.register_as} version {version}" if version else ""))
 
 
 if __name__ == "__main__":

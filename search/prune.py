@@ -10,67 +10,37 @@ the pruned model itself.
 
 from __future__ import annotations
 
-import argparse
+from contract import cli
+from search.settings import PruneSettings
+from search.settings import prune_parser as parser
+
+if __name__ == "__main__":  # `--help` and a bad argument are answered before the imports below load torch
+    cli.check_args(parser)
+
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
+from contract import names, tracking
 from pruning import taylor
 from pruning.evaluate import Evaluator, max_length_of
-from pruning.models import ModelError, load_model
-from pruning.tasks import SAMPLES, TaskError, load_task, parse_task_list
-from search import tracking
+from pruning.models import load_model
+from pruning.tasks import load_task, parse_task_list
 from search.cli import run_main
-from search.configs import StudyContext, convention_tags, evaluate_configs, headline_mean, metric_name, ppl_window, study_identity
+from search.configs import StudyContext, convention_tags, evaluate_configs, headline_mean, ppl_window, study_identity
 
-LAYER_SERIES = ("layer_pruning_rate", "layer_heads_kept", "layer_channels_kept",
-                "layer_grad_norm", "layer_grad_mean", "layer_grad_std", "layer_grad_max")
-
-
-@dataclass
-class PruneSettings:
-    """Everything that defines one pruning run (the `prune` entry point's parameters)."""
-
-    model: str = "default"
-    revision: str = ""
-    pruning_ratio: float = 0.2
-    taylor_seq_len: int = 64
-    taylor_num_samples: int = 128
-    taylor_batch_size: int = 8
-    taylor_order: str = "first"
-    calibration: str = "pydoc"
-    normalization: str = "none"
-    protect_first_last: bool = False
-    max_layer_rate: float = 1.0
-    extreme_threshold: float = 0.8
-    tasks: str = "pydoc_cloze"
-    ppl_task: str = "pydoc_ppl"
-    split: str = "validation"
-    n_samples: int = 100
-    sample: str = "seeded"
-    batch_size: int = 8
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "auto"
-    data_dir: str = ""
-    baseline: bool = True
-    save_model: bool = True
-
-    def check(self) -> None:
-        """Validate what can be validated without a model (one-line errors)."""
-        taylor.check_prune_options(self.pruning_ratio, self.normalization, self.max_layer_rate)
-        if self.sample not in SAMPLES:
-            raise TaskError(f"unknown sample {self.sample!r}; allowed: {', '.join(SAMPLES)}")
-        if self.taylor_order not in ("first", "second"):
-            raise ModelError(f"unknown taylor_order {self.taylor_order!r}; allowed: first, second")
-        if not 0 < self.extreme_threshold <= 1:
-            raise ModelError(f"extreme_threshold {self.extreme_threshold} out of range; allowed: 0 < t <= 1")
-        for name in ("taylor_num_samples", "taylor_batch_size", "taylor_seq_len", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ModelError(f"{name} {getattr(self, name)} out of range; allowed: >= 1")
+LAYER_SERIES = (
+    "layer_pruning_rate",
+    "layer_heads_kept",
+    "layer_channels_kept",
+    "layer_grad_norm",
+    "layer_grad_mean",
+    "layer_grad_std",
+    "layer_grad_max",
+)
 
 
 def prune_and_evaluate(client, run_id: str, exp_id: str, settings: PruneSettings) -> dict[str, float]:
@@ -83,16 +53,28 @@ def prune_and_evaluate(client, run_id: str, exp_id: str, settings: PruneSettings
     task_names = parse_task_list(settings.tasks)
     if settings.ppl_task and settings.ppl_task not in task_names:
         task_names.append(settings.ppl_task)
-    tasks = [load_task(n, settings.split, settings.n_samples or None, settings.seed, settings.data_dir or None,
-                       settings.sample) for n in task_names]
+    tasks = [
+        load_task(n, settings.split, settings.n_samples or None, settings.seed, settings.data_dir or None, settings.sample)
+        for n in task_names
+    ]
     loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype, revision=settings.revision or None)
     taylor.check_family(loaded.model)
     batches = taylor.calibration_batches(
-        loaded.tokenizer, settings.calibration, settings.taylor_seq_len, settings.taylor_num_samples,
-        settings.seed, settings.taylor_batch_size, max_length_of(loaded.model))
+        loaded.tokenizer,
+        settings.calibration,
+        settings.taylor_seq_len,
+        settings.taylor_num_samples,
+        settings.seed,
+        settings.taylor_batch_size,
+        max_length_of(loaded.model),
+    )
     evaluator = Evaluator(loaded, tasks, settings.batch_size)
-    tracking.log(client, run_id, params={"num_blocks": loaded.num_blocks, "model_revision": loaded.revision,
-                                         **ppl_window(evaluator, tasks)}, tags=convention_tags(tasks))
+    tracking.log(
+        client,
+        run_id,
+        params={"num_blocks": loaded.num_blocks, "model_revision": loaded.revision, **ppl_window(evaluator, tasks)},
+        tags=convention_tags(tasks),
+    )
 
     metrics: dict[str, float] = {}
     if settings.baseline:  # the unpruned model, a configuration run shared with every study on the same data
@@ -106,9 +88,14 @@ def prune_and_evaluate(client, run_id: str, exp_id: str, settings: PruneSettings
     start = time.perf_counter()
     groups, stats = taylor.taylor_importance(loaded.model, batches, order=settings.taylor_order)
     report = taylor.global_prune(
-        loaded.model, groups, settings.pruning_ratio, normalization=settings.normalization,
-        protect_first_last=settings.protect_first_last, max_layer_rate=settings.max_layer_rate,
-        extreme_threshold=settings.extreme_threshold)
+        loaded.model,
+        groups,
+        settings.pruning_ratio,
+        normalization=settings.normalization,
+        protect_first_last=settings.protect_first_last,
+        max_layer_rate=settings.max_layer_rate,
+        extreme_threshold=settings.extreme_threshold,
+    )
     metrics["taylor_seconds"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -117,9 +104,13 @@ def prune_and_evaluate(client, run_id: str, exp_id: str, settings: PruneSettings
     metrics.update(_task_metrics({t: s.metrics for t, s in scores.items()}, tasks, settings.ppl_task))
     metrics.update({f"n_{s.task}": s.n for s in scores.values()})
     metrics.update(taylor.gradient_summary(stats))
-    metrics.update(n_params_before=report.n_params_before, n_params_after=report.n_params_after,
-                   pruning_rate=1 - report.n_params_after / report.n_params_before,
-                   pruned_fraction=report.pruned_fraction, extreme_pruning_layers=report.extreme_pruning_layers)
+    metrics.update(
+        n_params_before=report.n_params_before,
+        n_params_after=report.n_params_after,
+        pruning_rate=1 - report.n_params_after / report.n_params_before,
+        pruned_fraction=report.pruned_fraction,
+        extreme_pruning_layers=report.extreme_pruning_layers,
+    )
     _log(client, run_id, loaded, metrics, report, groups, stats, scores, settings)
     return metrics
 
@@ -127,7 +118,7 @@ def prune_and_evaluate(client, run_id: str, exp_id: str, settings: PruneSettings
 def _task_metrics(by_task: dict[str, dict[str, float]], tasks, ppl_task: str, prefix: str = "") -> dict[str, float]:
     """`<metric>_<task>` for every task; over the multiple-choice tasks `acc_mean` (mean `acc`) and
     `headline_mean` (mean of each task's headline metric); `ppl` of `ppl_task`."""
-    out = {prefix + metric_name(m, task): v for task, ms in by_task.items() for m, v in ms.items()}
+    out = {prefix + names.metric(m, task): v for task, ms in by_task.items() for m, v in ms.items()}
     accs = [by_task[t.name]["acc"] for t in tasks if t.kind == "multiple_choice"]
     if accs:
         out[prefix + "acc_mean"] = float(np.mean(accs))
@@ -151,46 +142,31 @@ def _log(client, run_id, loaded, metrics, report, groups, stats, scores, setting
     for name in LAYER_SERIES:
         tracking.log_series(client, run_id, name, series[name])
     tracking.log_json(client, run_id, "prune_report.json", {"settings": asdict(settings), "metrics": metrics, **series})
-    for s in scores.values():
-        tracking.log_json(client, run_id, f"{s.task}.json", {"task": s.task, "kind": s.kind, **s.per_example}, "per_example")
+    tracking.log_per_example(client, run_id, scores.values())
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "group_importance.npz"
-        np.savez_compressed(path, **{f"heads_{b}": g.head_importance.numpy() for b, g in enumerate(groups)},
-                            **{f"channels_{b}": g.channel_importance.numpy() for b, g in enumerate(groups)})
+        np.savez_compressed(
+            path,
+            **{f"heads_{b}": g.head_importance.numpy() for b, g in enumerate(groups)},
+            **{f"channels_{b}": g.channel_importance.numpy() for b, g in enumerate(groups)},
+        )
         client.log_artifact(run_id, str(path))
         if settings.save_model:
             taylor.save_pruned(loaded.model, loaded.tokenizer, Path(tmp) / "pruned_model")
             client.log_artifacts(run_id, str(Path(tmp) / "pruned_model"), "pruned_model")
 
 
-def _flag(text: str) -> bool:
-    if text.lower() in ("true", "1", "yes"):
-        return True
-    if text.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean; allowed: true, false")
-
-
-def parser() -> argparse.ArgumentParser:
-    """The `prune` entry point's arguments: one per PruneSettings field, plus the tracking URI."""
-    p = tracking.ArgumentParser(description="Taylor-importance global width pruning, tracked in MLflow")
-    for name, default in asdict(PruneSettings()).items():
-        kind = _flag if isinstance(default, bool) else type(default)
-        p.add_argument(f"--{name}", type=kind, default=default)
-    p.add_argument("--tracking_uri", default="", help="overrides MLFLOW_TRACKING_URI")
-    return p
-
-
 def main(argv=None) -> None:
-    args = vars(parser().parse_args(argv))
-    tracking_uri = args.pop("tracking_uri")
-    settings = PruneSettings(**args)
+    """Prune and evaluate one model: `python -m search.prune ...` or `mlflow run . -e prune`."""
+    args = parser().parse_args(argv)
+    settings = cli.settings_from(PruneSettings, args)
     settings.check()
-    client = tracking.connect(tracking_uri or None)
+    client = tracking.connect(args.tracking_uri or None)
     with tracking.study_run(client, "prune", f"prune/{settings.model}", asdict(settings)) as (run_id, exp_id):
         metrics = prune_and_evaluate(client, run_id, exp_id, settings)
-    shown = ", ".join(f"{k} {metrics[k]:.4g}" for k in ("acc_mean", "headline_mean", "ppl", "grad_norm_ratio", "pruning_rate")
-                      if k in metrics)
+    shown = ", ".join(
+        f"{k} {metrics[k]:.4g}" for k in ("acc_mean", "headline_mean", "ppl", "grad_norm_ratio", "pruning_rate") if k in metrics
+    )
     print(f"pruned {settings.model} by {settings.pruning_ratio:g}: {shown}\nrun: {run_id}")
 
 

@@ -7,48 +7,64 @@ The study's `importance` metric is the mean of the per-task importances.
 
 from __future__ import annotations
 
+from contract import cli
+from search.settings import SensitivitySettings
+from search.settings import sensitivity_parser as parser
+
+if __name__ == "__main__":  # `--help` and a bad argument are answered before the imports below load torch
+    cli.check_args(parser)
+
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from contract import names, tracking
+from contract.records import SensitivityReport
 from pruning.evaluate import Evaluator
 from pruning.models import load_model
 from pruning.tasks import load_task, parse_task_list
 from pruning.vlm import SCORER_VERSION as GENERATION_SCORER
 from pruning.vlm import GenerationEvaluator
-from search import tracking
-from search.cli import common_parser, run_main
+from search.cli import run_main
 from search.configs import StudyContext, drop, evaluate_configs, removed_tag, study_identity
 
 
-def open_context(args, client, parent_id: str, exp_id: str) -> StudyContext:
+def open_context(settings: SensitivitySettings, client, parent_id: str, exp_id: str) -> StudyContext:
     """Load the model and tasks named by the common parameters and build the study context."""
     tasks = [
-        load_task(name, args.split, args.n_samples or None, args.seed, args.data_dir or None, args.sample)
-        for name in parse_task_list(args.tasks)
+        load_task(name, settings.split, settings.n_samples or None, settings.seed, settings.data_dir or None, settings.sample)
+        for name in parse_task_list(settings.tasks)
     ]
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype, revision=args.revision or None,
-                        blocks_path=args.blocks_path or None)
-    identity = study_identity(loaded, tasks, args.split, args.n_samples, args.seed, args.sample)
+    loaded = load_model(
+        settings.model,
+        device=settings.device,
+        dtype=settings.dtype,
+        revision=settings.revision or None,
+        blocks_path=settings.blocks_path or None,
+    )
+    identity = study_identity(loaded, tasks, settings.split, settings.n_samples, settings.seed, settings.sample)
     if any(t.kind == "generation" for t in tasks):  # VQA tasks: scored by generation
-        evaluator = GenerationEvaluator(loaded, tasks, args.batch_size)
+        evaluator = GenerationEvaluator(loaded, tasks, settings.batch_size)
         identity["generation_scorer"] = GENERATION_SCORER
     else:
-        evaluator = Evaluator(loaded, tasks, args.batch_size, chunk_budget_gb=args.chunk_budget_gb)
-    tracking.log(client, parent_id, params={"num_blocks": loaded.num_blocks, "model_revision": loaded.revision,
-                                           "model_blocks_path": loaded.blocks_path},
-                 tags={f"task_type/{t.name}": t.task_type for t in tasks if t.task_type})
+        evaluator = Evaluator(loaded, tasks, settings.batch_size, chunk_budget_gb=settings.chunk_budget_gb)
+    tracking.log(
+        client,
+        parent_id,
+        params={"num_blocks": loaded.num_blocks, "model_revision": loaded.revision, "model_blocks_path": loaded.blocks_path},
+        tags={names.task_type_tag(t.name): t.task_type for t in tasks if t.task_type},
+    )
     return StudyContext(client, exp_id, parent_id, evaluator, identity)
 
 
-def study_params(args) -> dict:
+def study_params(settings: SensitivitySettings) -> dict:
     """The parent run's params (the MLproject parameters)."""
     keys = ("model", "tasks", "split", "n_samples", "sample", "batch_size", "seed", "device", "dtype")
-    return {k: getattr(args, k) for k in keys}
+    return {k: getattr(settings, k) for k in keys}
 
 
-def run_sensitivity(ctx: StudyContext) -> dict:
+def run_sensitivity(ctx: StudyContext) -> SensitivityReport:
     """Evaluate the baseline and each single-block removal; log importances to the parent run."""
     n = ctx.evaluator.loaded.num_blocks
     configs = [()] + [(i,) for i in range(n)]
@@ -56,46 +72,49 @@ def run_sensitivity(ctx: StudyContext) -> dict:
     failed = [o for o in outcomes.values() if o.error]
     if failed:
         raise RuntimeError(f"remove[{removed_tag(failed[0].removed)}] could not be evaluated: {failed[0].error}")
-    results = {r: (outcomes[r].metrics, outcomes[r].run_id) for r in configs}
-    baseline = results[()][0]
-    report = {"baseline": baseline, "num_blocks": n, "child_runs": {}, "importance": {}, "metrics": {}}
-    for task in ctx.tasks:
-        report["importance"][task.name] = [drop(task, baseline[task.name], results[(i,)][0][task.name]) for i in range(n)]
-        report["metrics"][task.name] = [results[(i,)][0][task.name] for i in range(n)]
-    report["importance_mean"] = np.mean([report["importance"][t.name] for t in ctx.tasks], axis=0).tolist()
-    report["child_runs"] = {",".join(map(str, r)) or "baseline": results[r][1] for r in configs}
-    report["counts"] = dict(ctx.counts)
+    baseline = outcomes[()].metrics
+    importance = {t.name: [drop(t, baseline[t.name], outcomes[(i,)].metrics[t.name]) for i in range(n)] for t in ctx.tasks}
+    report = SensitivityReport(
+        baseline,
+        n,
+        importance,
+        {t.name: [outcomes[(i,)].metrics[t.name] for i in range(n)] for t in ctx.tasks},
+        np.mean(list(importance.values()), axis=0).tolist(),
+        {",".join(map(str, r)) or "baseline": outcomes[r].run_id for r in configs},
+        dict(ctx.counts),
+    )
     _log_report(ctx, report)
     return report
 
 
-def _log_report(ctx: StudyContext, report: dict) -> None:
+def _log_report(ctx: StudyContext, report: SensitivityReport) -> None:
     client, run_id = ctx.client, ctx.parent_id
-    for task, values in report["importance"].items():
+    for task, values in report.importance.items():
         tracking.log_series(client, run_id, f"importance/{task}", values)
-    tracking.log_series(client, run_id, "importance", report["importance_mean"])
-    baseline = {f"baseline_{m}_{t}": v for t, ms in report["baseline"].items() for m, v in ms.items()}
-    order = [int(i) for i in np.argsort(-np.array(report["importance_mean"]), kind="stable")]
-    tags = {"most_important_blocks": ",".join(map(str, order[:5])),
-            "least_important_blocks": ",".join(map(str, order[::-1][:5]))}
-    tracking.log(client, run_id, metrics={**baseline, "configs_evaluated": report["counts"]["evaluated"],
-                                          "configs_reused": report["counts"]["reused"]}, tags=tags)
-    tracking.log_json(client, run_id, "sensitivity.json", report)
+    tracking.log_series(client, run_id, "importance", report.importance_mean)
+    baseline = {f"baseline_{m}_{t}": v for t, ms in report.baseline.items() for m, v in ms.items()}
+    order = [int(i) for i in np.argsort(-np.array(report.importance_mean), kind="stable")]
+    tags = {names.MOST_IMPORTANT: ",".join(map(str, order[:5])), names.LEAST_IMPORTANT: ",".join(map(str, order[::-1][:5]))}
+    tracking.log(
+        client,
+        run_id,
+        metrics={**baseline, "configs_evaluated": report.counts["evaluated"], "configs_reused": report.counts["reused"]},
+        tags=tags,
+    )
+    tracking.log_json(client, run_id, names.SENSITIVITY_REPORT, report.to_json())
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "importance.png"
+        path = Path(tmp) / names.IMPORTANCE_PLOT
         plot_importance(report, path)
         client.log_artifact(run_id, str(path))
 
 
-def plot_importance(report: dict, path: Path) -> None:
+def plot_importance(report: SensitivityReport, path: Path) -> None:
     """Bar chart of each block's importance, one panel per task plus the mean."""
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no backend or global figure state
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = list(report["importance"].items()) + [("mean", report["importance_mean"])]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6, report["num_blocks"] * 0.3), 2.2 * len(panels)), squeeze=False)
+    panels = list(report.importance.items()) + [("mean", report.importance_mean)]
+    fig = Figure(figsize=(max(6, report.num_blocks * 0.3), 2.2 * len(panels)))
+    axes = fig.subplots(len(panels), 1, squeeze=False)
     for ax, (name, values) in zip(axes[:, 0], panels):
         ax.bar(range(len(values)), values, color=["tab:red" if v == max(values) else "tab:blue" for v in values])
         ax.set_title(f"importance: {name}", fontsize=9)
@@ -104,25 +123,29 @@ def plot_importance(report: dict, path: Path) -> None:
     axes[-1, 0].set_xlabel("block")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
-def summary(report: dict, k: int = 5) -> str:
+def summary(report: SensitivityReport, k: int = 5) -> str:
     """The most and least important blocks, for the terminal."""
-    mean = np.array(report["importance_mean"])
+    mean = np.array(report.importance_mean)
     order = np.argsort(-mean)
     top = ", ".join(f"{i} ({mean[i]:.3f})" for i in order[:k])
     bottom = ", ".join(f"{i} ({mean[i]:.3f})" for i in order[::-1][:k])
-    counts = report["counts"]
-    return (f"most important blocks:  {top}\nleast important blocks: {bottom}\n"
-            f"configurations evaluated: {counts['evaluated']}, reused from the store: {counts['reused']}")
+    counts = report.counts
+    return (
+        f"most important blocks:  {top}\nleast important blocks: {bottom}\n"
+        f"configurations evaluated: {counts['evaluated']}, reused from the store: {counts['reused']}"
+    )
 
 
 def main(argv=None) -> None:
-    args = common_parser("Block sensitivity study").parse_args(argv)
+    """Run a sensitivity study: `python -m search.sensitivity ...` or `mlflow run . -e sensitivity`."""
+    args = parser().parse_args(argv)
+    settings = cli.settings_from(SensitivitySettings, args)
     client = tracking.connect(args.tracking_uri or None)
-    with tracking.study_run(client, "sensitivity", f"sensitivity/{args.model}", study_params(args)) as (run_id, exp_id):
-        ctx = open_context(args, client, run_id, exp_id)
+    experiment = f"{names.SENSITIVITY}/{settings.model}"
+    with tracking.study_run(client, names.SENSITIVITY, experiment, study_params(settings)) as (run_id, exp_id):
+        ctx = open_context(settings, client, run_id, exp_id)
         report = run_sensitivity(ctx)
     print(summary(report))
     print(f"parent run: {run_id}\nsee it: {tracking.ui_hint(client.tracking_uri)}")

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib.util
+import logging
 import os
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -25,10 +26,12 @@ from pathlib import Path
 import sqlalchemy as sa
 import torch
 
+from contract import names, tracking
 from pruning.evaluate import Evaluator
-from search import tracking
 from search.cli import SearchError
-from search.configs import Outcome, StudyContext, error_line, evaluate_configs, lookup, removed_tag
+from search.configs import Outcome, StudyContext, evaluate_configs, lookup, removed_tag
+
+logger = logging.getLogger(__name__)
 
 TABLE = "prunetrack_claims"
 RUNNING, DONE, FAILED = "running", "done", "failed"
@@ -44,8 +47,18 @@ def storage_url(storage: str) -> sa.URL:
     try:
         return sa.make_url(storage)
     except sa.exc.ArgumentError:
-        raise SearchError(f"storage {storage!r} is not a database URL; allowed: postgresql://..., "
-                          "mysql://..., sqlite:///path, or a file path") from None
+        raise SearchError(
+            f"storage {storage!r} is not a database URL; allowed: postgresql://..., mysql://..., sqlite:///path, or a file path"
+        ) from None
+
+
+def engine_url(storage: str) -> sa.URL:
+    """`storage_url` with the PostgreSQL driver named: SQLAlchemy 2.1 maps postgresql:// to psycopg 3,
+    the project installs psycopg2 (psycopg 3 is used where it is installed)."""
+    url = storage_url(storage)
+    if url.drivername == "postgresql" and importlib.util.find_spec("psycopg") is None:
+        url = url.set(drivername="postgresql+psycopg2")
+    return url
 
 
 @dataclass(frozen=True)
@@ -68,14 +81,13 @@ class Claims:
     """
 
     def __init__(self, storage: str):
-        url = storage_url(storage)
-        self.shown = url.render_as_string(hide_password=True)
-        if url.drivername == "postgresql":  # SQLAlchemy 2.1 would pick psycopg 3; the project installs psycopg2
-            url = url.set(drivername="postgresql+psycopg2")
+        self.shown = storage_url(storage).render_as_string(hide_password=True)
+        url = engine_url(storage)
         connect_args = {"timeout": 60} if url.get_backend_name() == "sqlite" else {}
         self.engine = sa.create_engine(url, connect_args=connect_args, pool_pre_ping=True)
         self.table = sa.Table(
-            TABLE, sa.MetaData(),
+            TABLE,
+            sa.MetaData(),
             sa.Column("config_hash", sa.String(64), primary_key=True),
             sa.Column("owner", sa.String(300), nullable=False),
             sa.Column("status", sa.String(16), nullable=False),
@@ -91,8 +103,7 @@ class Claims:
             except sa.exc.SQLAlchemyError:
                 exists = False
             if not exists:
-                first = str(err.orig if getattr(err, "orig", None) else err).strip().splitlines()[0]
-                raise SearchError(f"cannot use storage {self.shown!r}: {first[:300]}") from None
+                raise SearchError(f"cannot use storage {self.shown!r}: {tracking.first_line(err)}") from None
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.started = time.time()
         self._stop = threading.Event()
@@ -115,10 +126,9 @@ class Claims:
         while not self._stop.wait(HEARTBEAT_S):
             try:
                 with self.engine.begin() as conn:
-                    conn.execute(sa.update(t).where(t.c.owner == self.owner, t.c.status == RUNNING)
-                                 .values(heartbeat=time.time()))
+                    conn.execute(sa.update(t).where(t.c.owner == self.owner, t.c.status == RUNNING).values(heartbeat=time.time()))
             except sa.exc.SQLAlchemyError as err:  # the next beat tries again
-                print(f"warning: claims heartbeat failed: {str(err).splitlines()[0]}", file=sys.stderr)
+                logger.warning(f"claims heartbeat failed: {str(err).splitlines()[0]}")
 
     def rows(self, hashes: list[str]) -> dict[str, Claim]:
         """The claims on `hashes` that exist, by hash."""
@@ -136,8 +146,11 @@ class Claims:
                 if current is None:
                     conn.execute(sa.insert(t).values(config_hash=conf_hash, version=1, **values))
                     return True
-                won = conn.execute(sa.update(t).where(t.c.config_hash == conf_hash, t.c.version == current.version)
-                                   .values(version=current.version + 1, **values))
+                won = conn.execute(
+                    sa.update(t)
+                    .where(t.c.config_hash == conf_hash, t.c.version == current.version)
+                    .values(version=current.version + 1, **values)
+                )
                 return won.rowcount == 1
         except sa.exc.IntegrityError:  # another worker inserted it first
             return False
@@ -146,9 +159,11 @@ class Claims:
         """Record this worker's claim on `conf_hash` as done, or failed with `error`."""
         t = self.table
         with self.engine.begin() as conn:
-            conn.execute(sa.update(t).where(t.c.config_hash == conf_hash, t.c.owner == self.owner)
-                         .values(status=FAILED if error else DONE, error=error, heartbeat=time.time(),
-                                 version=t.c.version + 1))
+            conn.execute(
+                sa.update(t)
+                .where(t.c.config_hash == conf_hash, t.c.owner == self.owner)
+                .values(status=FAILED if error else DONE, error=error, heartbeat=time.time(), version=t.c.version + 1)
+            )
 
     def alive(self, claim: Claim) -> bool:
         """Whether the owner of a running claim may still be working on it."""
@@ -172,8 +187,16 @@ class Worker:
     CUDA out-of-memory, and with `claims` evaluates only what no other worker holds, taking up to
     `claim_size` configurations at a time and scoring them together."""
 
-    def __init__(self, ctx: StudyContext, batch_size: int, chunk_budget_gb: float, retries: int = 3,
-                 retry_delay: float = 60.0, claims: Claims | None = None, claim_size: int = 32):
+    def __init__(
+        self,
+        ctx: StudyContext,
+        batch_size: int,
+        chunk_budget_gb: float,
+        retries: int = 3,
+        retry_delay: float = 60.0,
+        claims: Claims | None = None,
+        claim_size: int = 32,
+    ):
         self.ctx, self.batch_size, self.chunk_budget_gb = ctx, batch_size, chunk_budget_gb
         self.retries, self.retry_delay, self.claims, self.claim_size = retries, retry_delay, claims, claim_size
         ctx.counts.setdefault("failed", 0)
@@ -211,14 +234,18 @@ class Worker:
                     settled[removed] = outcome
             elif len(settled) < len(configs):
                 if not told:
-                    print(f"waiting for {len(configs) - len(settled)} configurations held by other workers", file=sys.stderr)
+                    logger.info(f"waiting for {len(configs) - len(settled)} configurations held by other workers")
                     told = True
                 time.sleep(POLL_S)
         return {removed: settled[removed] for removed in configs}
 
     def evaluate(self, configs: list[tuple[int, ...]], race=None, race_key: str | None = None) -> dict[tuple[int, ...], Outcome]:
         """Evaluate `configs` together (reusing FINISHED runs), retrying failures; a configuration
-        that fails `retries + 1` times comes back with its error (its runs are FAILED)."""
+        that fails `retries + 1` times comes back with its error (its runs are FAILED).
+
+        Hand-written rather than a retry library (tenacity and the like retry one call): each round
+        retries only the configurations of the set that failed, counting attempts per configuration,
+        and an out-of-memory error halves the batch size without counting as an attempt."""
         pending, done, failures = list(configs), {}, dict.fromkeys(configs, 0)
         while pending:
             try:
@@ -227,10 +254,12 @@ class Worker:
                 free_memory()
                 if isinstance(err, torch.cuda.OutOfMemoryError) and self.batch_size > 1:
                     self._halve_batch()
-                    print(f"warning: {error_line(err)}; retrying {len(pending)} configurations with batch_size "
-                          f"{self.batch_size}", file=sys.stderr)
+                    logger.warning(
+                        f"{tracking.error_tag(err)}; retrying {len(pending)} configurations with batch_size {self.batch_size}"
+                    )
                     continue
-                outcomes = {removed: Outcome(removed, self.ctx.hash_of(removed), error=error_line(err)) for removed in pending}
+                error = tracking.error_tag(err)
+                outcomes = {removed: Outcome(removed, self.ctx.hash_of(removed), error=error) for removed in pending}
             else:
                 if any(o.error for o in outcomes.values()):
                     free_memory()
@@ -244,11 +273,13 @@ class Worker:
                 failures[removed] += 1
                 if failures[removed] > self.retries:
                     self.ctx.counts["failed"] += 1
-                    print(f"error: {name} failed {failures[removed]} times, recorded FAILED: {outcome.error}", file=sys.stderr)
+                    logger.error(f"{name} failed {failures[removed]} times, recorded FAILED: {outcome.error}")
                     done[removed] = outcome
                 else:
-                    print(f"warning: {name} failed (attempt {failures[removed]} of {self.retries + 1}): {outcome.error}; "
-                          f"retrying in {self.retry_delay:g} s", file=sys.stderr)
+                    logger.warning(
+                        f"{name} failed (attempt {failures[removed]} of {self.retries + 1}): {outcome.error}; "
+                        f"retrying in {self.retry_delay:g} s"
+                    )
                     retry.append(removed)
             pending = retry
             if pending:
@@ -268,7 +299,7 @@ class Worker:
             return
         host, pid, _ = claim.owner.rsplit(":", 2)
         for run in tracking.find_runs(self.ctx.client, claim.conf_hash, "RUNNING"):
-            if (run.data.tags.get(tracking.HOST), run.data.tags.get(tracking.PID)) == (host, pid):
+            if (run.data.tags.get(names.HOST), run.data.tags.get(names.PID)) == (host, pid):
                 tracking.kill(self.ctx.client, run.info.run_id, f"worker {claim.owner} stopped before finishing")
 
 

@@ -18,6 +18,8 @@ In a test module:
         bucket = moto_s3.bucket("exports")           # a new bucket on the moto server
         with mlflow_server(postgres_db, f"s3://{bucket}/a", env=moto_s3.env) as url: ...
 
+Mark a test that uses them `@pytest.mark.service` (pyproject.toml), so that `-m "not service"` leaves it out.
+
 Other helpers: `free_port()`, `server_process(cmd, health_url, env)` (any server command),
 `moto_s3_server()` and `postgres_database()` (the context managers behind the fixtures).
 
@@ -121,8 +123,13 @@ class S3Server:
         """A boto3 S3 client for this server."""
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.endpoint_url, aws_access_key_id="testing",
-                            aws_secret_access_key="testing", region_name="us-east-1")
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
+        )
 
     def bucket(self, prefix: str = "prunetrack") -> str:
         """Create a bucket with a unique name starting with `prefix`; its name."""
@@ -143,8 +150,15 @@ def moto_s3_server():
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with server_process([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], f"{url}/moto-api/"):
-        yield S3Server(url, {"MLFLOW_S3_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing",
-                             "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
+        yield S3Server(
+            url,
+            {
+                "MLFLOW_S3_ENDPOINT_URL": url,
+                "AWS_ACCESS_KEY_ID": "testing",
+                "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_DEFAULT_REGION": "us-east-1",
+            },
+        )
 
 
 @pytest.fixture(scope="session")
@@ -191,16 +205,32 @@ def postgres_db():
 
 
 @contextlib.contextmanager
-def mlflow_server(backend_store_uri: str, artifacts_destination: str, env: dict | None = None,
-                  extra: tuple = (), workers: int = 1):
+def mlflow_server(
+    backend_store_uri: str, artifacts_destination: str, env: dict | None = None, extra: tuple = (), workers: int = 1
+):
     """A real `mlflow server` subprocess on a free loopback port, artifacts proxied to
     `artifacts_destination`; yields its URL. `env` is added to this process's environment for the
     server only (for example `moto_s3.env`); `extra`: more `mlflow server` options."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_store_uri,
-           "--artifacts-destination", artifacts_destination, "--serve-artifacts",
-           "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        backend_store_uri,
+        "--artifacts-destination",
+        artifacts_destination,
+        "--serve-artifacts",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        *extra,
+    ]
     with server_process(cmd, f"{url}/health", env={**os.environ, **MLFLOW_SERVER_ENV, **(env or {})}):
         yield url
 

@@ -4,7 +4,6 @@ PostgreSQL, out-of-memory and failure handling, bad input, and `mlflow run -e be
 import itertools
 import math
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -17,19 +16,19 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 import torch
+from helpers import copy_store, mlflow_run, runs
 from mlflow.tracking import MlflowClient
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import pruning.evaluate
+from contract import names, tracking
 from pruning.evaluate import Evaluator
 from pruning.models import load_model
 from pruning.tasks import load_task
-from search import beam, sensitivity, tracking, work
+from search import beam, sensitivity, work
 from search.cli import SearchError, run_main
 from search.configs import drop
 
 ROOT = Path(__file__).resolve().parents[1]
-POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 TASKS = ["pydoc_ppl", "pydoc_cloze"]
 N_BLOCKS, WIDTH, STEPS = 6, 2, 3
 # 1 thread: the tiny model gains nothing from more, and the 2 cores are shared
@@ -38,68 +37,52 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 pytestmark = pytest.mark.usefixtures("one_thread", "scratch_cwd")  # tests/conftest.py
 
+
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    """A random 6-block Llama with a character tokenizer, saved like a hub model."""
-    from pydoc_data.topics import topics
-
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    chars = sorted(set("".join(topics.values())))
-    vocab = {"[UNK]": 0, "<s>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>", eos_token="<s>").save_pretrained(folder)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=N_BLOCKS,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.3)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return str(folder)
+def model_dir(tiny_model_dir) -> str:
+    """A random 6-block Llama with the character tokenizer (tests/conftest.py)."""
+    return tiny_model_dir(layers=N_BLOCKS, initializer_range=0.3)
 
 
 def argv(model: str, uri: str, *extra: str) -> list[str]:
-    return ["--model", model, "--tasks", ",".join(TASKS), "--n_samples", "4", "--batch_size", "16", "--tracking_uri", uri,
-            "--beam_width", str(WIDTH), "--max_removed", str(STEPS), "--retry_delay", "0", *extra]
-
-
-@pytest.fixture(scope="module")
-def empty_store(tmp_path_factory) -> Path:
-    """An empty tracking store with MLflow's schema (creating one takes seconds; copying it does not)."""
-    path = tmp_path_factory.mktemp("template") / "mlflow.db"
-    tracking.connect(f"sqlite:///{path}")
-    return path
-
-
-@pytest.fixture
-def store(empty_store, tmp_path):
-    """Make a fresh SQLite tracking store at a path, before any worker touches it."""
-    def make(path: Path = tmp_path / "mlflow.db") -> tuple[str, MlflowClient]:
-        shutil.copy(empty_store, path)
-        uri = f"sqlite:///{path}"
-        return uri, tracking.connect(uri)
-
-    return make
-
-
-def runs(client: MlflowClient, kind: str, status: str | None = None) -> list:
-    query = f"tags.`prunetrack.kind` = '{kind}'" + (f" and attributes.status = '{status}'" if status else "")
-    exps = [e.experiment_id for e in client.search_experiments()]
-    return client.search_runs(exps, query, order_by=["attributes.start_time ASC"])
+    return [
+        "--model",
+        model,
+        "--tasks",
+        ",".join(TASKS),
+        "--n_samples",
+        "4",
+        "--batch_size",
+        "16",
+        "--tracking_uri",
+        uri,
+        "--beam_width",
+        str(WIDTH),
+        "--max_removed",
+        str(STEPS),
+        "--retry_delay",
+        "0",
+        *extra,
+    ]
 
 
 def finished_results(client: MlflowClient) -> list[dict]:
-    return [tracking.load_json(client, r.info.run_id, beam.RESULTS) for r in runs(client, "beam_search", "FINISHED")]
+    return [tracking.load_json(client, r.info.run_id, names.BEAM_RESULTS) for r in runs(client, "beam_search", "FINISHED")]
 
 
 def comparable(results: dict, steps: int = STEPS) -> dict:
     """What must be the same in any store, for removing 1..steps blocks (run ids differ)."""
+
     def strip(entries):
         return [{k: v for k, v in e.items() if k != "run_id"} for e in entries[:steps]]
 
-    return {"baseline": results["baseline"], "failed": results["failed"], "recommendations": strip(results["recommendations"]),
-            "per_task": {t: strip(e) for t, e in results["per_task"].items()},
-            "num_active_blocks": {k: v for k, v in results["num_active_blocks"].items() if int(k) >= N_BLOCKS - steps}}
+    return {
+        "baseline": results["baseline"],
+        "failed": results["failed"],
+        "recommendations": strip(results["recommendations"]),
+        "per_task": {t: strip(e) for t, e in results["per_task"].items()},
+        "num_active_blocks": {k: v for k, v in results["num_active_blocks"].items() if int(k) >= N_BLOCKS - steps},
+    }
 
 
 def assert_close(a, b, path="results"):
@@ -128,11 +111,9 @@ def assert_each_config_once(client: MlflowClient) -> Counter:
 
 
 @pytest.fixture(scope="module")
-def reference(model_dir, empty_store, tmp_path_factory):
+def reference(model_dir, store_template, tmp_path_factory):
     """An uninterrupted search in its own store, after a sensitivity study of the same model."""
-    path = tmp_path_factory.mktemp("reference") / "mlflow.db"
-    shutil.copy(empty_store, path)
-    uri, client = f"sqlite:///{path}", MlflowClient(f"sqlite:///{path}")
+    uri, client = copy_store(store_template, tmp_path_factory.mktemp("reference") / "mlflow.db")
     common = ["--model", model_dir, "--tasks", ",".join(TASKS), "--n_samples", "4", "--batch_size", "16", "--tracking_uri", uri]
     assert run_main(sensitivity.main, common) == 0
     assert run_main(beam.main, argv(model_dir, uri)) == 0
@@ -196,12 +177,15 @@ def test_beam_equals_brute_force_reference_and_finds_global_optimum(model_dir, r
     assert [m.step for m in sorted(history, key=lambda m: m.step)] == [1, 2, 3]
 
     # a beam at least as wide as C(6, 2) sees every combination: the global optimum for each k
+    stored = len(runs(client, "config", "FINISHED"))
     assert run_main(beam.main, argv(model_dir, uri, "--beam_width", "15", "--criterion", "mean")) == 0
     wide = finished_results(client)[-1]
     for k, entry in enumerate(wide["recommendations"], start=1):
         optimum = min((c for c in table if len(c) == k), key=lambda c: (mean(table[c]), c))
         assert tuple(entry["removed_blocks"]) == optimum
-    assert wide["worker"]["reused"] > 0 and wide["per_task"] == {}
+    assert wide["per_task"] == {}
+    # every configuration of the narrow search is taken from the store, the others are evaluated
+    assert wide["worker"]["reused"] == stored and wide["worker"]["evaluated"] == 1 + len(table) - stored
 
 
 STALLING_WORKER = """
@@ -222,12 +206,18 @@ raise SystemExit(run_main(main, sys.argv[1:]))
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["alone", "with-storage"])
-def test_kill_minus_9_then_resume_equals_uninterrupted_run(model_dir, reference, store, tmp_path, shared):
-    uri, client = store()
+@pytest.mark.service
+def test_kill_minus_9_then_resume_equals_uninterrupted_run(model_dir, reference, sqlite_store, tmp_path, shared):
+    uri, client = sqlite_store
     args = argv(model_dir, uri, "--max_removed", "2", *(["--storage", str(tmp_path / "claims.db")] if shared else []))
     log, stalled = tmp_path / "killed.log", tmp_path / "stalled"
-    proc = subprocess.Popen([sys.executable, "-c", STALLING_WORKER, *args], cwd=tmp_path, env={**ENV, "STALLED": str(stalled)},
-                            stdout=subprocess.DEVNULL, stderr=log.open("w"))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STALLING_WORKER, *args],
+        cwd=tmp_path,
+        env={**ENV, "STALLED": str(stalled)},
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("w"),
+    )
     deadline = time.time() + 180
     while not stalled.exists():
         assert proc.poll() is None, log.read_text()[-3000:]
@@ -247,28 +237,18 @@ def test_kill_minus_9_then_resume_equals_uninterrupted_run(model_dir, reference,
     assert resumed["worker"]["reused"] == 1 + N_BLOCKS  # the baseline and step 1
     killed, parent = client.get_run(running[0]), client.get_run(dead_parent)
     assert killed.info.status == parent.info.status == "KILLED"
-    assert "died before" in parent.data.tags[tracking.ERROR]
-    assert f"{socket.gethostname()}:{proc.pid}" in killed.data.tags[tracking.ERROR]  # the dead worker, named
+    assert "died before" in parent.data.tags[names.ERROR]
+    assert f"{socket.gethostname()}:{proc.pid}" in killed.data.tags[names.ERROR]  # the dead worker, named
     if shared:  # the dead worker's claim was taken over and settled
         claims = work.Claims(str(tmp_path / "claims.db"))
         assert {c.status for c in claims.rows([r.data.tags["config_hash"] for r in runs(client, "config")]).values()} == {"done"}
 
 
-def postgres_or_skip() -> sa.Engine:
-    engine = sa.create_engine(POSTGRES.replace("postgresql:", "postgresql+psycopg2:"))
-    try:
-        with engine.connect():
-            pass
-    except sa.exc.OperationalError as err:
-        pytest.skip(f"PostgreSQL not reachable at {POSTGRES}: {str(err).splitlines()[0]}")
-    return engine
-
-
-def test_three_workers_on_postgresql_evaluate_each_configuration_once(model_dir, reference, store, tmp_path):
-    engine = postgres_or_skip()
-    uri, client = store()
+@pytest.mark.service
+def test_three_workers_on_postgresql_evaluate_each_configuration_once(model_dir, reference, sqlite_store, postgres_db, tmp_path):
+    uri, client = sqlite_store
     tracking.experiment_id(client, f"beam_search/{model_dir}")
-    cmd = [sys.executable, "-m", "search.beam", *argv(model_dir, uri, "--max_removed", "2", "--storage", POSTGRES)]
+    cmd = [sys.executable, "-m", "search.beam", *argv(model_dir, uri, "--max_removed", "2", "--storage", postgres_db)]
     logs = [tmp_path / f"worker{i}.log" for i in range(3)]
     workers = [subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=log.open("w")) for log in logs]
     for proc, log in zip(workers, logs):
@@ -284,15 +264,16 @@ def test_three_workers_on_postgresql_evaluate_each_configuration_once(model_dir,
     steps = [tracking.load_json(client, results[0]["worker"]["parent_run_id"], f"beam_step{k}.json") for k in (1, 2)]
     assert statuses["FINISHED"] == 1 + sum(len(s["candidates"]) for s in steps) == sum(r["worker"]["evaluated"] for r in results)
     hashes = [r.data.tags["config_hash"] for r in runs(client, "config")]
+    engine = sa.create_engine(postgres_db)
     table = sa.Table(work.TABLE, sa.MetaData(), autoload_with=engine)
-    with engine.begin() as conn:
-        claims = conn.execute(sa.select(table.c.status).where(table.c.config_hash.in_(hashes))).scalars().all()
-        conn.execute(sa.delete(table).where(table.c.config_hash.in_(hashes)))
-    assert claims == ["done"] * len(hashes)
+    with engine.connect() as conn:
+        claims = [tuple(row) for row in conn.execute(sa.select(table.c.config_hash, table.c.status))]
+    engine.dispose()
+    assert sorted(claims) == sorted((h, "done") for h in hashes)
 
 
-def test_out_of_memory_retries_with_half_the_batch_size(model_dir, reference, store, monkeypatch):
-    uri, client = store()
+def test_out_of_memory_retries_with_half_the_batch_size(model_dir, reference, sqlite_store, monkeypatch):
+    uri, client = sqlite_store
     plain, calls = Evaluator._score_config, []
 
     def flaky(self, chunk, removed, *args):
@@ -312,11 +293,11 @@ def test_out_of_memory_retries_with_half_the_batch_size(model_dir, reference, st
     for block in range(N_BLOCKS):  # the step's set failed together and was scored again together
         oom = [r for r in runs(client, "config") if r.data.tags["removed_blocks"] == str(block)]
         assert [r.info.status for r in oom] == ["FAILED", "FINISHED"]
-        assert oom[0].data.tags[tracking.ERROR].startswith("OutOfMemoryError: CUDA out of memory")
+        assert oom[0].data.tags[names.ERROR].startswith("OutOfMemoryError: CUDA out of memory")
 
 
-def test_configuration_that_keeps_failing_is_recorded_and_reported(model_dir, store, monkeypatch, capsys):
-    uri, client = store()
+def test_configuration_that_keeps_failing_is_recorded_and_reported(model_dir, sqlite_store, monkeypatch, capsys):
+    uri, client = sqlite_store
     plain = Evaluator._score_config
 
     def broken(self, chunk, removed, *args):
@@ -339,7 +320,7 @@ def test_configuration_that_keeps_failing_is_recorded_and_reported(model_dir, st
     assert parent.data.tags["prunetrack.failed_configs"] == "1" and parent.data.metrics["configs_failed"] == 1
     attempts = [r for r in runs(client, "config") if r.data.tags["removed_blocks"] == "1"]
     assert [r.info.status for r in attempts] == ["FAILED", "FAILED"]
-    assert all("illegal memory access" in r.data.tags[tracking.ERROR] for r in attempts)
+    assert all("illegal memory access" in r.data.tags[names.ERROR] for r in attempts)
     err = capsys.readouterr()
     assert "remove[1] failed 2 times, recorded FAILED" in err.err and "FAILED configurations (1)" in err.out
 
@@ -377,16 +358,20 @@ def test_claims_are_exclusive_and_taken_over_from_dead_or_silent_owners(tmp_path
         work.Claims("postgresql://postgres:secret@127.0.0.1:1/x")
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--beam_width", "0"], "error: beam_width must be at least 1, got 0"),
-    (["--criterion", "median"], "error: unknown criterion 'median'; allowed: mean, all, pydoc_ppl, pydoc_cloze"),
-    (["--protect", "0,x"], "error: protect '0,x' is not a list of block indices; allowed: e.g. 0,29 or 0-3,29"),
-    (["--protect", "0,9"], "error: protect block 9 out of range; allowed: 0..5"),
-    (["--min_active_blocks", "6"], "error: nothing to remove from 6 blocks with min_active_blocks=6"),
-    (["--storage", "postgresql://nobody@127.0.0.1:1/x"], "error: cannot use storage 'postgresql://nobody@127.0.0.1:1/x'"),
-])
-def test_bad_input_is_one_line_before_any_evaluation(model_dir, store, capsys, extra, message):
-    uri, client = store()
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--beam_width", "0"], "error: beam_width must be at least 1, got 0"),
+        (["--max_removed", "-1"], "error: max_removed must be at least 1, got -1"),
+        (["--criterion", "median"], "error: unknown criterion 'median'; allowed: mean, all, pydoc_ppl, pydoc_cloze"),
+        (["--protect", "0,x"], "error: protect '0,x' is not a list of block indices; allowed: e.g. 0,29 or 0-3,29"),
+        (["--protect", "0,9"], "error: protect block 9 out of range; allowed: 0..5"),
+        (["--min_active_blocks", "6"], "error: nothing to remove from 6 blocks with min_active_blocks=6"),
+        (["--storage", "postgresql://nobody@127.0.0.1:1/x"], "error: cannot use storage 'postgresql://nobody@127.0.0.1:1/x'"),
+    ],
+)
+def test_bad_input_is_one_line_before_any_evaluation(model_dir, sqlite_store, capsys, extra, message):
+    uri, client = sqlite_store
     assert run_main(beam.main, argv(model_dir, uri, *extra)) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and errors[0].startswith(message), errors
@@ -394,19 +379,18 @@ def test_bad_input_is_one_line_before_any_evaluation(model_dir, store, capsys, e
 
 
 @pytest.mark.slow
-def test_mlflow_run_beam_search_end_to_end(store, tmp_path):
+@pytest.mark.service
+def test_mlflow_run_beam_search_end_to_end(sqlite_store, tmp_path):
     """`mlflow run . -e beam_search --env-manager local` on the default model, blocks 27..29 removable."""
-    uri, client = store()
-    env = {**ENV, "MLFLOW_TRACKING_URI": uri, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "beam_search", "--env-manager", "local",
-           "-P", "tasks=pydoc_ppl", "-P", "n_samples=2", "-P", "protect=0-26", "-P", "max_removed=2", "-P", "beam_width=2"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=500)
+    uri, client = sqlite_store
+    params = ("tasks=pydoc_ppl", "n_samples=2", "protect=0-26", "max_removed=2", "beam_width=2")
+    done = mlflow_run(uri, "beam_search", *params, cwd=tmp_path, env=ENV, timeout=500)
     assert done.returncode == 0, done.stderr[-3000:]
     (parent,) = runs(client, "beam_search", "FINISHED")
     assert parent.data.params["beam_width"] == "2" and parent.data.params["protect"] == "0-26"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"beam_step1.json", "beam_step2.json", beam.RESULTS, "recommendations.md"} <= artifacts
-    results = tracking.load_json(client, parent.info.run_id, beam.RESULTS)
+    assert {"beam_step1.json", "beam_step2.json", names.BEAM_RESULTS, "recommendations.md"} <= artifacts
+    results = tracking.load_json(client, parent.info.run_id, names.BEAM_RESULTS)
     first, second = results["recommendations"]
     assert len(first["removed_blocks"]) == 1 and set(first["removed_blocks"]) <= {27, 28, 29}
     assert len(second["active_blocks"]) == 28 and set(second["removed_blocks"]) <= {27, 28, 29}

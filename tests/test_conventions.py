@@ -10,15 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
-from transformers import AutoConfig, AutoModelForCausalLM
+from helpers import tiny_lm
 
+from contract import names
 from pruning.evaluate import SCORER_VERSION, Evaluator, _pairs_of, prefix_token_id, task_score
 from pruning.models import LoadedModel, find_blocks_path
 from pruning.tasks import METRICS, Document, Task, TaskError, load_task, sample
 from pruning.tasks.harness import build_lm_eval_task
-from search.configs import _metrics_from, convention_tags, headline_mean, metric_name
+from search.configs import _metrics_from, convention_tags, headline_mean
 from search.prune import PruneSettings, _task_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,21 +35,17 @@ def bos_tokenizer():
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     core.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="</s>",
-                                   unk_token="<unk>")
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="</s>", unk_token="<unk>")
 
 
 def tiny_llama(tokenizer) -> LoadedModel:
-    torch.manual_seed(0)
-    config = AutoConfig.for_model("llama", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                                  num_key_value_heads=2, num_hidden_layers=3, bos_token_id=1, eos_token_id=2,
-                                  pad_token_id=2)
-    model = AutoModelForCausalLM.from_config(config).eval()
+    model = tiny_lm("llama", 3, VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=2)
     return LoadedModel(model, tokenizer, "tiny-llama", "local", find_blocks_path(model))
 
 
 def wiki_page(rng: random.Random) -> str:
     """A page in WikiText's raw layout: ` = Title = `, ` @-@ ` and ` , ` that lm-eval's detokenizer joins."""
+
     def words(n):
         return " ".join(f"w{rng.randrange(3, VOCAB)}" for _ in range(n))
 
@@ -68,12 +64,25 @@ def data_dir(tmp_path_factory) -> str:
     records = {
         "wikitext2": [{"page": wiki_page(rng)} for _ in range(7)],
         "boolq": [{"question": f"is it {i}", "passage": f"Passage {i}.", "idx": i, "label": i % 2} for i in range(6)],
-        "winogrande": [{"sentence": f"The cup beat the jar because _ was {i}.", "option1": "cup", "option2": "jar",
-                        "answer": str(1 + i % 2)} for i in range(6)],
-        "hellaswag": [{"ind": i, "activity_label": "Cooking", "ctx_a": f"A man cooks {i}.", "ctx_b": "he",
-                       "ctx": f"A man cooks {i}. he", "endings": ["eats.", "sleeps.", "runs away.", "sits."],
-                       "source_id": "x", "split": "val", "split_type": "indomain", "label": str(i % 4)}
-                      for i in range(6)],
+        "winogrande": [
+            {"sentence": f"The cup beat the jar because _ was {i}.", "option1": "cup", "option2": "jar", "answer": str(1 + i % 2)}
+            for i in range(6)
+        ],
+        "hellaswag": [
+            {
+                "ind": i,
+                "activity_label": "Cooking",
+                "ctx_a": f"A man cooks {i}.",
+                "ctx_b": "he",
+                "ctx": f"A man cooks {i}. he",
+                "endings": ["eats.", "sleeps.", "runs away.", "sits."],
+                "source_id": "x",
+                "split": "val",
+                "split_type": "indomain",
+                "label": str(i % 4),
+            }
+            for i in range(6)
+        ],
     }
     for name, rows in records.items():
         (folder / name).mkdir()
@@ -108,8 +117,10 @@ def test_rolling_windows_with_a_bos_tokenizer_are_lm_evals(data_dir):
     for ex, group in zip(task.examples, groups):
         tokens = lm.tok_encode(ex.text)
         assert tokens[0] == tokenizer.bos_token_id == prefix_token_id(tokenizer)
-        theirs = [utils.make_disjoint_window(w) for w in
-                  utils.get_rolling_token_windows(tokens, lm.prefix_token_id, WINDOW, context_len=1)]
+        theirs = [
+            utils.make_disjoint_window(w)
+            for w in utils.get_rolling_token_windows(tokens, lm.prefix_token_id, WINDOW, context_len=1)
+        ]
         assert [pairs[i] for i in group] == theirs
     text = tokenizer.bos_token + " " + task.examples[0].text  # already starts with BOS: not added again
     bos_doc = Task("bos", "validation", "perplexity", [Document(0, text)])
@@ -151,38 +162,62 @@ def test_acc_norm_only_where_lm_eval_defines_it_and_the_headline_metric(data_dir
     builtin = load_task("pydoc_cloze", "validation", 4)  # the project's own task: acc and acc_norm
     assert builtin.metrics == ("acc", "acc_norm") and builtin.headline == "acc"
     assert convention_tags([*tasks.values(), builtin]) == {
-        "headline/boolq": "acc", "headline/winogrande": "acc", "headline/hellaswag": "acc_norm",
-        "headline/pydoc_cloze": "acc"}
+        "headline/boolq": "acc",
+        "headline/winogrande": "acc",
+        "headline/hellaswag": "acc_norm",
+        "headline/pydoc_cloze": "acc",
+    }
 
 
 def test_headline_mean_averages_each_tasks_headline_and_acc_mean_stays_acc():
-    mc = [Task(n, "validation", "multiple_choice", [], headline=h) for n, h in
-          (("boolq", "acc"), ("hellaswag", "acc_norm"), ("arc_challenge", "acc_norm"))]
+    mc = [
+        Task(n, "validation", "multiple_choice", [], headline=h)
+        for n, h in (("boolq", "acc"), ("hellaswag", "acc_norm"), ("arc_challenge", "acc_norm"))
+    ]
     ppl = Task("wikitext", "validation", "perplexity", [])
-    by_task = {"boolq": {"acc": 0.6}, "hellaswag": {"acc": 0.4, "acc_norm": 0.5},
-               "arc_challenge": {"acc": 0.2, "acc_norm": 0.3},
-               "wikitext": {"ppl": 10.0, "word_perplexity": 20.0, "byte_perplexity": 1.5, "bits_per_byte": 0.6}}
+    by_task = {
+        "boolq": {"acc": 0.6},
+        "hellaswag": {"acc": 0.4, "acc_norm": 0.5},
+        "arc_challenge": {"acc": 0.2, "acc_norm": 0.3},
+        "wikitext": {"ppl": 10.0, "word_perplexity": 20.0, "byte_perplexity": 1.5, "bits_per_byte": 0.6},
+    }
     assert headline_mean(by_task, mc + [ppl]) == pytest.approx((0.6 + 0.5 + 0.3) / 3)
     out = _task_metrics(by_task, mc + [ppl], "wikitext", prefix="baseline_")
     assert out["baseline_acc_mean"] == pytest.approx((0.6 + 0.4 + 0.2) / 3)
     assert out["baseline_headline_mean"] == pytest.approx((0.6 + 0.5 + 0.3) / 3)
     assert out["baseline_ppl"] == 10.0 and out["baseline_byte_perplexity_wikitext"] == 1.5
     assert "baseline_acc_norm_boolq" not in out
-    assert [metric_name(m, "wikitext") for m in ppl.metrics] == [
-        "ppl_wikitext", "word_perplexity_wikitext", "byte_perplexity_wikitext", "bits_per_byte_wikitext"]
+    assert [names.metric(m, "wikitext") for m in ppl.metrics] == [
+        "ppl_wikitext",
+        "word_perplexity_wikitext",
+        "byte_perplexity_wikitext",
+        "bits_per_byte_wikitext",
+    ]
 
 
 def test_runs_are_read_back_with_the_metrics_each_task_logs():
     class Run:
         class data:
-            metrics = {"acc_boolq": 0.5, "acc_piqa": 0.6, "acc_norm_piqa": 0.7, "ppl_wikitext": 9.0,
-                       "word_perplexity_wikitext": 20.0, "byte_perplexity_wikitext": 1.5, "bits_per_byte_wikitext": 0.6}
+            metrics = {
+                "acc_boolq": 0.5,
+                "acc_piqa": 0.6,
+                "acc_norm_piqa": 0.7,
+                "ppl_wikitext": 9.0,
+                "word_perplexity_wikitext": 20.0,
+                "byte_perplexity_wikitext": 1.5,
+                "bits_per_byte_wikitext": 0.6,
+            }
 
-    tasks = [Task("boolq", "validation", "multiple_choice", [], metrics=("acc",)),
-             Task("piqa", "validation", "multiple_choice", []), Task("wikitext", "validation", "perplexity", [])]
-    assert _metrics_from(Run, tasks) == {"boolq": {"acc": 0.5}, "piqa": {"acc": 0.6, "acc_norm": 0.7},
-                                         "wikitext": {"ppl": 9.0, "word_perplexity": 20.0, "byte_perplexity": 1.5,
-                                                      "bits_per_byte": 0.6}}
+    tasks = [
+        Task("boolq", "validation", "multiple_choice", [], metrics=("acc",)),
+        Task("piqa", "validation", "multiple_choice", []),
+        Task("wikitext", "validation", "perplexity", []),
+    ]
+    assert _metrics_from(Run, tasks) == {
+        "boolq": {"acc": 0.5},
+        "piqa": {"acc": 0.6, "acc_norm": 0.7},
+        "wikitext": {"ppl": 9.0, "word_perplexity": 20.0, "byte_perplexity": 1.5, "bits_per_byte": 0.6},
+    }
 
 
 def test_sample_first_takes_the_first_examples_in_file_order(data_dir):
@@ -198,11 +233,11 @@ def test_sample_first_takes_the_first_examples_in_file_order(data_dir):
 
 
 def test_sample_is_a_parameter_of_every_entry_point_with_the_common_parameters():
-    from search.cli import common_parser
     from search.prune import parser as prune_parser
+    from search.settings import sensitivity_parser
 
-    assert common_parser("x").parse_args(["--sample", "first"]).sample == "first"
-    assert common_parser("x").parse_args([]).sample == "seeded"
+    assert sensitivity_parser().parse_args(["--sample", "first"]).sample == "first"
+    assert sensitivity_parser().parse_args([]).sample == "seeded"
     assert prune_parser().parse_args(["--sample", "first"]).sample == "first"
     entry_points = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]
     for name in ("sensitivity", "beam_search", "prune"):
@@ -212,6 +247,15 @@ def test_sample_is_a_parameter_of_every_entry_point_with_the_common_parameters()
 
 def test_readme_states_the_conventions():
     readme = (ROOT / "README.md").read_text()
-    for name in ("word_perplexity_<task>", "byte_perplexity_<task>", "bits_per_byte_<task>", "ppl_<task>",
-                 "headline_mean", "`sample`", "ppl_window", "headline/<task>", f"Scorer version: {SCORER_VERSION}"):
+    for name in (
+        "word_perplexity_<task>",
+        "byte_perplexity_<task>",
+        "bits_per_byte_<task>",
+        "ppl_<task>",
+        "headline_mean",
+        "`sample`",
+        "ppl_window",
+        "headline/<task>",
+        f"Scorer version: {SCORER_VERSION}",
+    ):
         assert name in readme, name

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from helpers import tiny_lm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmarks/ is not an installed package
@@ -18,22 +18,11 @@ from pruning.models import LoadedModel, find_blocks_path, load_model  # noqa: E4
 from pruning.tasks import Document, MultipleChoice, Task, load_task  # noqa: E402
 
 VOCAB = 128
-SMALL = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
-CONFIGS = {
-    "llama": SMALL, "mistral": SMALL, "qwen2": SMALL, "qwen3": {**SMALL, "head_dim": 8},
-    "phi3": {**SMALL, "pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0},
-    "gemma": {**SMALL, "head_dim": 8}, "gpt2": dict(n_embd=32, n_head=4),
-    "gpt_neox": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4),
-    "opt": dict(hidden_size=32, ffn_dim=64, num_attention_heads=4, word_embed_proj_dim=32),
-}
-LAYER_FIELD = {"gpt2": "n_layer"}
 
 
 def tiny(family: str, layers: int = 4) -> LoadedModel:
-    torch.manual_seed(0)
-    config = AutoConfig.for_model(family, vocab_size=VOCAB, **{LAYER_FIELD.get(family, "num_hidden_layers"): layers},
-                                  **CONFIGS[family])
-    lm = AutoModelForCausalLM.from_config(config).eval()
+    """A tiny random model of `family` with a word tokenizer of VOCAB words."""
+    lm = tiny_lm(family, layers, VOCAB)
     return LoadedModel(lm, word_tokenizer(VOCAB), family, "local", find_blocks_path(lm))
 
 
@@ -56,14 +45,14 @@ def mc_task(n: int = 12, seed: int = 0) -> Task:
             requests = [(context + " ", c.strip()) for c in choices]
         else:
             requests = [("" if i % 4 == 3 else context, c) for c in choices]
-        examples.append(MultipleChoice(i, tuple(requests), rng.randrange(len(choices)),
-                                       tuple(float(len(c)) for c in choices)))
+        examples.append(MultipleChoice(i, tuple(requests), rng.randrange(len(choices)), tuple(float(len(c)) for c in choices)))
     return Task("synthetic_mc", "validation", "multiple_choice", examples, source="generated")
 
 
 def lls(scores) -> np.ndarray:
-    return np.concatenate([np.concatenate(s.per_example["loglikelihoods"]) for s in scores.values()
-                           if s.kind == "multiple_choice"])
+    return np.concatenate(
+        [np.concatenate(s.per_example["loglikelihoods"]) for s in scores.values() if s.kind == "multiple_choice"]
+    )
 
 
 def assert_same_scores(a, b, tol: float) -> None:
@@ -121,8 +110,13 @@ def test_sliding_window_longer_than_rows_is_needed():
 
 def ppl_task(n: int = 30, seed: int = 0) -> Task:
     rng = random.Random(seed)
-    return Task("synthetic_ppl", "validation", "perplexity",
-                [Document(i, words(rng, rng.randrange(5, 90))) for i in range(n)], source="generated")
+    return Task(
+        "synthetic_ppl",
+        "validation",
+        "perplexity",
+        [Document(i, words(rng, rng.randrange(5, 90))) for i in range(n)],
+        source="generated",
+    )
 
 
 @pytest.mark.parametrize("family,shared", [("llama", True), ("qwen2", True), ("mistral", False)])
@@ -139,8 +133,9 @@ def test_step_wide_scores_equal_each_configuration_alone(family, shared):
     for removed in configs:
         alone = Evaluator(loaded, tasks, 3, max_length=32, chunk_budget_gb=budget, shared_context=shared).evaluate(removed)
         assert {k: v.per_example for k, v in together[removed].scores.items()} == {k: v.per_example for k, v in alone.items()}
-        assert_same_scores(together[removed].scores, whole.evaluate(removed), 1e-4)  # other batches: float noise
-        nll = [np.array(s["synthetic_ppl"].per_example["nll"]) for s in (alone, whole.evaluate(removed))]
+        unchunked = whole.evaluate(removed)
+        assert_same_scores(together[removed].scores, unchunked, 1e-4)  # other batches: float noise
+        nll = [np.array(s["synthetic_ppl"].per_example["nll"]) for s in (alone, unchunked)]
         assert np.abs(nll[0] - nll[1]).max() < 1e-3
 
 
@@ -185,19 +180,30 @@ def test_a_failing_configuration_does_not_stop_the_others(monkeypatch):
 
 
 def test_sensitivity_benchmark_on_a_tiny_model():
-    out = bench_sensitivity(tiny("llama"), [mc_task(40)], 4, budget_share=1 / 30)
+    loaded, tasks = tiny("llama"), [mc_task(40)]
+    out = bench_sensitivity(loaded, tasks, 4, budget_share=1 / 30)
     assert out["configs"] == 5 and out["max_abs_diff"] == 0.0
     assert out["chunk_budget_mb"] == pytest.approx(out["dataset_states_mb"] / 30)
     # a chunk holds at least one example, which may exceed the budget: bounded by a few examples' states
     assert out["chunks"] > 10 and out["kept_states_mb"] < out["dataset_states_mb"] / 10
-    assert out["tokens_per_pass"] > 0 and out["speedup"] == out["seconds_from_scratch"] / out["seconds_stepwide"]
+    assert out["speedup"] == out["seconds_from_scratch"] / out["seconds_stepwide"]
+    whole = Evaluator(loaded, tasks, 4, chunk_budget_gb=64)  # the same examples in one chunk: contexts shared alike
+    assert out["tokens_per_pass"] == sum(c.prepared.n_tokens for c in whole.chunks)
 
 
 def test_forward_benchmark_on_a_tiny_model():
-    shape = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=64)
-    forward = bench_forward(torch.device("cpu"), shape, batch_size=2, seq_len=16, n_batches=2, repeats=2,
-                            peak_tflops=1.0, dtype=torch.float32)
+    shape = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+    )
+    forward = bench_forward(
+        torch.device("cpu"), shape, batch_size=2, seq_len=16, n_batches=2, repeats=2, peak_tflops=1.0, dtype=torch.float32
+    )
     assert forward["tokens_per_pass"] == 64 and forward["kept_on"] == "cpu" and forward["peak_memory_mb"] is None
     params = 2 * (2 * (32 * 32 * 2 + 32 * 16 * 2 + 3 * 32 * 64 + 2 * 32) + 32 + 32 * VOCAB)
     assert forward["gflop_per_token"] * 1e9 == params + 2 * 2 * 32 * 16

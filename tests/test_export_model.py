@@ -1,20 +1,25 @@
 """`export_model`: physical block removal, the exported Hugging Face and MLflow models, speed metrics, the
 Model Registry, width-pruned models, bad input; tiny random models, and the default model once (slow)."""
 
+import statistics
 from pathlib import Path
 
 import mlflow
 import pytest
 import torch
+from helpers import runs, tiny_lm
 from mlflow.tracking import MlflowClient
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM
 
+from contract import names, tracking
+from contract.records import BeamResults, Recommendation
 from pruning import taylor
 from pruning.evaluate import Evaluator
 from pruning.models import LoadedModel, blocks_removed, find_blocks_path, load_model, save_without_blocks
 from pruning.tasks import load_task
-from search import export_model, tracking
+from search import export_model
 from search.cli import run_main
+from search.configs import drop
 
 TASKS = ["pydoc_ppl", "pydoc_cloze"]
 N_BLOCKS = 6
@@ -24,38 +29,17 @@ TOL = 1e-5  # fp32: the exported model computes exactly what the in-place remova
 
 pytestmark = pytest.mark.usefixtures("one_thread", "scratch_cwd")  # tests/conftest.py
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    """A character tokenizer covering the builtin tasks' text."""
-    from pydoc_data.topics import topics
-
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    chars = sorted(set("".join(topics.values())))
-    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "<s>": 1, **{c: i + 2 for i, c in enumerate(chars)}}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>", eos_token="<s>")
-
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer) -> str:
-    """A random 6-block Llama saved like a hub model."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=N_BLOCKS,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.3)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+def model_dir(tiny_model_dir) -> str:
+    """A random 6-block Llama with the character tokenizer (tests/conftest.py)."""
+    return tiny_model_dir(layers=N_BLOCKS, initializer_range=0.3)
 
 
 @pytest.fixture
-def store(tmp_path) -> MlflowClient:
-    return tracking.connect(f"sqlite:///{tmp_path}/mlflow.db")
-
-
-def all_runs(client) -> list:
-    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+def store(sqlite_store) -> MlflowClient:
+    """A fresh SQLite tracking store's client."""
+    return sqlite_store[1]
 
 
 def removed_logits(model_dir: str, removed, ids) -> torch.Tensor:
@@ -68,35 +52,71 @@ def removed_logits(model_dir: str, removed, ids) -> torch.Tensor:
 def beam_run(client, model_dir: str, removed_by_k: dict[int, tuple[int, ...]]) -> str:
     """A finished beam search run as search.beam records it, with one scored configuration run per recommendation."""
     exp_id = tracking.experiment_id(client, "beam_search/tiny")
-    parent = client.create_run(exp_id, tags={tracking.KIND: "beam_search"}).info.run_id
-    tracking.log(client, parent, params={"model": model_dir, "tasks": ",".join(TASKS), "split": "validation",
-                                        "n_samples": 4, "seed": 0, "model_revision": "local",
-                                        "model_blocks_path": "model.layers"})
+    parent = client.create_run(exp_id, tags={names.KIND: "beam_search"}).info.run_id
+    tracking.log(
+        client,
+        parent,
+        params={
+            "model": model_dir,
+            "tasks": ",".join(TASKS),
+            "split": "validation",
+            "n_samples": 4,
+            "seed": 0,
+            "model_revision": "local",
+            "model_blocks_path": "model.layers",
+        },
+    )
     loaded = load_model(model_dir, device="cpu", dtype="float32")
-    evaluator = Evaluator(loaded, [load_task(t, "validation", 4, 0) for t in TASKS], 8)
-    recommendations = []
+    tasks = [load_task(t, "validation", 4, 0) for t in TASKS]
+    evaluator = Evaluator(loaded, tasks, 8)
+    baseline = {name: dict(s.metrics) for name, s in evaluator.evaluate(()).items()}
+    recommendations, previous = [], 0.0
     for k, removed in removed_by_k.items():
-        child = client.create_run(exp_id, tags={tracking.KIND: "config"}).info.run_id
+        child = client.create_run(exp_id, tags={names.KIND: "config"}).info.run_id
         scores = evaluator.evaluate(removed)
         tracking.log(client, child, metrics={f"{m}_{s.task}": v for s in scores.values() for m, v in s.metrics.items()})
         client.set_terminated(child)
-        recommendations.append({"num_removed": k, "removed_blocks": list(removed), "run_id": child})
-    tracking.log_json(client, parent, export_model.BEAM_RESULTS,
-                      {"model": model_dir, "tasks": TASKS, "num_blocks": N_BLOCKS, "recommendations": recommendations})
+        drops = {t.name: drop(t, baseline[t.name], scores[t.name].metrics) for t in tasks}
+        mean = statistics.fmean(drops.values())
+        recommendations.append(
+            Recommendation(
+                k,
+                list(removed),
+                mean,
+                statistics.pstdev(drops.values()),
+                len(drops),
+                mean - previous,
+                N_BLOCKS - k,
+                [b for b in range(N_BLOCKS) if b not in removed],
+                drops,
+                tracking.config_hash({"removed": list(removed)}),
+                child,
+                True,
+            )
+        )
+        previous = mean
+    results = BeamResults(
+        model_dir,
+        TASKS,
+        N_BLOCKS,
+        {"criterion": "mean"},
+        baseline,
+        None,
+        recommendations,
+        {str(e.num_active_blocks): e.active_blocks for e in recommendations},
+    )
+    tracking.log_json(client, parent, names.BEAM_RESULTS, results.to_json())
     client.set_terminated(parent)
     return parent
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_removed_blocks_save_as_a_plain_model_equal_to_in_place_removal(tmp_path, family):
-    torch.manual_seed(0)
     extra = dict(use_sliding_window=True, sliding_window=4, max_window_layers=2) if family == "qwen2" else {}
-    config = AutoConfig.for_model(family, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=5,
-                                  num_attention_heads=4, num_key_value_heads=2, **extra)
-    lm = AutoModelForCausalLM.from_config(config).eval()
+    lm = tiny_lm(family, 5, 64, **extra)
     loaded = LoadedModel(lm, None, family, "local", find_blocks_path(lm))
     ids = torch.randint(0, 64, (2, 12))
-    layer_types = list(getattr(config, "layer_types", None) or [])
+    layer_types = list(getattr(lm.config, "layer_types", None) or [])
     with torch.inference_mode(), blocks_removed(loaded, [1, 3]):
         expected = lm(ids).logits
     assert save_without_blocks(loaded, [3, 1], tmp_path) == (1, 3)
@@ -116,23 +136,48 @@ def test_removed_blocks_save_as_a_plain_model_equal_to_in_place_removal(tmp_path
 def test_export_of_a_beam_recommendation_logs_registers_and_measures(store, model_dir, tmp_path, capsys):
     source = beam_run(store, model_dir, {1: (2,), 2: (2, 4)})
     out = tmp_path / "exported"
-    argv = ["--run_id", source, "--num_removed", "2", "--register_as", "tiny-pruned", "--output_dir", str(out),
-            "--device", "cpu", "--dtype", "float32", "--tracking_uri", store.tracking_uri, *SPEED]
+    argv = [
+        "--run_id",
+        source,
+        "--num_removed",
+        "2",
+        "--register_as",
+        "tiny-pruned",
+        "--output_dir",
+        str(out),
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--tracking_uri",
+        store.tracking_uri,
+        *SPEED,
+    ]
     assert run_main(export_model.main, argv) == 0
-    (run,) = [r for r in all_runs(store) if r.data.tags.get(tracking.KIND) == "export"]
+    (run,) = runs(store, "export")
     tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
     assert run.info.status == "FINISHED"
     assert tags["removed_blocks"] == "2,4" and tags["source_run_id"] == source
     assert (params["num_removed"], params["dtype"], params["device"]) == ("2", "float32", "cpu")
-    assert metrics["n_params_dense"] > metrics["n_params"] > 0 and metrics["weight_mb_dense"] > metrics["weight_mb"]
-    for name in ("prefill_tokens_per_s", "prefill_speedup", "decode_tokens_per_s", "decode_speedup", "peak_memory_mb"):
-        assert metrics[name] > 0, name
+    dense = load_model(model_dir, device="cpu", dtype="float32")
+    removed_params = sum(p.numel() for b in (2, 4) for p in dense.blocks[b].parameters())
+    assert metrics["n_params_dense"] - metrics["n_params"] == removed_params
+    assert metrics["weight_mb_dense"] - metrics["weight_mb"] == pytest.approx(4 * removed_params / 2**20)  # float32
     assert {"acc_pydoc_cloze", "ppl_pydoc_ppl"} <= set(metrics)
     assert metrics["rescore_max_diff"] < 1e-6  # the exported model scores as the beam's configuration run did
     assert metrics["export_max_logit_diff"] <= TOL
+    # the logged speeds are the medians of the timings in speed.json (2 x 16 prompt tokens, 2 x 4 new tokens)
     speed = tracking.load_json(store, run.info.run_id, "speed.json")
     assert speed["settings"]["batch"] == 2 and len(speed["dense"]["prefill_seconds"]) == 2
-    assert speed["prefill_speedup"] == pytest.approx(metrics["prefill_speedup"])
+    for side, suffix in (("pruned", ""), ("dense", "_dense")):
+        timings = speed[side]
+        assert metrics[f"prefill_tokens_per_s{suffix}"] == pytest.approx(32 / statistics.median(timings["prefill_seconds"]))
+        assert metrics[f"decode_tokens_per_s{suffix}"] == pytest.approx(8 / statistics.median(timings["decode_seconds"]))
+        assert metrics[f"peak_memory_mb{suffix}"] == pytest.approx(timings["peak_memory_mb"])
+        assert timings["peak_memory_mb"] > timings["weight_mb"]  # a process holding the weights
+    for phase in ("prefill", "decode"):
+        speedup = metrics[f"{phase}_tokens_per_s"] / metrics[f"{phase}_tokens_per_s_dense"]
+        assert metrics[f"{phase}_speedup"] == pytest.approx(speedup) and speed[f"{phase}_speedup"] == pytest.approx(speedup)
 
     ids = torch.randint(0, 100, (2, 10))
     expected = removed_logits(model_dir, (2, 4), ids)
@@ -157,9 +202,20 @@ def width_pruned_run(client, model_dir: str, uniform: bool) -> tuple[str, Path]:
     path = Path(client.tracking_uri.removeprefix("sqlite:///")).parent / f"pruned-{uniform}"
     taylor.save_pruned(loaded.model, loaded.tokenizer, path)
     exp_id = tracking.experiment_id(client, "prune/tiny")
-    run_id = client.create_run(exp_id, tags={tracking.KIND: "prune"}).info.run_id
-    tracking.log(client, run_id, params={"model": model_dir, "tasks": "pydoc_cloze", "ppl_task": "pydoc_ppl",
-                                         "split": "validation", "n_samples": 4, "seed": 0, "model_revision": "local"})
+    run_id = client.create_run(exp_id, tags={names.KIND: "prune"}).info.run_id
+    tracking.log(
+        client,
+        run_id,
+        params={
+            "model": model_dir,
+            "tasks": "pydoc_cloze",
+            "ppl_task": "pydoc_ppl",
+            "split": "validation",
+            "n_samples": 4,
+            "seed": 0,
+            "model_revision": "local",
+        },
+    )
     client.log_artifacts(run_id, str(path), "pruned_model")
     client.set_terminated(run_id)
     return run_id, path
@@ -169,7 +225,7 @@ def test_width_pruned_model_with_uniform_layers_exports_as_a_plain_model(store, 
     source, path = width_pruned_run(store, model_dir, uniform=True)
     argv = ["--run_id", source, "--device", "cpu", "--dtype", "float32", "--tracking_uri", store.tracking_uri, *SPEED]
     assert run_main(export_model.main, argv) == 0
-    (run,) = [r for r in all_runs(store) if r.data.tags.get(tracking.KIND) == "export"]
+    (run,) = runs(store, "export")
     assert run.data.tags["removed_blocks"] == "" and run.data.params["num_removed"] == "0"
     assert run.data.metrics["n_params"] < run.data.metrics["n_params_dense"]
     model = mlflow.transformers.load_model(f"runs:/{run.info.run_id}/model", return_type="components")["model"]
@@ -181,7 +237,7 @@ def test_width_pruned_model_with_uniform_layers_exports_as_a_plain_model(store, 
 
 def bad_inputs(client, model_dir: str) -> dict[str, tuple[list[str], str]]:
     beam = beam_run(client, model_dir, {1: (2,)})
-    config_run = client.create_run(tracking.experiment_id(client, "other"), tags={tracking.KIND: "config"}).info.run_id
+    config_run = client.create_run(tracking.experiment_id(client, "other"), tags={names.KIND: "config"}).info.run_id
     width, _ = width_pruned_run(client, model_dir, uniform=False)
     return {
         "not a beam search": (["--run_id", config_run], "is a config run; allowed: a beam_search or prune run"),
@@ -195,25 +251,48 @@ def bad_inputs(client, model_dir: str) -> dict[str, tuple[list[str], str]]:
 
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(store, model_dir, capsys):
     cases = bad_inputs(store, model_dir)
-    before = {r.info.run_id for r in all_runs(store)}
+    before = {r.info.run_id for r in runs(store)}
     capsys.readouterr()
     for name, (args, message) in cases.items():
-        code = run_main(export_model.main, [*args, "--register_as", "never", "--device", "cpu",
-                                           "--tracking_uri", store.tracking_uri, *SPEED])
+        code = run_main(
+            export_model.main, [*args, "--register_as", "never", "--device", "cpu", "--tracking_uri", store.tracking_uri, *SPEED]
+        )
         errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
         assert code == 2 and len(errors) == 1 and errors[0].startswith("error: ") and message in errors[0], (name, errors)
-    assert {r.info.run_id for r in all_runs(store)} == before
+    assert {r.info.run_id for r in runs(store)} == before
     assert not store.search_registered_models()
 
 
 @pytest.mark.slow
 def test_default_model_export_is_smaller_faster_and_scores_the_same(store, capsys):
-    argv = ["--model", "default", "--blocks", "5,6,7", "--tasks", "pydoc_ppl", "--n_samples", "4", "--device", "cpu",
-            "--dtype", "float32", "--tracking_uri", store.tracking_uri, "--speed_batch", "1", "--prompt_len", "64",
-            "--new_tokens", "8", "--repeats", "3"]
+    argv = [
+        "--model",
+        "default",
+        "--blocks",
+        "5,6,7",
+        "--tasks",
+        "pydoc_ppl",
+        "--n_samples",
+        "1",
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--tracking_uri",
+        store.tracking_uri,
+        "--speed_batch",
+        "1",
+        "--prompt_len",
+        "64",
+        "--new_tokens",
+        "8",
+        "--repeats",
+        "3",
+    ]
     assert run_main(export_model.main, argv) == 0
-    (run,) = [r for r in all_runs(store) if r.data.tags.get(tracking.KIND) == "export"]
+    (run,) = runs(store, "export")
     metrics = run.data.metrics
     assert metrics["n_params_dense"] - metrics["n_params"] == 3 * 3_540_096  # SmolLM2-135M: 3.54M per block
     assert metrics["export_max_logit_diff"] <= 1e-4
-    assert metrics["ppl_pydoc_ppl"] > 0
+    in_place = Evaluator(load_model("default", device="cpu", dtype="float32"), [load_task("pydoc_ppl", "validation", 1, 0)], 8)
+    assert metrics["ppl_pydoc_ppl"] == pytest.approx(in_place.evaluate((5, 6, 7))["pydoc_ppl"].metrics["ppl"], rel=1e-4)

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import mlflow_run, runs
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from contract import cli, names, profiles, tracking
 from pruning.tasks import TaskError, load_task
-from search import profiles, tracking
 from search.cli import run_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,11 +31,6 @@ PIQA = {"goal": "Open a jar", "sol1": "Twist the lid.", "sol2": "Eat the lid.", 
 def not_under_mlflow_run(monkeypatch):
     for name in ("MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI", "PRUNETRACK_PROFILE", *tracking.FAST_REQUESTS):
         monkeypatch.delenv(name, raising=False)
-
-
-def store(tmp_path: Path) -> tuple[str, MlflowClient]:
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    return uri, tracking.connect(uri)
 
 
 def dead_pid() -> int:
@@ -51,14 +47,19 @@ def last_line(err: str) -> str:
 # --------------------------------------------------------------------------- bad data files
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("", "piqa/validation.jsonl is empty; allowed: one JSON record per line"),
-    ("\n\n", "piqa/validation.jsonl is empty; allowed: one JSON record per line"),
-    ('{"goal": "a", "sol1": "b", "sol2": "c", "label": 0}\n{bad\n',
-     "piqa/validation.jsonl:2: not a JSON record (Expecting property name enclosed in double quotes at column 2); "
-     "allowed: one JSON object per line"),
-    ("[1, 2]\n", "piqa/validation.jsonl:1: a JSON list, not a record; allowed: one JSON object per line"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("", "piqa/validation.jsonl is empty; allowed: one JSON record per line"),
+        ("\n\n", "piqa/validation.jsonl is empty; allowed: one JSON record per line"),
+        (
+            '{"goal": "a", "sol1": "b", "sol2": "c", "label": 0}\n{bad\n',
+            "piqa/validation.jsonl:2: not a JSON record (Expecting property name enclosed in double quotes at column 2); "
+            "allowed: one JSON object per line",
+        ),
+        ("[1, 2]\n", "piqa/validation.jsonl:1: a JSON list, not a record; allowed: one JSON object per line"),
+    ],
+)
 def test_a_bad_data_file_is_named_with_its_line(tmp_path, text, expected):
     (tmp_path / "piqa").mkdir()
     (tmp_path / "piqa" / "validation.jsonl").write_text(text)
@@ -68,19 +69,25 @@ def test_a_bad_data_file_is_named_with_its_line(tmp_path, text, expected):
     assert "put validation.jsonl" not in str(info.value)
 
 
-def test_an_empty_data_file_fails_the_study_in_one_line(tmp_path):
+@pytest.mark.service
+def test_an_empty_data_file_fails_the_study_in_one_line(tmp_path, sqlite_store):
     """Through the command: exit 2, one line, the study run FAILED with the reason."""
     (tmp_path / "piqa").mkdir()
     (tmp_path / "piqa" / "validation.jsonl").write_text("")
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    out = subprocess.run([sys.executable, "-m", "search.sensitivity", "--tasks", "piqa", "--data_dir", str(tmp_path),
-                          "--tracking_uri", uri], capture_output=True, text=True, cwd=ROOT)
+    uri, client = sqlite_store
+    out = subprocess.run(
+        [sys.executable, "-m", "search.sensitivity", "--tasks", "piqa", "--data_dir", str(tmp_path), "--tracking_uri", uri],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert out.returncode == 2
-    assert last_line(out.stderr) == f"error: {tmp_path}/piqa/validation.jsonl is empty; allowed: one JSON record per line " \
-                                     "(or remove it to use the hub's copy)"
-    client = MlflowClient(uri)
-    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert run.info.status == "FAILED" and "is empty" in run.data.tags[tracking.ERROR]
+    assert (
+        last_line(out.stderr) == f"error: {tmp_path}/piqa/validation.jsonl is empty; allowed: one JSON record per line "
+        "(or remove it to use the hub's copy)"
+    )
+    [run] = runs(client)
+    assert run.info.status == "FAILED" and "is empty" in run.data.tags[names.ERROR]
 
 
 # --------------------------------------------------------------------------- tracking stores
@@ -90,8 +97,10 @@ def test_a_sqlite_store_under_a_file_is_one_line(tmp_path):
     (tmp_path / "afile").write_text("")
     with pytest.raises(tracking.TrackingError) as info:
         tracking.connect(f"sqlite:///{tmp_path}/afile/mlflow.db")
-    assert str(info.value) == (f"tracking URI 'sqlite:///{tmp_path}/afile/mlflow.db': '{tmp_path}/afile' is a file, "
-                               "not a folder; allowed: sqlite:///<path to a .db file in a folder>")
+    assert str(info.value) == (
+        f"tracking URI 'sqlite:///{tmp_path}/afile/mlflow.db': '{tmp_path}/afile' is a file, "
+        "not a folder; allowed: sqlite:///<path to a .db file in a folder>"
+    )
     with pytest.raises(tracking.TrackingError, match="names the folder"):
         tracking.connect(f"sqlite:///{tmp_path}")
 
@@ -140,15 +149,18 @@ def test_the_closing_hint_fits_the_store():
 # --------------------------------------------------------------------------- arguments and the mlflow run run
 
 
-@pytest.mark.parametrize("module, argv, expected", [
-    ("search.sensitivity", ["--n_samples", "abc"], "error: n_samples 'abc' is not valid; allowed: an integer"),
-    ("search.prune", ["--baseline", "maybe"], "error: baseline: 'maybe' is not a boolean; allowed: true, false"),
-    ("search.prune", ["--pruning_ratio", "1.5"], "error: pruning_ratio 1.5 out of range; allowed: 0 < ratio < 1"),
-    ("search.study", ["--report_only", "yes"], "error: report_only 'yes' is not valid; allowed: 'true', 'false'"),
-    ("search.study", ["--colour", "red"], "error: unrecognized arguments: --colour red; allowed: the options of"),
-])
-def test_a_rejected_setting_fails_the_run_mlflow_run_opened(tmp_path, monkeypatch, capsys, module, argv, expected):
-    uri, client = store(tmp_path)
+@pytest.mark.parametrize(
+    "module, argv, expected",
+    [
+        ("search.sensitivity", ["--n_samples", "abc"], "error: n_samples 'abc' is not valid; allowed: an integer"),
+        ("search.prune", ["--baseline", "maybe"], "error: baseline 'maybe' is not valid; allowed: true, false"),
+        ("search.prune", ["--pruning_ratio", "1.5"], "error: pruning_ratio 1.5 out of range; allowed: 0 < ratio < 1"),
+        ("search.study", ["--report_only", "yes"], "error: report_only 'yes' is not valid; allowed: true, false"),
+        ("search.study", ["--colour", "red"], "error: unrecognized arguments: --colour red; allowed: the options of"),
+    ],
+)
+def test_a_rejected_setting_fails_the_run_mlflow_run_opened(sqlite_store, monkeypatch, capsys, module, argv, expected):
+    uri, client = sqlite_store
     launched = client.create_run(tracking.experiment_id(client, "launched")).info.run_id
     monkeypatch.setenv("MLFLOW_RUN_ID", launched)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -157,41 +169,35 @@ def test_a_rejected_setting_fails_the_run_mlflow_run_opened(tmp_path, monkeypatc
     line = last_line(capsys.readouterr().err)
     assert line.startswith(expected)
     run = client.get_run(launched)
-    assert run.info.status == "FAILED" and run.data.tags[tracking.ERROR].endswith(line.removeprefix("error: "))
-
-
-def mlflow_run(tmp_path: Path, entry: str, *params: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", entry, "--env-manager", "local"]
-    for param in params:
-        cmd += ["-P", param]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert run.info.status == "FAILED" and run.data.tags[names.ERROR].endswith(line.removeprefix("error: "))
 
 
 MLFLOW_RUN_BAD_INPUT = [
     ("beam_search", "beam_width=0", "error: beam_width must be at least 1, got 0"),
-    ("beam_search", "max_removed=-1", "error: max_removed must be at least 1, got -1"),
     ("prune", "pruning_ratio=1.5", "error: pruning_ratio 1.5 out of range; allowed: 0 < ratio < 1"),
     ("taylor_study", "config=missing", "error: study config 'missing' not found; available: "),
     ("sensitivity", "n_samples=abc", "error: n_samples 'abc' is not valid; allowed: an integer"),
-    ("taylor_study", "storage=postgresql://user:secret@db.lab/optuna",
-     "error: storage 'postgresql://user:***@db.lab/optuna' holds a password"),
+    (
+        "taylor_study",
+        "storage=postgresql://user:secret@db.lab/optuna",
+        "error: storage 'postgresql://user:***@db.lab/optuna' holds a password",
+    ),
 ]
 
 
 @pytest.mark.parametrize("entry, param, expected", MLFLOW_RUN_BAD_INPUT)
-def test_bad_input_under_mlflow_run_is_one_line_and_a_failed_run(tmp_path, entry, param, expected):
-    out = mlflow_run(tmp_path, entry, param)
+@pytest.mark.service
+def test_bad_input_under_mlflow_run_is_one_line_and_a_failed_run(tmp_path, sqlite_store, entry, param, expected):
+    _, client = sqlite_store
+    out = mlflow_run(f"sqlite:///{tmp_path}/mlflow.db", entry, param, cwd=tmp_path, timeout=300)
     assert out.returncode != 0
     ours = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
     assert len(ours) == 1 and ours[0].startswith(expected), out.stderr[-3000:]
     assert "Traceback" not in out.stderr and "usage:" not in out.stderr, out.stderr[-3000:]
     assert "secret" not in ours[0]
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    [run] = runs(client)
     assert run.info.status == "FAILED"
-    assert run.data.tags[tracking.ERROR].endswith(ours[0].removeprefix("error: "))
+    assert run.data.tags[names.ERROR].endswith(ours[0].removeprefix("error: "))
 
 
 # --------------------------------------------------------------------------- secrets: storage profiles
@@ -215,7 +221,7 @@ def test_storage_takes_a_profile_and_refuses_a_password(tmp_path, monkeypatch):
     from search.study import parser
 
     assert parser().parse_args(["--storage", "local"]).storage == "sqlite:///optuna.db"
-    with pytest.raises(tracking.UsageError, match="holds a password"):
+    with pytest.raises(cli.UsageError, match="holds a password"):
         parser().parse_args(["--storage", "mysql://root:secret@db/optuna"])
 
 
@@ -225,7 +231,7 @@ def test_storage_takes_a_profile_and_refuses_a_password(tmp_path, monkeypatch):
 def _study_interrupted_in_flight(client: MlflowClient, how: str):
     def main(argv):
         with tracking.study_run(client, "sensitivity", "stops", {}) as (run_id, exp_id):
-            child = tracking.open_child(client, exp_id, run_id, "abc", "remove[1]", {tracking.KIND: "config"}, {})
+            child = tracking.open_child(client, exp_id, run_id, "abc", "remove[1]", {names.KIND: "config"}, {})
             try:  # what the configuration code does around an evaluation
                 if how == "sigterm":
                     os.kill(os.getpid(), signal.SIGTERM)
@@ -234,14 +240,14 @@ def _study_interrupted_in_flight(client: MlflowClient, how: str):
             except BaseException as err:
                 tracking.fail(client, child, err)
                 raise
+
     return main
 
 
-@pytest.mark.parametrize("how, code, reason", [("ctrl-c", 130, "interrupted (Ctrl-C)"),
-                                                ("sigterm", 143, "terminated (SIGTERM)")])
+@pytest.mark.parametrize("how, code, reason", [("ctrl-c", 130, "interrupted (Ctrl-C)"), ("sigterm", 143, "terminated (SIGTERM)")])
 @pytest.mark.parametrize("launched", [False, True])
-def test_a_stopped_study_leaves_nothing_running(tmp_path, monkeypatch, capsys, how, code, reason, launched):
-    uri, client = store(tmp_path)
+def test_a_stopped_study_leaves_nothing_running(sqlite_store, monkeypatch, capsys, how, code, reason, launched):
+    uri, client = sqlite_store
     if launched:  # under mlflow run, the run it opened is the study run
         monkeypatch.setenv("MLFLOW_RUN_ID", client.create_run(tracking.experiment_id(client, "x")).info.run_id)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -249,53 +255,55 @@ def test_a_stopped_study_leaves_nothing_running(tmp_path, monkeypatch, capsys, h
     assert run_main(_study_interrupted_in_flight(client, how)) == code
     assert signal.getsignal(signal.SIGTERM) is before
     assert last_line(capsys.readouterr().err) == f"error: {reason}; the runs in flight are marked KILLED"
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert len(runs) == 2
-    for run in runs:
-        assert run.info.status == "KILLED" and reason in run.data.tags[tracking.ERROR]
+    stopped = runs(client)
+    assert len(stopped) == 2
+    for run in stopped:
+        assert run.info.status == "KILLED" and reason in run.data.tags[names.ERROR]
 
 
-def test_a_dead_workers_run_is_closed_by_a_survivor(tmp_path):
-    uri, client = store(tmp_path)
+def test_a_dead_workers_run_is_closed_by_a_survivor(sqlite_store):
+    uri, client = sqlite_store
     exp_id = tracking.experiment_id(client, "beam_search/m")
-    dead = client.create_run(exp_id, tags={tracking.KIND: "beam_search", tracking.HOST: socket.gethostname(),
-                                           tracking.PID: str(dead_pid())}).info.run_id
-    alive = client.create_run(exp_id, tags={tracking.KIND: "beam_search", tracking.HOST: "another-host",
-                                            tracking.PID: "1"}).info.run_id
+    dead = client.create_run(
+        exp_id, tags={names.KIND: "beam_search", names.HOST: socket.gethostname(), names.PID: str(dead_pid())}
+    ).info.run_id
+    alive = client.create_run(exp_id, tags={names.KIND: "beam_search", names.HOST: "another-host", names.PID: "1"}).info.run_id
     with tracking.study_run(client, "beam_search", "beam_search/m", {}):
         pass
     run = client.get_run(dead)
-    assert run.info.status == "KILLED" and "died before the run finished" in run.data.tags[tracking.ERROR]
+    assert run.info.status == "KILLED" and "died before the run finished" in run.data.tags[names.ERROR]
     assert client.get_run(alive).info.status == "RUNNING"  # another machine: its heartbeat decides
 
 
-def test_a_dead_optuna_workers_trial_is_taken_over_at_once(tmp_path):
-    from search import study as study_mod
+def test_a_dead_optuna_workers_trial_is_taken_over_at_once(tmp_path, sqlite_store):
+    from search import study_spec, study_storage, trial_runner
     from search.work import Claims
 
     config = tmp_path / "study.yaml"
     config.write_text(yaml.safe_dump({"tasks": "pydoc_cloze", "ppl_task": "", "search_space": {"taylor_seq_len": [16, 32]}}))
-    uri, client = store(tmp_path)
-    spec = study_mod.load_spec(str(config), f"sqlite:///{tmp_path}/optuna.db")
-    study, parent = study_mod.open_study(spec, study_mod.open_storage(spec, client), client)
+    uri, client = sqlite_store
+    spec = study_spec.load_spec(str(config), f"sqlite:///{tmp_path}/optuna.db")
+    study, parent = study_storage.open_study(spec, study_storage.open_storage(spec), client)
     with Claims(spec.storage) as claims:
         trial = study.ask()  # a worker took the first grid point, claimed it, then died
-        key, pid = study_mod.trial_key(study, trial.number), dead_pid()
+        key, pid = trial_runner.trial_key(study, trial.number), dead_pid()
         assert claims.take(key, None)
         with claims.engine.begin() as conn:
             conn.execute(claims.table.update().values(owner=f"{socket.gethostname()}:{pid}:dead"))
-        run = client.create_run(client.get_run(parent).info.experiment_id, tags={
-            "mlflow.parentRunId": parent, tracking.KIND: study_mod.TRIAL_KIND, study_mod.TRIAL_TAG: str(trial.number)})
+        run = client.create_run(
+            client.get_run(parent).info.experiment_id,
+            tags={"mlflow.parentRunId": parent, names.KIND: names.PRUNE, names.TRIAL_NUMBER: str(trial.number)},
+        )
         live = study.ask()  # another worker's trial, alive (this process)
-        assert claims.take(study_mod.trial_key(study, live.number), None)
+        assert claims.take(trial_runner.trial_key(study, live.number), None)
 
-        assert study_mod.fail_stopped_trials(study, claims, client, spec.max_retry) == 1
+        assert trial_runner.fail_stopped_trials(study, claims, client, spec.max_retry) == 1
         trials = {t.number: t for t in study.get_trials()}
         assert trials[trial.number].state == TrialState.FAIL and trials[live.number].state == TrialState.RUNNING
         [again] = [t for t in trials.values() if t.state == TrialState.WAITING]
         assert again.params == trials[trial.number].params  # the point is enqueued again
         killed = client.get_run(run.info.run_id)
         assert killed.info.status == "KILLED"
-        assert killed.data.tags[tracking.ERROR] == f"worker process {socket.gethostname()}:{pid} died; trial redone"
+        assert killed.data.tags[names.ERROR] == f"worker process {socket.gethostname()}:{pid} died; trial redone"
         assert claims.rows([key])[key].status == "failed"
-        assert study_mod.fail_stopped_trials(study, claims, client, spec.max_retry) == 0
+        assert trial_runner.fail_stopped_trials(study, claims, client, spec.max_retry) == 0

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from mlflow.tracking import MlflowClient
 
-from search import tracking
+from contract import names, tracking
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,19 +21,32 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_run_name_shows_kind_model_and_key_settings():
-    assert tracking.run_name("sensitivity", {"model": "default", "tasks": "piqa,arc_easy", "n_samples": 100}) == \
-        "sensitivity SmolLM2-135M-Instruct piqa,arc_easy n=100"
-    assert tracking.run_name("sensitivity", {"model": "HuggingFaceTB/SmolLM2-1.7B", "tasks": "piqa", "n_samples": "0",
-                                             "split": "train"}) == "sensitivity SmolLM2-1.7B piqa n=all train"
+    assert (
+        tracking.run_name("sensitivity", {"model": "default", "tasks": "piqa,arc_easy", "n_samples": 100})
+        == "sensitivity SmolLM2-135M-Instruct piqa,arc_easy n=100"
+    )
+    assert (
+        tracking.run_name(
+            "sensitivity", {"model": "HuggingFaceTB/SmolLM2-1.7B", "tasks": "piqa", "n_samples": "0", "split": "train"}
+        )
+        == "sensitivity SmolLM2-1.7B piqa n=all train"
+    )
     beam = {"model": "/models/tiny.gguf", "tasks": "pydoc_ppl", "n_samples": 16, "beam_width": 3, "max_removed": 4}
     assert tracking.run_name("beam_search", beam) == "beam_search tiny pydoc_ppl n=16 width=3 max_removed=4"
-    assert tracking.run_name("prune", {"model": "default", "tasks": "pydoc_cloze", "n_samples": 100,
-                                       "pruning_ratio": 0.2, "revision": ""}) == \
-        "prune SmolLM2-135M-Instruct pydoc_cloze n=100 ratio=0.2"
-    assert tracking.run_name("correlation", {"study_name": "quick", "target": "acc_mean", "experiment": ""}) == \
-        "correlation quick acc_mean"
-    assert tracking.run_name("study", {"model": "default", "tasks": "pydoc_cloze", "n_samples": 100,
-                                       "study_name": "quick"}) == "study SmolLM2-135M-Instruct pydoc_cloze n=100 quick"
+    assert (
+        tracking.run_name(
+            "prune", {"model": "default", "tasks": "pydoc_cloze", "n_samples": 100, "pruning_ratio": 0.2, "revision": ""}
+        )
+        == "prune SmolLM2-135M-Instruct pydoc_cloze n=100 ratio=0.2"
+    )
+    assert (
+        tracking.run_name("correlation", {"study_name": "quick", "target": "acc_mean", "experiment": ""})
+        == "correlation quick acc_mean"
+    )
+    assert (
+        tracking.run_name("study", {"model": "default", "tasks": "pydoc_cloze", "n_samples": 100, "study_name": "quick"})
+        == "study SmolLM2-135M-Instruct pydoc_cloze n=100 quick"
+    )
     assert tracking.run_name("consistency", {}) == "consistency"
     assert len(tracking.run_name("sensitivity", {"tasks": ",".join(["hellaswag"] * 40)})) < 120
 
@@ -47,14 +59,14 @@ def test_default_model_name_is_the_model_sides():
 
 
 @pytest.fixture
-def client(tmp_path, monkeypatch):
+def client(sqlite_store, monkeypatch):
+    """A fresh store's client, outside any `mlflow run`."""
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return sqlite_store[1]
 
 
-PARAMS = {"model": "default", "tasks": "piqa,arc_easy", "n_samples": 100, "revision": "", "blocks_path": "",
-          "seed": 0}
+PARAMS = {"model": "default", "tasks": "piqa,arc_easy", "n_samples": 100, "revision": "", "blocks_path": "", "seed": 0}
 
 
 def test_study_run_named_and_empty_params_left_out(client):
@@ -64,27 +76,30 @@ def test_study_run_named_and_empty_params_left_out(client):
     assert run.info.run_name == "sensitivity SmolLM2-135M-Instruct piqa,arc_easy n=100"
     assert client.get_experiment(exp_id).name == "sensitivity/default"
     assert run.data.params == {"model": "default", "tasks": "piqa,arc_easy", "n_samples": "100", "seed": "0"}
-    assert run.data.tags[tracking.KIND] == "sensitivity" and run.info.status == "FINISHED"
+    assert run.data.tags[names.KIND] == "sensitivity" and run.info.status == "FINISHED"
     with tracking.study_run(client, "sensitivity", "sensitivity/default", PARAMS, name="my study") as (run_id, _):
         pass
     assert client.get_run(run_id).info.run_name == "my study"
 
 
-def test_study_run_renames_the_run_mlflow_run_created(client, monkeypatch, capsys):
+def test_study_run_renames_the_run_mlflow_run_created(client, monkeypatch, caplog):
     """`mlflow run` creates the run (an MLflow-made name such as `bemused-fox-123`) and logs every
     MLproject parameter; the study renames it and adds only what is missing."""
     created = client.create_run("0")  # what mlflow run does without --experiment-name
     assert tracking._generated_name(created.info.run_name), created.info.run_name
     client.log_param(created.info.run_id, "revision", "")  # mlflow run logs the MLproject params as given
     monkeypatch.setenv("MLFLOW_RUN_ID", created.info.run_id)
-    with tracking.study_run(client, "beam_search", "beam_search/default",
-                            {**PARAMS, "beam_width": 3, "max_removed": 4}) as (run_id, exp_id):
+    with tracking.study_run(client, "beam_search", "beam_search/default", {**PARAMS, "beam_width": 3, "max_removed": 4}) as (
+        run_id,
+        exp_id,
+    ):
         assert run_id == created.info.run_id and exp_id == "0"
     run = client.get_run(run_id)
     name = "beam_search SmolLM2-135M-Instruct piqa,arc_easy n=100 width=3 max_removed=4"
     assert run.info.run_name == name and run.data.tags["mlflow.runName"] == name
     assert run.data.params["beam_width"] == "3" and "blocks_path" not in run.data.params
-    assert "--experiment-name beam_search/default" in capsys.readouterr().err
+    assert "--experiment-name beam_search/default" in caplog.text
+    caplog.clear()
 
     # a name given to mlflow run (--run-name) is kept; no hint in an experiment of its own
     exp = client.create_experiment("beam_search/default")
@@ -93,7 +108,7 @@ def test_study_run_renames_the_run_mlflow_run_created(client, monkeypatch, capsy
     with tracking.study_run(client, "beam_search", "beam_search/default", PARAMS):
         pass
     assert client.get_run(named.info.run_id).info.run_name == "ablation-3"
-    assert "experiment-name" not in capsys.readouterr().err
+    assert "experiment-name" not in caplog.text
 
 
 def test_generated_names():
@@ -220,6 +235,7 @@ def test_readme_commands_work_as_typed():
     readme = (ROOT / "README.md").read_text()
     assert ". .venv/bin/activate" in readme
     assert "--experiment-name" in readme and "requirements-test.txt" in readme
-    makefile = subprocess.run(["make", "-n", "demo"], cwd=ROOT, capture_output=True, text=True,
-                              env={**os.environ, "MAKEFLAGS": ""})
+    makefile = subprocess.run(
+        ["make", "-n", "demo"], cwd=ROOT, capture_output=True, text=True, env={**os.environ, "MAKEFLAGS": ""}
+    )
     assert "--experiment-name" in makefile.stdout, makefile.stdout + makefile.stderr

@@ -7,34 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from helpers import mlflow_run, runs, tiny_lm
 
 from pruning.evaluate import Evaluator, encode_request, rolling_windows
 from pruning.models import LoadedModel, ModelError, blocks_removed, find_blocks_path, load_model
 from pruning.tasks import TaskError, load_task, parse_task_list
 
 ROOT = Path(__file__).resolve().parents[1]
-FAMILIES = {
-    "llama": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2),
-    "mistral": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2),
-    "qwen2": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2),
-    "gpt2": dict(n_embd=32, n_head=4),
-    "gpt_neox": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4),
-    "opt": dict(hidden_size=32, ffn_dim=64, num_attention_heads=4, word_embed_proj_dim=32),
-}
-LAYER_FIELD = {"gpt2": "n_layer"}
 
 
-def tiny(family: str, layers: int = 4) -> torch.nn.Module:
-    torch.manual_seed(0)
-    field = LAYER_FIELD.get(family, "num_hidden_layers")
-    config = AutoConfig.for_model(family, vocab_size=128, **{field: layers}, **FAMILIES[family])
-    return AutoModelForCausalLM.from_config(config).eval()
-
-
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "llama", "mistral", "opt", "qwen2"])
 def test_block_removal_is_exact_and_reversible(family):
-    lm = tiny(family)
+    lm = tiny_lm(family)
     loaded = LoadedModel(lm, None, family, "local", find_blocks_path(lm))
     ids = torch.randint(0, 128, (2, 9))
     before = lm(ids).logits
@@ -49,7 +33,7 @@ def test_block_removal_is_exact_and_reversible(family):
 
 
 def test_removed_model_generates_with_renumbered_cache():
-    lm = tiny("llama")
+    lm = tiny_lm()
     loaded = LoadedModel(lm, None, "llama", "local", find_blocks_path(lm))
     ids = torch.randint(0, 128, (1, 5))
     with blocks_removed(loaded, [0]):
@@ -62,7 +46,7 @@ def test_removed_model_generates_with_renumbered_cache():
 
 
 def test_bad_block_index_and_unknown_path():
-    lm = tiny("llama")
+    lm = tiny_lm()
     loaded = LoadedModel(lm, None, "llama", "local", find_blocks_path(lm))
     with pytest.raises(ModelError, match="block index 7 out of range; allowed: 0..3"):
         with blocks_removed(loaded, [7]):
@@ -119,7 +103,7 @@ def default_model():
 
 @pytest.mark.slow
 def test_step_wide_scoring_gives_identical_scores(default_model):
-    tasks = [load_task("pydoc_ppl", "validation", 2), load_task("pydoc_cloze", "validation", 6)]
+    tasks = [load_task("pydoc_ppl", "validation", 1), load_task("pydoc_cloze", "validation", 6)]
     configs = [(), (3,), (17, 25), (29,)]
     together = Evaluator(default_model, tasks, 4).evaluate_many(configs)
     for removed in configs:
@@ -130,45 +114,44 @@ def test_step_wide_scoring_gives_identical_scores(default_model):
 @pytest.mark.slow
 def test_default_model_has_real_signal(default_model):
     tasks = [load_task("pydoc_ppl", "validation", 4), load_task("pydoc_cloze", "validation", 40)]
-    ev = Evaluator(default_model, tasks, 8)
-    base = ev.evaluate(())
+    configs = [(), (0,), (15,)]
+    scored = Evaluator(default_model, tasks, 8).evaluate_many(configs)
+    base, no_first, no_middle = (scored[c].scores for c in configs)
     assert base["pydoc_cloze"].metrics["acc"] >= 0.6  # chance is 0.25
     assert 10 < base["pydoc_ppl"].metrics["ppl"] < 30
-    no_first, no_middle = ev.evaluate((0,)), ev.evaluate((15,))
     assert no_first["pydoc_ppl"].metrics["ppl"] > 100 * no_middle["pydoc_ppl"].metrics["ppl"]
     assert no_first["pydoc_cloze"].metrics["acc"] < no_middle["pydoc_cloze"].metrics["acc"] - 0.2
 
 
 @pytest.mark.slow
-def test_mlflow_run_sensitivity_end_to_end(tmp_path):
+@pytest.mark.service
+def test_mlflow_run_sensitivity_end_to_end(tmp_path, sqlite_store):
     """`mlflow run . -e sensitivity --env-manager local` on a small sample, twice."""
-    from mlflow.tracking import MlflowClient
-
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "sensitivity", "--env-manager", "local",
-           "-P", "n_samples=2", "-P", "tasks=pydoc_ppl"]
-    first = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path)
+    uri, client = sqlite_store
+    first = mlflow_run(uri, "sensitivity", "n_samples=1", "tasks=pydoc_ppl", cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
-    client = MlflowClient(uri)
-    exps = [e.experiment_id for e in client.search_experiments()]
-    children = client.search_runs(exps, "tags.`prunetrack.kind` = 'config'")
+    children = runs(client, "config")
     assert len(children) == 31 and all(r.info.status == "FINISHED" for r in children)
     assert {r.data.tags["removed_blocks"] for r in children} == {""} | {str(i) for i in range(30)}
-    parent = client.search_runs(exps, "tags.`prunetrack.kind` = 'sensitivity'")[0]
+    (parent,) = runs(client, "sensitivity")
     history = client.get_metric_history(parent.info.run_id, "importance")
     importance = [m.value for m in sorted(history, key=lambda m: m.step)]
     assert len(importance) == 30 and max(range(30), key=importance.__getitem__) == 0
-    second = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path)
+    second = mlflow_run(uri, "sensitivity", "n_samples=1", "tasks=pydoc_ppl", cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "reused from the store: 31" in second.stdout
-    assert len(client.search_runs(exps, "tags.`prunetrack.kind` = 'config'")) == 31
+    assert len(runs(client, "config")) == 31
 
 
+@pytest.mark.service
 def test_unreachable_tracking_uri_is_one_line(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "search.sensitivity", "--tracking_uri", "http://127.0.0.1:9"],
-                         capture_output=True, text=True, cwd=ROOT,
-                         env={**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "3"})
+    out = subprocess.run(
+        [sys.executable, "-m", "search.sensitivity", "--tracking_uri", "http://127.0.0.1:9"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "3"},
+    )
     assert out.returncode == 2
     assert out.stderr.strip().startswith("error: cannot reach tracking store 'http://127.0.0.1:9'")
     assert len(out.stderr.strip().splitlines()) == 1

@@ -3,7 +3,6 @@ started by its one command, a real `mlflow run` study against it, basic auth, he
 
 import json
 import os
-import string
 import subprocess
 import sys
 import uuid
@@ -11,9 +10,10 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from helpers import mlflow_run
 from servers import MLFLOW_SERVER_ENV, free_port, postgres_database, server_process
 
-from search import profiles, tracking
+from contract import profiles, tracking
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST_FAIL = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
@@ -34,26 +34,6 @@ def worker_env(**extra) -> dict:
     return {**env, **FAST_FAIL, "PATH": f"{Path(sys.executable).parent}:{env['PATH']}", **extra}
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    """A 4-block random Llama with a character tokenizer, saved as a local model directory."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(sorted(set(string.printable)))}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 # --------------------------------------------------------------------------- profiles, no server
 
 
@@ -68,8 +48,10 @@ def test_profiles_lookup_and_errors(tmp_path, monkeypatch):
     with pytest.raises(profiles.ProfileError, match=r"^unknown profile 'nope'; available: lab, local, or a path"):
         profiles.load("nope")
     custom = tmp_path / "mine.yaml"
-    custom.write_text("tracking_uri: http://${MY_HOST}:5000\nserver:\n  backend_store_uri: sqlite:///x.db\n"
-                      "  artifacts_destination: /tmp/a\n  auth: {database_uri: sqlite:///a.db, default_permission: ALL}\n")
+    custom.write_text(
+        "tracking_uri: http://${MY_HOST}:5000\nserver:\n  backend_store_uri: sqlite:///x.db\n"
+        "  artifacts_destination: /tmp/a\n  auth: {database_uri: sqlite:///a.db, default_permission: ALL}\n"
+    )
     monkeypatch.delenv("MY_HOST", raising=False)
     with pytest.raises(profiles.ProfileError, match="environment variable MY_HOST is not set \\(used in tracking_uri\\)"):
         _ = profiles.load(str(custom)).tracking_uri  # resolving the URI raises
@@ -107,9 +89,11 @@ def test_run_from_another_store_fails_at_start(tmp_path, monkeypatch):
     monkeypatch.setenv(profiles.ENV_VAR, "local")
     with pytest.raises(tracking.TrackingError) as info:
         tracking.connect()
-    assert str(info.value) == (f"mlflow run started run abc123 in 'sqlite:///{tmp_path}/launcher.db' but "
-                               "PRUNETRACK_PROFILE=local names 'sqlite:///mlflow.db': give mlflow run the same store "
-                               "(MLFLOW_TRACKING_URI=sqlite:///mlflow.db mlflow run ...)")
+    assert str(info.value) == (
+        f"mlflow run started run abc123 in 'sqlite:///{tmp_path}/launcher.db' but "
+        "PRUNETRACK_PROFILE=local names 'sqlite:///mlflow.db': give mlflow run the same store "
+        "(MLFLOW_TRACKING_URI=sqlite:///mlflow.db mlflow run ...)"
+    )
     assert not (tmp_path / "launcher.db").exists()
 
 
@@ -118,18 +102,25 @@ def test_unknown_profile_is_one_line(monkeypatch):
     with pytest.raises(tracking.TrackingError) as info:
         tracking.connect("lab2")
     assert str(info.value) == "unknown profile 'lab2'; available: lab, local, or a path to a .yaml file"
-    out = subprocess.run([sys.executable, "-m", "search.profiles", "serve", "lab2"], cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "contract.profiles", "serve", "lab2"], cwd=ROOT, capture_output=True, text=True)
     assert (out.returncode, out.stderr) == (2, f"error: {info.value}\n")
 
 
+@pytest.mark.service
 def test_serve_stops_at_a_missing_database():
     """The server command checks its database first: one line, password hidden, no retry loop."""
     from sqlalchemy.engine import make_url
 
     with postgres_database() as db:  # a server that answers (or a skip); then a database it lacks
         missing = make_url(db).set(password="s3cret", database="prunetrack_no_such_db").render_as_string(False)
-    out = subprocess.run([sys.executable, "-m", "search.profiles", "serve", "lab"], cwd=ROOT, capture_output=True,
-                         text=True, env={**os.environ, "PRUNETRACK_LAB_DB": missing}, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "contract.profiles", "serve", "lab"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PRUNETRACK_LAB_DB": missing},
+        timeout=60,
+    )
     assert out.returncode == 2 and len(out.stderr.splitlines()) == 1
     assert out.stderr.startswith("error: profile 'lab': cannot connect to the backend store postgresql+psycopg2://")
     assert 'database "prunetrack_no_such_db" does not exist' in out.stderr
@@ -145,18 +136,29 @@ def lab(moto_s3):
     its server started with the one command; yields (the variables, the bucket: not created yet)."""
     bucket, port = f"lab-{uuid.uuid4().hex[:10]}", free_port()
     with postgres_database() as db:
-        settings = {"PRUNETRACK_LAB_URI": f"http://127.0.0.1:{port}", "PRUNETRACK_LAB_DB": db,
-                    "PRUNETRACK_LAB_ARTIFACTS": f"s3://{bucket}/studies", "PRUNETRACK_LAB_S3_ENDPOINT": moto_s3.endpoint_url,
-                    "PRUNETRACK_LAB_HOST": "127.0.0.1", "PRUNETRACK_LAB_PORT": str(port), "PRUNETRACK_LAB_WORKERS": "2"}
-        server_env = {**os.environ, **MLFLOW_SERVER_ENV, **settings,
-                      **{k: v for k, v in moto_s3.env.items() if k.startswith("AWS_")}}
+        settings = {
+            "PRUNETRACK_LAB_URI": f"http://127.0.0.1:{port}",
+            "PRUNETRACK_LAB_DB": db,
+            "PRUNETRACK_LAB_ARTIFACTS": f"s3://{bucket}/studies",
+            "PRUNETRACK_LAB_S3_ENDPOINT": moto_s3.endpoint_url,
+            "PRUNETRACK_LAB_HOST": "127.0.0.1",
+            "PRUNETRACK_LAB_PORT": str(port),
+            "PRUNETRACK_LAB_WORKERS": "2",
+        }
+        server_env = {
+            **os.environ,
+            **MLFLOW_SERVER_ENV,
+            **settings,
+            **{k: v for k, v in moto_s3.env.items() if k.startswith("AWS_")},
+        }
         server_env.pop("MLFLOW_S3_ENDPOINT_URL", None)  # the profile's s3_endpoint_url must carry it
-        cmd = [sys.executable, "-m", "search.profiles", "serve", "lab"]
+        cmd = [sys.executable, "-m", "contract.profiles", "serve", "lab"]
         with server_process(cmd, f"http://127.0.0.1:{port}/health", env=server_env, cwd=str(ROOT)):
             yield settings, bucket
 
 
-def test_lab_study_through_mlflow_run(lab, moto_s3, tiny_model, tmp_path, monkeypatch):
+@pytest.mark.service
+def test_lab_study_through_mlflow_run(lab, moto_s3, tiny_model_dir, tmp_path, monkeypatch):
     settings, bucket = lab
     # A job started while the server's bucket is missing stops at its start, with the server's reason.
     for var, value in {**FAST_FAIL, profiles.ENV_VAR: "lab", "PRUNETRACK_LAB_URI": settings["PRUNETRACK_LAB_URI"]}.items():
@@ -164,19 +166,20 @@ def test_lab_study_through_mlflow_run(lab, moto_s3, tiny_model, tmp_path, monkey
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     with pytest.raises(tracking.TrackingError) as info:
         tracking.connect()
-    assert str(info.value) == (f"cannot reach the artifact storage 'mlflow-artifacts:/0' of '{settings['PRUNETRACK_LAB_URI']}': "
-                               f"Failed to list artifacts in s3://{bucket}/studies: The specified bucket does not exist")
+    assert str(info.value) == (
+        f"cannot reach the artifact storage 'mlflow-artifacts:/0' of '{settings['PRUNETRACK_LAB_URI']}': "
+        f"Failed to list artifacts in s3://{bucket}/studies: The specified bucket does not exist"
+    )
     moto_s3.client().create_bucket(Bucket=bucket)
 
     env = worker_env(PRUNETRACK_LAB_URI=settings["PRUNETRACK_LAB_URI"])  # no database, no S3 settings
-    uri = subprocess.run([sys.executable, "-m", "search.profiles", "uri", "lab"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, check=True).stdout.strip()
+    uri = subprocess.run(
+        [sys.executable, "-m", "contract.profiles", "uri", "lab"], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert uri == settings["PRUNETRACK_LAB_URI"]
     env.update({"MLFLOW_TRACKING_URI": uri, profiles.ENV_VAR: "lab"})
-    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "sensitivity", "--env-manager", "local",
-           "--experiment-name", "sensitivity/tiny", "-P", f"model={tiny_model}", "-P", "n_samples=4",
-           "-P", "tasks=pydoc_ppl", "-P", "batch_size=4"]
-    study = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path)
+    params = (f"model={tiny_model_dir()}", "n_samples=4", "tasks=pydoc_ppl", "batch_size=4")
+    study = mlflow_run(uri, "sensitivity", *params, cwd=tmp_path, options=("--experiment-name", "sensitivity/tiny"), env=env)
     assert study.returncode == 0, study.stderr[-3000:]
 
     keys = moto_s3.keys(bucket, "studies/")
@@ -186,7 +189,7 @@ def test_lab_study_through_mlflow_run(lab, moto_s3, tiny_model, tmp_path, monkey
 
     read_back = """
 import json
-from search import tracking
+from contract import tracking
 client = tracking.connect()
 exp = client.get_experiment_by_name("sensitivity/tiny")
 parent, = client.search_runs([exp.experiment_id], "tags.`prunetrack.kind` = 'sensitivity'")
@@ -198,8 +201,13 @@ print(json.dumps({"status": parent.info.status, "num_blocks": parent.data.params
                   "importance": [m.value for m in importance], "report": report["importance_mean"],
                   "artifact_uri": parent.info.artifact_uri}))
 """
-    other = subprocess.run([sys.executable, "-c", read_back], cwd=ROOT, capture_output=True, text=True,
-                           env=worker_env(**{profiles.ENV_VAR: "lab", "PRUNETRACK_LAB_URI": uri}))
+    other = subprocess.run(
+        [sys.executable, "-c", read_back],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=worker_env(**{profiles.ENV_VAR: "lab", "PRUNETRACK_LAB_URI": uri}),
+    )
     assert other.returncode == 0, other.stderr[-3000:]
     found = json.loads(other.stdout.strip().splitlines()[-1])
     assert found["status"] == "FINISHED" and found["num_blocks"] == "4"
@@ -208,16 +216,19 @@ print(json.dumps({"status": parent.info.status, "num_blocks": parent.data.params
     assert found["artifact_uri"].startswith("mlflow-artifacts:/")  # proxied: workers never see S3
 
 
+@pytest.mark.service
 def test_basic_auth_refuses_a_client_without_credentials(tmp_path, monkeypatch):
     pytest.importorskip("flask_wtf", reason="basic auth needs Flask-WTF (pip install 'mlflow[auth]')")
     port = free_port()
     profile = tmp_path / "shared.yaml"
-    profile.write_text(f"tracking_uri: http://127.0.0.1:{port}\nserver:\n"
-                       f"  backend_store_uri: sqlite:///{tmp_path}/mlflow.db\n  artifacts_destination: {tmp_path}/artifacts\n"
-                       f"  host: 127.0.0.1\n  port: {port}\n  workers: 1\n"
-                       f"  auth:\n    database_uri: sqlite:///{tmp_path}/auth.db\n    admin_username: boss\n")
+    profile.write_text(
+        f"tracking_uri: http://127.0.0.1:{port}\nserver:\n"
+        f"  backend_store_uri: sqlite:///{tmp_path}/mlflow.db\n  artifacts_destination: {tmp_path}/artifacts\n"
+        f"  host: 127.0.0.1\n  port: {port}\n  workers: 1\n"
+        f"  auth:\n    database_uri: sqlite:///{tmp_path}/auth.db\n    admin_username: boss\n"
+    )
     secrets = {"MLFLOW_FLASK_SERVER_SECRET_KEY": "test-key", "MLFLOW_AUTH_ADMIN_PASSWORD": "a-Long-pass-1234"}
-    cmd = [sys.executable, "-m", "search.profiles", "serve", str(profile)]
+    cmd = [sys.executable, "-m", "contract.profiles", "serve", str(profile)]
     env = {**os.environ, **MLFLOW_SERVER_ENV, **secrets, "TMPDIR": str(tmp_path)}
     with server_process(cmd, f"http://127.0.0.1:{port}/health", env=env, cwd=str(ROOT)):
         for var, value in FAST_FAIL.items():
@@ -226,8 +237,10 @@ def test_basic_auth_refuses_a_client_without_credentials(tmp_path, monkeypatch):
         monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
         with pytest.raises(tracking.TrackingError) as info:
             tracking.connect(str(profile))
-        assert str(info.value) == (f"tracking store 'http://127.0.0.1:{port}' refused the credentials (HTTP 401): "
-                                   "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account of the server")
+        assert str(info.value) == (
+            f"tracking store 'http://127.0.0.1:{port}' refused the credentials (HTTP 401): "
+            "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account of the server"
+        )
         monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "boss")
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong-password")
         with pytest.raises(tracking.TrackingError, match="refused the credentials"):

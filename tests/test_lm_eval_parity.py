@@ -15,7 +15,7 @@ N = 200
 
 def _write_layouts(folder: Path) -> None:
     """piqa and arc_easy JSONL in the Hugging Face layouts, made from the builtin cloze items."""
-    items = builtin.cloze_items("train")[: N]
+    items = builtin.cloze_items("train")[:N]
     (folder / "piqa").mkdir()
     (folder / "arc_easy").mkdir()
     with open(folder / "piqa" / "validation.jsonl", "w") as f:
@@ -27,9 +27,17 @@ def _write_layouts(folder: Path) -> None:
     with open(folder / "arc_easy" / "validation.jsonl", "w") as f:
         for ex in items:
             choices = [c.strip() for _, c in ex.requests]
-            f.write(json.dumps({"id": str(ex.doc_id), "question": ex.requests[0][0][-120:],
-                                "choices": {"text": choices, "label": list("ABCD")},
-                                "answerKey": "ABCD"[ex.gold]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "id": str(ex.doc_id),
+                        "question": ex.requests[0][0][-120:],
+                        "choices": {"text": choices, "label": list("ABCD")},
+                        "answerKey": "ABCD"[ex.gold],
+                    }
+                )
+                + "\n"
+            )
 
 
 @pytest.fixture(scope="module")

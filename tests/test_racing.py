@@ -38,7 +38,8 @@ def test_a_confidently_worse_configuration_stops_and_close_ones_do_not():
     ev = fake_evaluator(200)
     stopped = race(2, lls).stop(ev, lls)
     assert list(stopped) == [(4,)]
-    assert "worse than 3 others" in stopped[(4,)] and "40/200 t" in stopped[(4,)] and "(4 candidates x 3 looks)" in stopped[(4,)]
+    assert "worse than 3 others" in stopped[(4,)] and "40/200 t" in stopped[(4,)]
+    assert "alpha 0.05 / 8 " in stopped[(4,)]  # 1 beam x width 2 x 2 others x 2 looks that can stop
     assert list(race(3, lls).stop(ev, lls)) == [(4,)]  # 3 others are confidently better
     assert race(4, lls).stop(ev, lls) == {}  # all fit in the beam
     # fewer examples than the first look needs: nobody stops, however clear
@@ -97,29 +98,36 @@ def race_on(task, configs) -> Race:
     return Race([Beam({task.name: 1.0}, set(configs))], 2)
 
 
-def test_beam_search_records_stops_apart_and_reuses_them(one_block_matters, tmp_path):
+def test_beam_search_records_stops_apart_and_reuses_them(one_block_matters, sqlite_store):
     from dataclasses import asdict
 
-    from search import beam, tracking
+    from contract import tracking
+    from search import beam
     from search.configs import StudyContext, task_identity
     from search.work import Worker
 
     loaded, task = one_block_matters
-    client = tracking.connect(f"sqlite:///{tmp_path}/mlflow.db")
+    _, client = sqlite_store
 
     def search(racing: bool):
         with tracking.study_run(client, "beam_search", "beam_search/one-block-matters", {}) as (run_id, exp_id):
-            ctx = StudyContext(client, exp_id, run_id, Evaluator(loaded, [task], 8, max_length=64),
-                               {"model": "one-block-matters", "tasks": [task_identity(task)]})
+            ctx = StudyContext(
+                client,
+                exp_id,
+                run_id,
+                Evaluator(loaded, [task], 8, max_length=64),
+                {"model": "one-block-matters", "tasks": [task_identity(task)]},
+            )
             settings = beam.Settings(2, 1, 1, (), "mean", racing)
-            results = beam.run_beam_search(ctx, Worker(ctx, 8, 4.0, 0, 0), settings,
-                                           tracking.config_hash({**ctx.identity, **asdict(settings)}))
+            results = beam.run_beam_search(
+                ctx, Worker(ctx, 8, 4.0, 0, 0), settings, tracking.config_hash({**ctx.identity, **asdict(settings)})
+            )
             return ctx, results
 
     ctx, raced = search(True)
-    assert raced["worker"]["stopped"] == 1 and raced["worker"]["evaluated"] == 4
-    assert raced["worker"]["examples_scored"] == 4 * 200 + 32
-    assert raced["recommendations"][0]["removed_blocks"] == [1]
+    assert raced.worker["stopped"] == 1 and raced.worker["evaluated"] == 4
+    assert raced.worker["examples_scored"] == 4 * 200 + 32
+    assert raced.recommendations[0].removed_blocks == [1]
     parent = client.get_run(ctx.parent_id)
     assert parent.data.tags["recommended/1"] == "1" and parent.data.metrics["configs_stopped"] == 1
     assert "beam_drops.png" in {a.path for a in client.list_artifacts(ctx.parent_id)}
@@ -133,7 +141,7 @@ def test_beam_search_records_stops_apart_and_reuses_them(one_block_matters, tmp_
     assert row["status"] == "STOPPED" and row["drops"] is None and row["n_examples"] == {task.name: 32}
 
     _, again = search(True)  # the same search again: everything, the stop included, comes from the store
-    assert again["worker"]["reused"] == 5 and again["worker"]["evaluated"] == again["worker"]["examples_scored"] == 0
+    assert again.worker["reused"] == 5 and again.worker["evaluated"] == again.worker["examples_scored"] == 0
     _, exhaustive = search(False)  # the stopped configuration's partial run is never taken for a full one
-    assert exhaustive["worker"]["evaluated"] == 1 and exhaustive["worker"]["examples_scored"] == 200
-    assert exhaustive["recommendations"] == raced["recommendations"]
+    assert exhaustive.worker["evaluated"] == 1 and exhaustive.worker["examples_scored"] == 200
+    assert exhaustive.recommendations == raced.recommendations

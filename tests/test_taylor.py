@@ -1,20 +1,11 @@
 """Tests for Taylor-importance width pruning on tiny random Llama / Mistral / Qwen2 models."""
 
-import functools
 import json
 
 import numpy as np
 import pytest
 import torch
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from helpers import char_tokenizer, tiny_lm
 
 from pruning.models import ModelError
 from pruning.taylor import (
@@ -30,33 +21,21 @@ from pruning.taylor import (
     taylor_importance,
 )
 
-TINY = dict(
-    hidden_size=64,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=128,
-    vocab_size=256,
-    max_position_embeddings=128,
-)
-FAMILIES = {
-    "llama": (LlamaConfig, LlamaForCausalLM),
-    "mistral": (MistralConfig, MistralForCausalLM),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-}
+VOCAB = 256
+TINY = dict(hidden_size=64, intermediate_size=128, max_position_embeddings=128)  # 4 heads of 16, 2 KV heads
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
+
 def tiny_model(family: str = "llama", seed: int = 0, **overrides):
-    config_cls, model_cls = FAMILIES[family]
-    torch.manual_seed(seed)
-    return model_cls(config_cls(**{**TINY, **overrides})).eval()
+    """A random 4-block model of `family` in the TINY shape."""
+    return tiny_lm(family, 4, VOCAB, seed, **{**TINY, **overrides})
 
 
 def random_batches(n: int = 2, batch: int = 2, seq: int = 16, seed: int = 1):
     generator = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, TINY["vocab_size"], (batch, seq), generator=generator) for _ in range(n)]
+    return [torch.randint(0, VOCAB, (batch, seq), generator=generator) for _ in range(n)]
 
 
 def prunable_params(model) -> int:
@@ -207,7 +186,7 @@ def test_global_prune_removes_ratio_and_model_still_runs(family):
         assert layer.mlp.down_proj.in_features == channels == shape["intermediate_size"] >= 1
 
     ids = random_batches(n=1, batch=1, seq=8)[0]
-    assert model(ids).logits.shape == (1, 8, TINY["vocab_size"])
+    assert model(ids).logits.shape == (1, 8, VOCAB)
     out = model.generate(ids, max_new_tokens=5, do_sample=False, use_cache=True)
     assert out.shape == (1, 13)
     no_cache = model.generate(ids, max_new_tokens=5, do_sample=False, use_cache=False)
@@ -216,9 +195,7 @@ def test_global_prune_removes_ratio_and_model_still_runs(family):
 
 def test_prune_keeps_most_important_groups():
     model = tiny_model("llama")
-    groups = [
-        LayerGroups(torch.tensor([5.0, 1.0]), torch.arange(128, dtype=torch.float) + 1000) for _ in range(4)
-    ]
+    groups = [LayerGroups(torch.tensor([5.0, 1.0]), torch.arange(128, dtype=torch.float) + 1000) for _ in range(4)]
     groups[3].channel_importance[:10] = 0.0  # the 10 weakest channels all live in block 3
     up = model.model.layers[3].mlp.up_proj.weight.detach().clone()
     report = global_prune(model, groups, 0.013)  # 1917 params: 10 channels of 192 params
@@ -260,9 +237,7 @@ def test_bad_ratio_is_a_one_line_error(ratio):
 
 
 def test_unsupported_family_and_bad_options():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))
+    gpt2 = tiny_lm("gpt2", 1, 64)
     with pytest.raises(ModelError, match="'gpt2' not supported.*llama, mistral, qwen2"):
         global_prune(gpt2, [], 0.2)
     with pytest.raises(ModelError, match="unknown normalization"):
@@ -274,8 +249,7 @@ def test_save_load_reproduces_logits(tmp_path, family, tied):
     model = tiny_model(family, tie_word_embeddings=tied)
     groups, _ = taylor_importance(model, random_batches())
     global_prune(model, groups, 0.4)
-    tokenizer = _char_tokenizer()
-    save_pruned(model, tokenizer, tmp_path)
+    save_pruned(model, char_tokenizer(), tmp_path)
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "tokenizer.json").is_file()
     loaded = load_pruned(tmp_path)
     ids = random_batches(n=1, batch=2, seq=12)[0]
@@ -289,20 +263,8 @@ def test_save_load_reproduces_logits(tmp_path, family, tied):
 # --------------------------------------------------------------------------- calibration
 
 
-@functools.cache
-def _char_tokenizer():
-    """A character-level tokenizer built offline from the pydoc corpus's characters."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    chars = sorted(set(calibration_text("pydoc")))
-    vocab = {"[UNK]": 0, **{c: i + 1 for i, c in enumerate(chars)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
-
-
 def test_calibration_batches_from_pydoc_are_seeded_windows():
-    tokenizer = _char_tokenizer()
+    tokenizer = char_tokenizer()
     batches = calibration_batches(tokenizer, seq_len=32, num_samples=20, seed=3, batch_size=8)
     assert [b.shape for b in batches] == [(8, 32), (8, 32), (4, 32)]
     assert all(b.dtype == torch.long for b in batches)
@@ -315,7 +277,7 @@ def test_calibration_batches_from_pydoc_are_seeded_windows():
 
 
 def test_calibration_from_files_and_errors(tmp_path):
-    tokenizer = _char_tokenizer()
+    tokenizer = char_tokenizer()
     txt = tmp_path / "corpus.txt"
     txt.write_text("abcdefghij" * 3)
     (batch,) = calibration_batches(tokenizer, str(txt), seq_len=8, num_samples=4, batch_size=8)
@@ -323,7 +285,9 @@ def test_calibration_from_files_and_errors(tmp_path):
     jsonl = tmp_path / "corpus.jsonl"
     jsonl.write_text(json.dumps({"id": 1, "body": "xyz" * 5}) + "\n" + json.dumps({"text": "uvw" * 5}) + "\n")
     assert calibration_text(str(jsonl)) == "xyz" * 5 + "\n\n" + "uvw" * 5
-    calibration_batches(tokenizer, str(jsonl), seq_len=16, num_samples=2)
+    windows = calibration_batches(tokenizer, str(jsonl), seq_len=16, num_samples=2)
+    assert [w.shape for w in windows] == [(2, 16)]
+    assert all(tokenizer.decode(row.tolist()).replace(" ", "") in ("xyz" * 5 + "\n\n" + "uvw" * 5) for row in windows[0])
 
     with pytest.raises(ModelError, match="has 30 tokens; seq_len 30 needs at least 31"):
         calibration_batches(tokenizer, str(txt), seq_len=30)

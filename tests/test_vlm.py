@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import runs, tiny_lm
 from PIL import Image, ImageDraw
 
+from contract import names
 from pruning import vqa_metrics as m
 from pruning.models import LoadedModel, ModelError, blocks_removed, find_blocks_path, load_model
-from pruning.tasks import TaskError, load_task, vqa
+from pruning.tasks import TaskError, harness, load_task
 from pruning.vlm import GenerationEvaluator, render
 
 CHAT_TEMPLATE = (
@@ -28,6 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 # --- scoring: hand-computed cases of the official definitions ---------------------------------
 
+
 @pytest.mark.parametrize("matching, expected", [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)])
 def test_vqa_accuracy_averages_the_ten_leave_one_out_subsets(matching, expected):
     # a matching human answer leaves matching-1 in its subset of 9, another leaves matching:
@@ -36,10 +39,21 @@ def test_vqa_accuracy_averages_the_ten_leave_one_out_subsets(matching, expected)
     assert m.vqa_accuracy("2", answers) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("raw, normalised", [
-    ("Two dogs.", "2 dogs"), ("the Dog", "dog"), ("an apple", "apple"), ("dont", "don't"), ("1,000", "1000"),
-    ("3.5", "3.5"), ("yes!", "yes"), ("red-white", "red white"), ("red - white", "red white"), ("  Ten\n", "10"),
-])
+@pytest.mark.parametrize(
+    "raw, normalised",
+    [
+        ("Two dogs.", "2 dogs"),
+        ("the Dog", "dog"),
+        ("an apple", "apple"),
+        ("dont", "don't"),
+        ("1,000", "1000"),
+        ("3.5", "3.5"),
+        ("yes!", "yes"),
+        ("red-white", "red white"),
+        ("red - white", "red white"),
+        ("  Ten\n", "10"),
+    ],
+)
 def test_vqa_normalisation(raw, normalised):
     assert m.normalize_answer(raw) == normalised
 
@@ -50,16 +64,19 @@ def test_exact_match_uses_the_normalisation():
     assert m.exact_match("4", ["3", "four"]) == 1.0
 
 
-@pytest.mark.parametrize("prediction, answers, expected", [
-    ("Denver Broncos", ["Denver Broncos", "Denver R. Broncos"], 1.0),
-    ("12/15/89", ["12/15/88"], 1 - 1 / 8),  # one substitution in 8 characters
-    ("Dear dr. Lobo", ["Dear Dr. Lobo", "Dr. Lobo"], 1.0),  # lowercased
-    ("  dr.   lobo ", ["Dr. Lobo"], 1.0),  # stripped, spaces collapsed
-    ("abcxy", ["abcde"], 1 - 2 / 5),  # NL 0.4 < 0.5 kept
-    ("abxy", ["abcd"], 0.0),  # NL 0.5 is not below tau: 0
-    ("xyz", ["abc", "xbc"], 0.0),  # NL 1 and 2/3
-    ("xbcd", ["abcd", "xyzw"], 0.75),  # max over the answers
-])
+@pytest.mark.parametrize(
+    "prediction, answers, expected",
+    [
+        ("Denver Broncos", ["Denver Broncos", "Denver R. Broncos"], 1.0),
+        ("12/15/89", ["12/15/88"], 1 - 1 / 8),  # one substitution in 8 characters
+        ("Dear dr. Lobo", ["Dear Dr. Lobo", "Dr. Lobo"], 1.0),  # lowercased
+        ("  dr.   lobo ", ["Dr. Lobo"], 1.0),  # stripped, spaces collapsed
+        ("abcxy", ["abcde"], 1 - 2 / 5),  # NL 0.4 < 0.5 kept
+        ("abxy", ["abcd"], 0.0),  # NL 0.5 is not below tau: 0
+        ("xyz", ["abc", "xbc"], 0.0),  # NL 1 and 2/3
+        ("xbcd", ["abcd", "xyzw"], 0.75),  # max over the answers
+    ],
+)
 def test_anls(prediction, answers, expected):
     assert m.anls(prediction, answers) == pytest.approx(expected)
 
@@ -72,10 +89,21 @@ def test_anls_counts_character_edits():
     assert m.anls("", [""]) == 1.0 and m.anls("a", [""]) == 0.0
 
 
-@pytest.mark.parametrize("prediction, expected", [
-    ("B", 1), ("B.", 1), ("(C) square", 2), ("C: square", 2), ("circle", 0), ("A circle", 0), ("Triangle", 1),
-    ("E", -1), ("hexagon", -1), ("", -1),
-])
+@pytest.mark.parametrize(
+    "prediction, expected",
+    [
+        ("B", 1),
+        ("B.", 1),
+        ("(C) square", 2),
+        ("C: square", 2),
+        ("circle", 0),
+        ("A circle", 0),
+        ("Triangle", 1),
+        ("E", -1),
+        ("hexagon", -1),
+        ("", -1),
+    ],
+)
 def test_choice_index(prediction, expected):
     assert m.choice_index(prediction, ["circle", "triangle", "square"]) == expected
 
@@ -112,6 +140,7 @@ def test_cider_d_averages_over_references():
 
 # --- fixtures: a tiny random Llava and generated images ---------------------------------------
 
+
 def draw(shape: str, count: int, rng: random.Random) -> Image.Image:
     image = Image.new("RGB", (64, 64), "white")
     pen = ImageDraw.Draw(image)
@@ -146,17 +175,38 @@ def vlm_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_llava")
     tokenizer = AutoTokenizer.from_pretrained(converted_gguf(default_model_path()))
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=32, patch_size=8, projection_dim=32)
-    text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=256)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_seq_length=16,
-                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        projection_dim=32,
+    )
+    text = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=256,
+    )
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_seq_length=16, image_token_index=tokenizer.convert_tokens_to_ids("<image>")
+    )
     torch.manual_seed(0)
     LlavaForConditionalGeneration(config).save_pretrained(path)
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8, num_additional_image_tokens=1,
-                   vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE).save_pretrained(path)
+    LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=8,
+        num_additional_image_tokens=1,
+        vision_feature_select_strategy="default",
+        chat_template=CHAT_TEMPLATE,
+    ).save_pretrained(path)
     return path
 
 
@@ -179,17 +229,22 @@ def data_dir(tmp_path_factory, vlm):
     write_task(root / "tallyqa", [{"question": "How many circles?", "answers": [str(c)]} for c in counts], images)
     baseline = GenerationEvaluator(vlm, [load_task("tallyqa", data_dir=str(root))], 8)
     answers = baseline.generate(baseline.prepared[0])
-    write_task(root / "tallyqa", [{"question": "How many circles?", "answers": [str(c), a]}
-                                  for c, a in zip(counts, answers)], images)
+    write_task(
+        root / "tallyqa", [{"question": "How many circles?", "answers": [str(c), a]} for c, a in zip(counts, answers)], images
+    )
     shapes = [rng.choice(sorted(SHAPES)) for _ in range(4)]
-    write_task(root / "scienceqa_img", [{"question": "Which shape is drawn?", "choices": ["circle", "square"],
-                                         "answers": [s]} for s in shapes], [draw(s, 2, rng) for s in shapes])
+    write_task(
+        root / "scienceqa_img",
+        [{"question": "Which shape is drawn?", "choices": ["circle", "square"], "answers": [s]} for s in shapes],
+        [draw(s, 2, rng) for s in shapes],
+    )
     captions = [{"answers": [f"{c} red circles", f"red circles, {c} of them"]} for c in counts[:4]]
     write_task(root / "coco_captions", captions, images[:4])
     return root
 
 
 # --- tasks ------------------------------------------------------------------------------------
+
 
 def test_local_vqa_tasks(data_dir):
     task = load_task("tallyqa", "validation", 4, seed=1, data_dir=str(data_dir))
@@ -205,8 +260,7 @@ def test_local_vqa_tasks(data_dir):
 
 
 def test_record_type_overrides_the_registry(tmp_path):
-    write_task(tmp_path / "docvqa", [{"question": "Title?", "answers": ["x"], "type": "scene_text"}],
-               [Image.new("RGB", (8, 8))])
+    write_task(tmp_path / "docvqa", [{"question": "Title?", "answers": ["x"], "type": "scene_text"}], [Image.new("RGB", (8, 8))])
     assert load_task("docvqa", data_dir=str(tmp_path)).task_type == "scene_text"
 
 
@@ -217,8 +271,7 @@ def test_vqa_task_errors(tmp_path):
     write_task(tmp_path / "tallyqa", [{"question": "How many?", "answers": ["1"]}], [])
     with pytest.raises(TaskError, match=r"task 'tallyqa': image file not found: .*/images/0.png \(validation.jsonl"):
         load_task("tallyqa", data_dir=str(tmp_path))
-    write_task(tmp_path / "mmmu", [{"question": "Which?", "choices": ["a", "b"], "answers": ["c"]}],
-               [Image.new("RGB", (8, 8))])
+    write_task(tmp_path / "mmmu", [{"question": "Which?", "choices": ["a", "b"], "answers": ["c"]}], [Image.new("RGB", (8, 8))])
     with pytest.raises(TaskError, match=r"answer 'c' is not one of the choices \['a', 'b'\]"):
         load_task("mmmu", data_dir=str(tmp_path))
     write_task(tmp_path / "okvqa", [{"question": "Which?", "answers": []}], [Image.new("RGB", (8, 8))])
@@ -232,10 +285,17 @@ def test_hub_layouts_are_read_with_datasets(monkeypatch):
     import datasets
 
     rows = {
-        "lmms-lab/VQAv2": {"question": ["How many?"], "image": [Image.new("RGB", (8, 8), "red")],
-                           "answers": [[{"answer": "two", "answer_id": i} for i in range(10)]]},
-        "lmms-lab/ScienceQA": {"question": ["Which?"], "image": [Image.new("RGB", (8, 8))],
-                               "choices": [["circle", "square"]], "answer": [1]},
+        "lmms-lab/VQAv2": {
+            "question": ["How many?"],
+            "image": [Image.new("RGB", (8, 8), "red")],
+            "answers": [[{"answer": "two", "answer_id": i} for i in range(10)]],
+        },
+        "lmms-lab/ScienceQA": {
+            "question": ["Which?"],
+            "image": [Image.new("RGB", (8, 8))],
+            "choices": [["circle", "square"]],
+            "answer": [1],
+        },
     }
     requested = []
 
@@ -244,7 +304,7 @@ def test_hub_layouts_are_read_with_datasets(monkeypatch):
         return datasets.Dataset.from_dict(rows[path]).cast_column("image", datasets.Image())
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    monkeypatch.delenv(vqa.DATA_DIR_ENV, raising=False)
+    monkeypatch.delenv(harness.DATA_DIR_ENV, raising=False)
     task = load_task("vqav2")
     assert task.source == "hub:lmms-lab/VQAv2" and task.examples[0].answers == ("two",) * 10
     assert task.examples[0].image == "#0" and task.examples[0].load().getpixel((0, 0)) == (255, 0, 0)
@@ -254,6 +314,7 @@ def test_hub_layouts_are_read_with_datasets(monkeypatch):
 
 
 # --- the model: loading, block removal, generation --------------------------------------------
+
 
 def test_vlm_loads_with_processor_and_language_blocks(vlm):
     assert type(vlm.model).__name__ == "LlavaForConditionalGeneration"
@@ -309,15 +370,14 @@ def test_generation_evaluator(vlm, data_dir):
 
 
 def test_vqa_needs_a_vision_model_and_one_kind_of_task(vlm, data_dir):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.for_model("llama", vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                  num_attention_heads=2)
-    lm = AutoModelForCausalLM.from_config(config)
+    lm = tiny_lm("llama", 2, 64)
     text_model = LoadedModel(lm, None, "tiny-llama", "local", find_blocks_path(lm))
     counting = load_task("tallyqa", data_dir=str(data_dir))
-    with pytest.raises(ModelError, match=r"model 'tiny-llama' has no vision tower .*VQA tasks \(tallyqa\) need an "
-                                         r"image-text-to-text model"):
+    with pytest.raises(
+        ModelError,
+        match=r"model 'tiny-llama' has no vision tower .*VQA tasks \(tallyqa\) need an "
+        r"image-text-to-text model",
+    ):
         GenerationEvaluator(text_model, [counting])
     with pytest.raises(TaskError, match=r"tasks mix text tasks \(pydoc_cloze\) with VQA tasks \(tallyqa\)"):
         GenerationEvaluator(vlm, [load_task("pydoc_cloze", n_samples=2), counting])
@@ -325,26 +385,37 @@ def test_vqa_needs_a_vision_model_and_one_kind_of_task(vlm, data_dir):
 
 # --- studies end to end -----------------------------------------------------------------------
 
-def test_sensitivity_and_beam_search_on_a_vlm(vlm_dir, data_dir, tmp_path, monkeypatch):
-    from mlflow.tracking import MlflowClient
 
+def test_sensitivity_and_beam_search_on_a_vlm(vlm_dir, data_dir, sqlite_store, tmp_path, monkeypatch):
     from search import beam, sensitivity
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    common = ["--model", str(vlm_dir), "--tasks", "tallyqa", "--data_dir", str(data_dir), "--n_samples", "4",
-              "--batch_size", "4", "--device", "cpu", "--tracking_uri", uri]
+    uri, client = sqlite_store
+    common = [
+        "--model",
+        str(vlm_dir),
+        "--tasks",
+        "tallyqa",
+        "--data_dir",
+        str(data_dir),
+        "--n_samples",
+        "4",
+        "--batch_size",
+        "4",
+        "--device",
+        "cpu",
+        "--tracking_uri",
+        uri,
+    ]
     sensitivity.main(common)  # what `python -m search.sensitivity ...` runs
-    client = MlflowClient(uri)
-    exps = [e.experiment_id for e in client.search_experiments()]
-    parent = client.search_runs(exps, "tags.`prunetrack.kind` = 'sensitivity'")[0]
+    (parent,) = runs(client, "sensitivity")
     assert parent.data.tags["task_type/tallyqa"] == "counting"
     assert parent.data.metrics["baseline_score_tallyqa"] == 1.0
     history = sorted(client.get_metric_history(parent.info.run_id, "importance/tallyqa"), key=lambda x: x.step)
     assert [h.step for h in history] == [0, 1, 2, 3]
-    children = {r.data.tags["removed_blocks"]: r for r in client.search_runs(exps, "tags.`prunetrack.kind` = 'config'")}
+    children = {r.data.tags["removed_blocks"]: r for r in runs(client, "config")}
     assert set(children) == {"", "0", "1", "2", "3"}
     for h in history:
         child = children[str(h.step)]
@@ -354,9 +425,8 @@ def test_sensitivity_and_beam_search_on_a_vlm(vlm_dir, data_dir, tmp_path, monke
     assert max(h.value for h in history) > 0
 
     beam.main([*common, "--max_removed", "2", "--beam_width", "1", "--criterion", "mean", "--retries", "0"])
-    exps = [e.experiment_id for e in client.search_experiments()]
-    parent = client.search_runs(exps, "tags.`prunetrack.kind` = 'beam_search'")[0]
+    (parent,) = runs(client, "beam_search")
     assert parent.data.metrics["configs_reused"] == 5  # the baseline and the 4 single removals
-    results = json.loads(Path(client.download_artifacts(parent.info.run_id, beam.RESULTS, str(tmp_path))).read_text())
+    results = json.loads(Path(client.download_artifacts(parent.info.run_id, names.BEAM_RESULTS, str(tmp_path))).read_text())
     assert [len(e["removed_blocks"]) for e in results["recommendations"]] == [1, 2]
     assert results["recommendations"][0]["mean_drop"] == min(h.value for h in history)

@@ -15,9 +15,11 @@ SPLITS = ("train", "validation")
 SAMPLES = ("seeded", "first")  # how n_samples examples are taken: a seeded sample, or the first in file order
 # Metrics a task reports, by kind, unless the task says otherwise (lm-eval's tasks do: BoolQ and
 # WinoGrande define no acc_norm), and the headline metric (the one papers report) by kind.
-METRICS = {"multiple_choice": ("acc", "acc_norm"),
-           "perplexity": ("ppl", "word_perplexity", "byte_perplexity", "bits_per_byte"),
-           "generation": ("score",)}
+METRICS = {
+    "multiple_choice": ("acc", "acc_norm"),
+    "perplexity": ("ppl", "word_perplexity", "byte_perplexity", "bits_per_byte"),
+    "generation": ("score",),
+}
 HEADLINE = {"multiple_choice": "acc", "perplexity": "word_perplexity", "generation": "score"}
 
 

@@ -21,8 +21,11 @@ LOCAL_NAMES = {"wikitext": "wikitext2"}
 # and LLM-Pruner use it); other multiple-choice tasks: acc; rolling-perplexity tasks: word_perplexity.
 HEADLINE = {"hellaswag": "acc_norm", "arc_challenge": "acc_norm", "openbookqa": "acc_norm"}
 # How lm-eval aggregates a rolling task's (loglikelihood, count) pairs: the ones task_score computes.
-ROLLING_AGGREGATIONS = {"word_perplexity": "weighted_perplexity", "byte_perplexity": "weighted_perplexity",
-                        "bits_per_byte": "bits_per_byte"}
+ROLLING_AGGREGATIONS = {
+    "word_perplexity": "weighted_perplexity",
+    "byte_perplexity": "weighted_perplexity",
+    "bits_per_byte": "bits_per_byte",
+}
 DATA_DIR_ENV = "PRUNETRACK_DATA_DIR"
 
 
@@ -55,11 +58,14 @@ def check_jsonl(path: Path) -> None:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise TaskError(f"{path}:{line_no}: not a JSON record ({err.msg} at column {err.colno}); "
-                                    "allowed: one JSON object per line") from None
+                    raise TaskError(
+                        f"{path}:{line_no}: not a JSON record ({err.msg} at column {err.colno}); "
+                        "allowed: one JSON object per line"
+                    ) from None
                 if not isinstance(record, dict):
-                    raise TaskError(f"{path}:{line_no}: a JSON {type(record).__name__}, not a record; "
-                                    "allowed: one JSON object per line") from None
+                    raise TaskError(
+                        f"{path}:{line_no}: a JSON {type(record).__name__}, not a record; allowed: one JSON object per line"
+                    ) from None
                 records += 1
     except UnicodeDecodeError as err:
         raise TaskError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); allowed: JSON lines in UTF-8") from None
@@ -93,13 +99,16 @@ def build_lm_eval_task(name: str, split: str, data_dir: str | None = None):
             "fewshot_split": None,
         }
     try:
+        # lm-eval's public TaskManager.load({"task": name, ...}) builds a task from the dict alone, without
+        # the registered task's YAML (prompts, metrics); only the factory applies overrides on top of it.
         task = manager._factory.build(entry, overrides=overrides, registry=manager.task_index)
     except Exception as err:  # datasets raises many kinds when the hub is unreachable
         text = str(err).strip()
         reason = text.splitlines()[0] if text else type(err).__name__
         if path is not None:  # the file is there and well-formed JSON: its fields do not fit the task
-            raise TaskError(f"cannot load task {name!r} from {path}: {reason}; allowed: one JSON record per line "
-                            "with the hub's fields") from None
+            raise TaskError(
+                f"cannot load task {name!r} from {path}: {reason}; allowed: one JSON record per line with the hub's fields"
+            ) from None
         hint = f"; put {split}.jsonl under <data_dir>/{LOCAL_NAMES.get(name, name)}/ or set {DATA_DIR_ENV}"
         raise TaskError(f"cannot load task {name!r} ({split}): {reason}{hint}") from None
     if path is not None or split == "validation":
@@ -130,9 +139,7 @@ def load(name: str, split: str, data_dir: str | None = None) -> Task:
         examples = [_document(task, i, doc) for i, doc in enumerate(docs)]
         return Task(name, split, "perplexity", examples, source=source, headline=HEADLINE.get(name, "word_perplexity"))
     if task.OUTPUT_TYPE != "multiple_choice":
-        raise TaskError(
-            f"task {name!r} is {task.OUTPUT_TYPE}; allowed: multiple_choice or loglikelihood_rolling tasks"
-        )
+        raise TaskError(f"task {name!r} is {task.OUTPUT_TYPE}; allowed: multiple_choice or loglikelihood_rolling tasks")
     examples = []
     for i, doc in enumerate(docs):
         context = task.fewshot_context(doc, num_fewshot=0)
@@ -149,8 +156,15 @@ def load(name: str, split: str, data_dir: str | None = None) -> Task:
     defined = _metric_names(task)
     metrics = ("acc",) + (("acc_norm",) if "acc_norm" in defined else ())  # acc always: drops use it
     headline = HEADLINE.get(name, "acc")
-    return Task(name, split, "multiple_choice", examples, source=source, metrics=metrics,
-                headline=headline if headline in metrics else "acc")
+    return Task(
+        name,
+        split,
+        "multiple_choice",
+        examples,
+        source=source,
+        metrics=metrics,
+        headline=headline if headline in metrics else "acc",
+    )
 
 
 def _metric_names(task) -> list[str]:
@@ -165,8 +179,10 @@ def _check_rolling(task) -> None:
         fn = aggregations.get(metric)
         name = getattr(fn, "__name__", str(fn))
         if ROLLING_AGGREGATIONS.get(metric) != name:
-            raise TaskError(f"task {task.config.task!r}: metric {metric!r} aggregated by {name!r}; allowed: "
-                            + ", ".join(f"{m} by {a}" for m, a in ROLLING_AGGREGATIONS.items()))
+            raise TaskError(
+                f"task {task.config.task!r}: metric {metric!r} aggregated by {name!r}; allowed: "
+                + ", ".join(f"{m} by {a}" for m, a in ROLLING_AGGREGATIONS.items())
+            )
 
 
 def _document(task, doc_id: int, doc) -> Document:

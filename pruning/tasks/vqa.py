@@ -13,16 +13,15 @@ overrides the task's type. Without a local file, tasks with a hub copy are read 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 from pruning.tasks import Task, TaskError
+from pruning.tasks.harness import DATA_DIR_ENV, local_file
 
 KIND = "generation"
-DATA_DIR_ENV = "PRUNETRACK_DATA_DIR"
 
 
 @dataclass(frozen=True)
@@ -46,13 +45,13 @@ class Spec:
 TASKS = {
     "vqav2": Spec("vqa_acc", "vqa", Hub("lmms-lab/VQAv2", None, {"validation": "validation"})),
     "okvqa": Spec("vqa_acc", "vqa", Hub("lmms-lab/OK-VQA", None, {"validation": "val2014"})),
-    "textvqa": Spec("vqa_acc", "scene_text",
-                    Hub("lmms-lab/textvqa", None, {"train": "train", "validation": "validation"})),
+    "textvqa": Spec("vqa_acc", "scene_text", Hub("lmms-lab/textvqa", None, {"train": "train", "validation": "validation"})),
     "st_vqa": Spec("anls", "scene_text"),
     "docvqa": Spec("anls", "document", Hub("lmms-lab/DocVQA", "DocVQA", {"validation": "validation"})),
     "tallyqa": Spec("exact_match", "counting"),
-    "scienceqa_img": Spec("mc_acc", "multiple_choice",
-                          Hub("lmms-lab/ScienceQA", "ScienceQA-IMG", {"train": "train", "validation": "validation"})),
+    "scienceqa_img": Spec(
+        "mc_acc", "multiple_choice", Hub("lmms-lab/ScienceQA", "ScienceQA-IMG", {"train": "train", "validation": "validation"})
+    ),
     "mmmu": Spec("mc_acc", "multiple_choice"),
     "coco_captions": Spec("cider", "captioning", Hub("lmms-lab/COCO-Caption2017", None, {"validation": "val"})),
 }
@@ -80,13 +79,6 @@ def spec_of(name: str) -> Spec:
     if name not in TASKS:
         raise TaskError(f"unknown VQA task {name!r}; allowed: {', '.join(TASKS)}")
     return TASKS[name]
-
-
-def local_file(name: str, split: str, data_dir: str | None) -> Path | None:
-    """`<data_dir>/<name>/<split>.jsonl` if it exists (data_dir defaults to $PRUNETRACK_DATA_DIR)."""
-    data_dir = data_dir or os.environ.get(DATA_DIR_ENV)
-    path = Path(data_dir) / name / f"{split}.jsonl" if data_dir else None
-    return path if path is not None and path.is_file() else None
 
 
 def is_vqa(name: str, split: str, data_dir: str | None) -> bool:
@@ -130,7 +122,7 @@ def _read_jsonl(name: str, path: Path) -> list[dict]:
             except json.JSONDecodeError as err:
                 raise TaskError(f"{path}:{line_no}: not a JSON record ({err.msg})") from None
             if not isinstance(record.get("image"), str):
-                raise TaskError(f"{path}:{line_no}: missing \"image\" (a path relative to {path.parent})")
+                raise TaskError(f'{path}:{line_no}: missing "image" (a path relative to {path.parent})')
             image = path.parent / record["image"]
             if not image.is_file():
                 raise TaskError(f"task {name!r}: image file not found: {image} ({path.name} line {line_no})")
@@ -159,8 +151,10 @@ def _hub_records(name: str, spec: Spec, split: str) -> list[dict]:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise TaskError(f"cannot load task {name!r} ({split}) from {spec.hub.path}: {first}; {hint}") from None
     rows = dataset.remove_columns("image").to_list()
-    return [{**_hub_record(row), "image": f"#{i}", "loader": partial(_hub_image, dataset, i),
-             "where": f"{spec.hub.path} row {i}"} for i, row in enumerate(rows)]
+    return [
+        {**_hub_record(row), "image": f"#{i}", "loader": partial(_hub_image, dataset, i), "where": f"{spec.hub.path} row {i}"}
+        for i, row in enumerate(rows)
+    ]
 
 
 def _hub_image(dataset, row: int):
@@ -188,10 +182,10 @@ def _example(name: str, metric: str, doc_id: int, record: dict) -> VQAExample:
     where = record["where"]
     answers = record.get("answers")
     if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
-        raise TaskError(f"{where}: \"answers\" must be a non-empty list of strings, got {answers!r}")
+        raise TaskError(f'{where}: "answers" must be a non-empty list of strings, got {answers!r}')
     question = record.get("question", "")
     if metric != "cider" and not (isinstance(question, str) and question.strip()):
-        raise TaskError(f"{where}: task {name!r} needs a \"question\"")
+        raise TaskError(f'{where}: task {name!r} needs a "question"')
     choices = tuple(record.get("choices") or ())
     gold = -1
     if metric == "mc_acc":

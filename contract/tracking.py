@@ -7,30 +7,28 @@ tagged with that hash is looked up in every experiment of the store and reused.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
+import logging
+import math
 import os
 import re
-import signal
 import socket
-import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+if TYPE_CHECKING:  # mlflow takes over a second to import: loaded where used, so that an entry point's --help is quick
+    from mlflow.tracking import MlflowClient
 
-from search import profiles
+from contract import profiles
+from contract.names import CONFIG_HASH, ERROR, HOST, KIND, PID
 
-KIND = "prunetrack.kind"
-ERROR = "prunetrack.error"
-HOST, PID = "prunetrack.host", "prunetrack.pid"
-_BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
+logger = logging.getLogger(__name__)
+
+MAX_METRICS, MAX_PARAMS_TAGS = 1000, 100  # what MLflow accepts in one log_batch call
 
 
 class TrackingError(RuntimeError):
@@ -43,6 +41,7 @@ def connect(tracking_uri: str | None = None) -> MlflowClient:
     the credentials, its artifact storage answers, and it holds the run `mlflow run` started."""
     import mlflow
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+    from mlflow.tracking import MlflowClient
 
     try:
         uri, source = profiles.resolve(tracking_uri)
@@ -50,8 +49,10 @@ def connect(tracking_uri: str | None = None) -> MlflowClient:
         raise TrackingError(str(err)) from None
     launcher = os.environ.get("MLFLOW_TRACKING_URI", "")
     if os.environ.get("MLFLOW_RUN_ID") and launcher and launcher.rstrip("/") != uri.rstrip("/"):
-        raise TrackingError(f"mlflow run started run {os.environ['MLFLOW_RUN_ID']} in {launcher!r} but {source} names "
-                            f"{uri!r}: give mlflow run the same store (MLFLOW_TRACKING_URI={uri} mlflow run ...)")
+        raise TrackingError(
+            f"mlflow run started run {os.environ['MLFLOW_RUN_ID']} in {launcher!r} but {source} names "
+            f"{uri!r}: give mlflow run the same store (MLFLOW_TRACKING_URI={uri} mlflow run ...)"
+        )
     _check_local_store(uri)
     try:
         mlflow.set_tracking_uri(uri)
@@ -61,25 +62,31 @@ def connect(tracking_uri: str | None = None) -> MlflowClient:
     except Exception as err:  # unreachable server, bad URL, refused credentials, unusable file
         status = _http_status(err)
         if status == 401:
-            raise TrackingError(f"tracking store {uri!r} refused the credentials (HTTP 401): set "
-                                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account of the server") from None
+            raise TrackingError(
+                f"tracking store {uri!r} refused the credentials (HTTP 401): set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account of the server"
+            ) from None
         if status == 403:  # no permission, or a Host header the server does not allow
-            raise TrackingError(f"tracking store {uri!r} refused the request (HTTP 403): {_reason(err)}") from None
-        raise TrackingError(f"cannot reach tracking store {uri!r}: {_reason(err)}") from None
+            raise TrackingError(f"tracking store {uri!r} refused the request (HTTP 403): {first_line(err)}") from None
+        raise TrackingError(f"cannot reach tracking store {uri!r}: {first_line(err)}") from None
     if experiments:  # every experiment's artifacts live in the store's artifact storage
         location = experiments[0].artifact_location
         try:
             with fast_requests():
                 get_artifact_repository(location, tracking_uri=uri).list_artifacts()
         except Exception as err:  # missing bucket, unreachable S3, no S3 credentials
-            raise TrackingError(f"cannot reach the artifact storage {location!r} of {uri!r}: {_reason(err)}") from None
+            raise TrackingError(f"cannot reach the artifact storage {location!r} of {uri!r}: {first_line(err)}") from None
     return client
 
 
 # How the start-up check talks to a server: one retry, 10 s per request, so that an unreachable or
 # refusing store is reported within 30 s (MLflow's defaults retry for minutes).
-FAST_REQUESTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                 "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+FAST_REQUESTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
 
 
 @contextlib.contextmanager
@@ -106,8 +113,10 @@ def _check_local_store(uri: str) -> None:
     try:
         database = make_url(uri).database
     except Exception:
-        raise TrackingError(f"tracking URI {uri!r} is not a database URI; allowed: sqlite:///<path to a .db file>, "
-                            "http(s)://host:port, or a profile") from None
+        raise TrackingError(
+            f"tracking URI {uri!r} is not a database URI; allowed: sqlite:///<path to a .db file>, "
+            "http(s)://host:port, or a profile"
+        ) from None
     if not database or database == ":memory:":
         return
     path = Path(database).expanduser()
@@ -116,8 +125,10 @@ def _check_local_store(uri: str) -> None:
     for folder in path.parents:
         if folder.exists():
             if not folder.is_dir():
-                raise TrackingError(f"tracking URI {uri!r}: {str(folder)!r} is a file, not a folder; allowed: "
-                                    "sqlite:///<path to a .db file in a folder>")
+                raise TrackingError(
+                    f"tracking URI {uri!r}: {str(folder)!r} is a file, not a folder; allowed: "
+                    "sqlite:///<path to a .db file in a folder>"
+                )
             return
 
 
@@ -136,12 +147,13 @@ def _http_status(err: Exception) -> int | None:
     return err.get_http_status_code() if hasattr(err, "get_http_status_code") else None
 
 
-def _reason(err: Exception) -> str:
-    """One line saying why a request failed: the server's own message where it sent one."""
+def first_line(err: BaseException) -> str:
+    """One line saying why `err` happened: the server's own message where it sent one (an HTTP
+    error's `message`, the database driver's under a SQLAlchemy error), else the error's first line."""
     try:
         text = err.response.json()["message"]
     except Exception:
-        text = str(err)
+        text = str(getattr(err, "orig", None) or err)
     return (text.strip().splitlines()[0] if text.strip() else type(err).__name__)[:300]
 
 
@@ -162,14 +174,30 @@ def experiment_id(client: MlflowClient, name: str) -> str:
 
 
 @contextlib.contextmanager
-def study_run(client: MlflowClient, kind: str, experiment: str, params: dict, tags: dict | None = None,
-              name: str | None = None):
-    """The parent run of a study: the run `mlflow run` created (MLFLOW_RUN_ID), else a new one
-    in `experiment`. Yields (run_id, experiment_id); ends FINISHED, or FAILED with the reason.
+def study_run(client: MlflowClient, kind: str, experiment: str, params: dict, tags: dict | None = None, name: str | None = None):
+    """The parent run of a study (`open_run`), with the runs of dead processes in its experiment closed.
+    Yields (run_id, experiment_id); ends FINISHED, or FAILED with the reason."""
+    run_id, exp_id = open_run(client, kind, experiment, params, tags, name)
+    close_dead_processes(client, exp_id)
+    try:
+        yield run_id, exp_id
+    except BaseException as err:
+        fail(client, run_id, err)
+        close_dead_processes(client, exp_id)
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    close_dead_processes(client, exp_id)  # a dead worker's runs are closed by the survivors
+
+
+def open_run(
+    client: MlflowClient, kind: str, experiment: str, params: dict, tags: dict | None = None, name: str | None = None
+) -> tuple[str, str]:
+    """Open the parent run of a study: the run `mlflow run` created (MLFLOW_RUN_ID), else a new one in
+    `experiment`, tagged with its kind, its process and `tags`; returns (run_id, experiment_id).
 
     The run is named `name`, else after its kind, model and key settings (`run_name`), also when
-    `mlflow run` created it (unless it was given a name there: `mlflow run --run-name`). Params
-    whose value is an empty string (a setting not given) are not logged."""
+    `mlflow run` created it (unless it was given a name there: `mlflow run --run-name`). Params the
+    run already holds, and those whose value is an empty string (a setting not given), are not logged."""
     name = name or run_name(kind, params)
     run_id = os.environ.get("MLFLOW_RUN_ID")
     if run_id:
@@ -181,17 +209,9 @@ def study_run(client: MlflowClient, kind: str, experiment: str, params: dict, ta
         exp_id = experiment_id(client, experiment)
         run_id = client.create_run(exp_id, run_name=name).info.run_id
     existing = client.get_run(run_id).data.params
-    new_params = {k: str(v) for k, v in params.items() if k not in existing and str(v) != ""}
+    new_params = {k: v for k, v in params.items() if k not in existing and str(v) != ""}
     log(client, run_id, params=new_params, tags={KIND: kind, HOST: socket.gethostname(), PID: str(os.getpid()), **(tags or {})})
-    close_dead_processes(client, exp_id)
-    try:
-        yield run_id, exp_id
-    except BaseException as err:
-        fail(client, run_id, err)
-        close_dead_processes(client, exp_id)
-        raise
-    client.set_terminated(run_id, "FINISHED")
-    close_dead_processes(client, exp_id)  # a dead worker's runs are closed by the survivors
+    return run_id, exp_id
 
 
 # The default model's name (pruning.models.DEFAULT_MODEL; not imported: analysis never loads torch).
@@ -272,8 +292,10 @@ def _hint_experiment(client: MlflowClient, exp_id: str, experiment: str) -> None
     except Exception:
         return
     if name == "Default" and experiment != "Default":
-        print(f"note: mlflow run filed this study under experiment 'Default'; pass --experiment-name {experiment} "
-              f"(or set MLFLOW_EXPERIMENT_NAME={experiment}) to file it under its own", file=sys.stderr)
+        logger.warning(
+            f"mlflow run filed this study under experiment 'Default'; pass --experiment-name {experiment} "
+            f"(or set MLFLOW_EXPERIMENT_NAME={experiment}) to file it under its own"
+        )
 
 
 def close_dead_processes(client: MlflowClient, exp_id: str) -> int:
@@ -288,33 +310,53 @@ def close_dead_processes(client: MlflowClient, exp_id: str) -> int:
                 kill(client, run.info.run_id, f"process {host}:{pid} died before the run finished")
                 closed += 1
     except Exception as err:  # the store is not answering: the next start closes them
-        print(f"warning: cannot close the runs of dead processes: {_reason(err)}", file=sys.stderr)
+        logger.warning(f"cannot close the runs of dead processes: {first_line(err)}")
     return closed
 
 
-def log(client: MlflowClient, run_id: str, *, params: dict | None = None, metrics: dict | None = None,
-        tags: dict | None = None, step: int = 0) -> None:
-    """Log params, metrics and tags in batches."""
+def log(
+    client: MlflowClient,
+    run_id: str,
+    *,
+    params: dict | None = None,
+    metrics: dict | None = None,
+    tags: dict | None = None,
+    step: int = 0,
+) -> None:
+    """Log params, metrics and tags in as few calls as MLflow allows (MAX_METRICS, MAX_PARAMS_TAGS per call)."""
+    from mlflow.entities import Metric, Param, RunTag
+
     now = int(time.time() * 1000)
-    items = [Param(k, str(v)[:6000]) for k, v in (params or {}).items()]
-    items += [RunTag(k, str(v)) for k, v in (tags or {}).items()]
-    items += [Metric(k, float(v), now, step) for k, v in (metrics or {}).items()]
-    for start in range(0, len(items), _BATCH):
-        chunk = items[start : start + _BATCH]
-        client.log_batch(
-            run_id,
-            metrics=[i for i in chunk if isinstance(i, Metric)],
-            params=[i for i in chunk if isinstance(i, Param)],
-            tags=[i for i in chunk if isinstance(i, RunTag)],
-        )
+    params_tags = [Param(k, _text(v)[:6000]) for k, v in (params or {}).items()]
+    params_tags += [RunTag(k, _text(v)) for k, v in (tags or {}).items()]
+    _log_batches(client, run_id, [Metric(k, float(v), now, step) for k, v in (metrics or {}).items()], params_tags)
+
+
+def _text(value) -> str:
+    """A param or tag value as the command line writes it: booleans `true`/`false`, as `mlflow run` logs them."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def log_series(client: MlflowClient, run_id: str, name: str, values) -> None:
     """Log a vector as metric `name` with step = index."""
+    from mlflow.entities import Metric
+
     now = int(time.time() * 1000)
-    metrics = [Metric(name, float(v), now, i) for i, v in enumerate(values)]
-    for start in range(0, len(metrics), _BATCH):
-        client.log_batch(run_id, metrics=metrics[start : start + _BATCH])
+    _log_batches(client, run_id, [Metric(name, float(v), now, i) for i, v in enumerate(values)], [])
+
+
+def _log_batches(client: MlflowClient, run_id: str, metrics: list, params_tags: list) -> None:
+    from mlflow.entities import Param, RunTag
+
+    calls = max(math.ceil(len(metrics) / MAX_METRICS), math.ceil(len(params_tags) / MAX_PARAMS_TAGS))
+    for i in range(calls):
+        some = params_tags[i * MAX_PARAMS_TAGS : (i + 1) * MAX_PARAMS_TAGS]
+        client.log_batch(
+            run_id,
+            metrics=metrics[i * MAX_METRICS : (i + 1) * MAX_METRICS],
+            params=[x for x in some if isinstance(x, Param)],
+            tags=[x for x in some if isinstance(x, RunTag)],
+        )
 
 
 def log_json(client: MlflowClient, run_id: str, name: str, payload, artifact_path: str | None = None) -> None:
@@ -323,6 +365,12 @@ def log_json(client: MlflowClient, run_id: str, name: str, payload, artifact_pat
         path = Path(tmp) / name
         path.write_text(json.dumps(payload, indent=1, sort_keys=True))
         client.log_artifact(run_id, str(path), artifact_path)
+
+
+def log_per_example(client: MlflowClient, run_id: str, scores) -> None:
+    """Write each task score's per-example results (pruning.evaluate.TaskScore) as `per_example/<task>.json`."""
+    for s in scores:
+        log_json(client, run_id, f"{s.task}.json", {"task": s.task, "kind": s.kind, **s.per_example}, "per_example")
 
 
 def load_json(client: MlflowClient, run_id: str, name: str):
@@ -337,7 +385,7 @@ def _all_experiment_ids(client: MlflowClient) -> list[str]:
 
 def find_runs(client: MlflowClient, conf_hash: str, status: str | None = None) -> list:
     """Runs tagged with `conf_hash` in any experiment, optionally of one status."""
-    query = f"tags.config_hash = '{conf_hash}'"
+    query = f"tags.{CONFIG_HASH} = '{conf_hash}'"
     if status:
         query += f" and attributes.status = '{status}'"
     return client.search_runs(_all_experiment_ids(client), query, order_by=["attributes.start_time ASC"])
@@ -366,22 +414,14 @@ def close_dead_runs(client: MlflowClient, conf_hash: str) -> int:
     return closed
 
 
-@dataclass
-class ChildRun:
-    """A configuration's run, found or created."""
-
-    run_id: str
-    metrics: dict[str, float]
-    reused: bool
-
-
 def open_child(client: MlflowClient, exp_id: str, parent_id: str, conf_hash: str, name: str, tags: dict, params: dict) -> str:
     """Create a configuration run under `parent_id`, tagged with its hash and owner process."""
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
     run = client.create_run(
         exp_id,
         run_name=name,
-        tags={MLFLOW_PARENT_RUN_ID: parent_id, "config_hash": conf_hash, HOST: socket.gethostname(),
-              PID: str(os.getpid()), **tags},
+        tags={MLFLOW_PARENT_RUN_ID: parent_id, CONFIG_HASH: conf_hash, HOST: socket.gethostname(), PID: str(os.getpid()), **tags},
     )
     log(client, run.info.run_id, params=params)
     return run.info.run_id
@@ -400,7 +440,7 @@ def fail(client: MlflowClient, run_id: str, error: BaseException | str) -> None:
         client.set_tag(run_id, ERROR, error_tag(error))
         client.set_terminated(run_id, "KILLED" if stop_reason(error) else "FAILED")
     except Exception as err:
-        print(f"warning: cannot record run {run_id} as ended: {_reason(err)}", file=sys.stderr)
+        logger.warning(f"cannot record run {run_id} as ended: {first_line(err)}")
 
 
 def error_tag(error: BaseException | str) -> str:
@@ -413,15 +453,11 @@ def error_tag(error: BaseException | str) -> str:
     return f"{type(error).__name__ if isinstance(error, BaseException) else 'error'}: {message}"[:5000]
 
 
-# --------------------------------------------------------------------------- command line, stops, one-line errors
+# --------------------------------------------------------------------------- stops
 
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler, `kill`, mlflow run cancelling): the process stops as on Ctrl-C."""
-
-
-class UsageError(ValueError):
-    """A command-line argument that cannot be parsed."""
 
 
 def stop_reason(error) -> str | None:
@@ -435,81 +471,6 @@ def stop_reason(error) -> str | None:
     return None
 
 
-_ALLOWED = {"int": "an integer", "float": "a number", "_optional_int": "an integer or empty"}
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with one-line errors (`UsageError`, no usage block) that name the value and what is
-    allowed. An option named `storage` also accepts a profile (search.profiles.storage). `--help`
-    shows each option's default."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str):
-        match = re.fullmatch(r"argument --?(\w+)(?:/\S+)?: invalid (\w+) value: (.*)", message)
-        if match:
-            name, kind, value = match.groups()
-            raise UsageError(f"{name} {value} is not valid; allowed: {_ALLOWED.get(kind, f'a {kind} value')}")
-        match = re.fullmatch(r"argument --?(\w+)(?:/\S+)?: invalid choice: (.*) \(choose from (.*)\)", message)
-        if match:
-            name, value, choices = match.groups()
-            raise UsageError(f"{name} {value} is not valid; allowed: {choices}")
-        match = re.fullmatch(r"argument --?(\w+)(?:/\S+)?: (.*)", message)
-        if match:
-            raise UsageError(f"{match.group(1)}: {match.group(2)}")
-        raise UsageError(f"{message}; allowed: the options of {self.prog} --help")
-
-    def parse_known_args(self, args=None, namespace=None):
-        namespace, extra = super().parse_known_args(args, namespace)
-        if isinstance(getattr(namespace, "storage", None), str):
-            try:
-                namespace.storage = profiles.storage(namespace.storage)
-            except profiles.ProfileError as err:
-                raise UsageError(str(err)) from None
-        return namespace, extra
-
-
-def _on_sigterm(signum, frame):
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
-    raise Terminated()
-
-
-def guarded(main, argv=None, user_errors: tuple = ()) -> int:
-    """Run `main(argv)` as an entry point. A user error (`user_errors`, a bad argument, an unusable store
-    or profile) becomes one line `error: ...` on stderr and exit code 2; Ctrl-C and SIGTERM end the runs
-    in flight as KILLED with the reason (exit 130 / 143). Under `mlflow run`, the run it created ends
-    FAILED (KILLED when stopped) with `prunetrack.error`, whatever ended the process."""
-    previous = None
-    if hasattr(signal, "SIGTERM") and threading_main():
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        main(argv)
-    except (*user_errors, UsageError, TrackingError, profiles.ProfileError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        fail_launcher_run(err)
-        return 2
-    except KeyboardInterrupt as err:
-        print(f"error: {stop_reason(err).split(' before')[0]}; the runs in flight are marked KILLED", file=sys.stderr)
-        fail_launcher_run(err)
-        return 143 if isinstance(err, Terminated) else 130
-    except BaseException as err:  # a bug: the traceback stays, the run says why it failed
-        if not (isinstance(err, SystemExit) and not err.code):
-            fail_launcher_run(err)
-        raise
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-    return 0
-
-
-def threading_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
 def fail_launcher_run(error: BaseException) -> None:
     """End the run `mlflow run` created (MLFLOW_RUN_ID) FAILED (KILLED when stopped) with `prunetrack.error`,
     unless the study already ended it; best effort and fast (its store may be the thing that failed)."""
@@ -517,6 +478,8 @@ def fail_launcher_run(error: BaseException) -> None:
     if not run_id:
         return
     try:
+        from mlflow.tracking import MlflowClient
+
         with fast_requests():
             client = MlflowClient(os.environ.get("MLFLOW_TRACKING_URI") or None)
             run = client.get_run(run_id)
@@ -525,4 +488,4 @@ def fail_launcher_run(error: BaseException) -> None:
             if run.info.status == "RUNNING":
                 client.set_terminated(run_id, "KILLED" if stop_reason(error) else "FAILED")
     except Exception as err:
-        print(f"warning: cannot record run {run_id} of mlflow run as failed: {_reason(err)}", file=sys.stderr)
+        logger.warning(f"cannot record run {run_id} of mlflow run as failed: {first_line(err)}")

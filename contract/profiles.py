@@ -6,7 +6,7 @@ A profile is `mlruns_config/profiles/<name>.yaml`, or any path to a .yaml file:
     storage:      optional; the database that workers of a beam search or an Optuna study share,
                   used by `storage=<profile>` (PostgreSQL reads its password from PGPASSWORD or
                   ~/.pgpass; a URL with a password may come from ${VAR}, never from -P)
-    server:       optional; how `python -m search.profiles serve <profile>` starts that server:
+    server:       optional; how `python -m contract.profiles serve <profile>` starts that server:
                   backend_store_uri, artifacts_destination, s3_endpoint_url, host, port, workers,
                   allowed_hosts, auth (false, or database_uri / admin_username / default_permission)
 
@@ -16,14 +16,15 @@ The store a job uses, first found wins: an explicit setting (`--tracking_uri`, a
 profile), $PRUNETRACK_PROFILE (a profile), $MLFLOW_TRACKING_URI, MLflow's default
 (sqlite:///mlflow.db in the working folder).
 
-    python -m search.profiles uri lab      print the profile's tracking URI
-    python -m search.profiles serve lab    create the schema once, then run the server
+    python -m contract.profiles uri lab      print the profile's tracking URI
+    python -m contract.profiles serve lab    create the schema once, then run the server
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import logging
 import os
 import re
 import subprocess
@@ -37,6 +38,8 @@ import yaml
 from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
+
+logger = logging.getLogger(__name__)
 
 PROFILES_DIR = Path(__file__).resolve().parents[1] / "mlruns_config" / "profiles"
 ENV_VAR = "PRUNETRACK_PROFILE"
@@ -98,13 +101,18 @@ def load(ref: str) -> Profile:
     path = Path(ref) if ref.endswith((".yaml", ".yml")) else PROFILES_DIR / f"{ref}.yaml"
     if not path.is_file():
         raise ProfileError(f"unknown profile {ref!r}; available: {', '.join(available())}, or a path to a .yaml file")
+    return Profile(ref, read_mapping(path, f"profile {ref!r} ({path})", ProfileError))
+
+
+def read_mapping(path: Path, where: str, error: type[Exception]) -> dict:
+    """The mapping of keys to values in YAML file `path`; else `error` saying what is wrong with `where`."""
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ProfileError(f"profile {ref!r} ({path}) is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise error(f"{where} is not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(data, dict):
-        raise ProfileError(f"profile {ref!r} ({path}) must be a mapping with tracking_uri")
-    return Profile(ref, data)
+        raise error(f"{where} must be a mapping of keys to values")
+    return data
 
 
 def resolve(setting: str | None = None) -> tuple[str, str]:
@@ -134,14 +142,17 @@ def storage(value: str) -> str:
             raise ProfileError(
                 f"storage {url.render_as_string(hide_password=True)!r} holds a password, which mlflow run records in "
                 "the run's params and prints; remove it and give the password through a profile (storage=<profile>, "
-                "mlruns_config/profiles, its URL read from the environment), PGPASSWORD or ~/.pgpass")
+                "mlruns_config/profiles, its URL read from the environment), PGPASSWORD or ~/.pgpass"
+            )
         return value
     if value.endswith((".yaml", ".yml")) or (_NAME.fullmatch(value) and (PROFILES_DIR / f"{value}.yaml").is_file()):
         url = load(value).get("storage")
         if not url:
-            raise ProfileError(f"profile {value!r} has no storage; allowed: a profile with a storage URL "
-                               f"({', '.join(p for p in available() if load(p).data.get('storage'))}), a database "
-                               "URL without password, or a file path")
+            raise ProfileError(
+                f"profile {value!r} has no storage; allowed: a profile with a storage URL "
+                f"({', '.join(p for p in available() if load(p).data.get('storage'))}), a database "
+                "URL without password, or a file path"
+            )
         return url
     return value  # a file path: an SQLite database
 
@@ -158,12 +169,25 @@ def server_command(profile: Profile) -> tuple[list[str], list[str], dict]:
     try:
         make_url(backend)
     except ArgumentError:
-        raise ProfileError(f"profile {profile.name!r}: server.backend_store_uri {backend!r} is not a database URI; "
-                           "allowed: postgresql+psycopg2://..., mysql+pymysql://..., sqlite:///...") from None
+        raise ProfileError(
+            f"profile {profile.name!r}: server.backend_store_uri {backend!r} is not a database URI; "
+            "allowed: postgresql+psycopg2://..., mysql+pymysql://..., sqlite:///..."
+        ) from None
     mlflow = [sys.executable, "-m", "mlflow"]
-    cmd = mlflow + ["server", "--backend-store-uri", backend, "--artifacts-destination", destination,
-                    "--serve-artifacts", "--host", str(get("host", "127.0.0.1")), "--port", str(get("port", 5000)),
-                    "--workers", str(get("workers", 4))]
+    cmd = mlflow + [
+        "server",
+        "--backend-store-uri",
+        backend,
+        "--artifacts-destination",
+        destination,
+        "--serve-artifacts",
+        "--host",
+        str(get("host", "127.0.0.1")),
+        "--port",
+        str(get("port", 5000)),
+        "--workers",
+        str(get("workers", 4)),
+    ]
     # mlflow answers only Host headers it allows: by default the host jobs use, and this machine
     host = urlparse(profile.tracking_uri).hostname
     cmd += ["--allowed-hosts", get("allowed_hosts") or f"{host},{host}:*,localhost:*,127.0.0.1:*"]
@@ -183,8 +207,9 @@ def _auth_config(profile: Profile) -> str:
         raise ProfileError(f"profile {profile.name!r}: server.auth must be false or a mapping with database_uri")
     permission = get("default_permission", "READ")
     if permission not in PERMISSIONS:
-        raise ProfileError(f"profile {profile.name!r}: server.auth.default_permission {permission!r}; "
-                           f"allowed: {', '.join(PERMISSIONS)}")
+        raise ProfileError(
+            f"profile {profile.name!r}: server.auth.default_permission {permission!r}; allowed: {', '.join(PERMISSIONS)}"
+        )
     cache = str(get("cache_seconds", 60))
     if not cache.isdigit():
         raise ProfileError(f"profile {profile.name!r}: server.auth.cache_seconds {cache!r}; allowed: a whole number of seconds")
@@ -196,9 +221,11 @@ def _auth_config(profile: Profile) -> str:
         raise ProfileError("basic auth needs Flask-WTF: pip install 'mlflow[auth]'") from None
     fd, path = tempfile.mkstemp(prefix=f"prunetrack-auth-{Path(profile.name).stem}-", suffix=".ini")
     with os.fdopen(fd, "w") as ini:  # mode 0600; the admin password stays in MLFLOW_AUTH_ADMIN_PASSWORD
-        ini.write(f"[mlflow]\ndefault_permission = {permission}\ndatabase_uri = {get('database_uri')}\n"
-                  f"admin_username = {get('admin_username', 'admin')}\n"
-                  f"auth_cache_ttl_seconds = {cache}\n")
+        ini.write(
+            f"[mlflow]\ndefault_permission = {permission}\ndatabase_uri = {get('database_uri')}\n"
+            f"admin_username = {get('admin_username', 'admin')}\n"
+            f"auth_cache_ttl_seconds = {cache}\n"
+        )
     return path
 
 
@@ -213,8 +240,9 @@ def serve(ref: str) -> None:
         engine.connect().close()
         engine.dispose()
     except ImportError as err:
-        raise ProfileError(f"profile {ref!r}: no database driver for {shown} ({err}); name an installed one, "
-                           "e.g. postgresql+psycopg2://") from None
+        raise ProfileError(
+            f"profile {ref!r}: no database driver for {shown} ({err}); name an installed one, e.g. postgresql+psycopg2://"
+        ) from None
     except Exception as err:  # wrong host, database missing, refused password
         first = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
         raise ProfileError(f"profile {ref!r}: cannot connect to the backend store {shown}: {first}") from None
@@ -223,12 +251,12 @@ def serve(ref: str) -> None:
         lines = done.stderr.strip().splitlines() or ["no output"]
         reason = next((line for line in reversed(lines) if "Error" in line), lines[-1])
         raise ProfileError(f"profile {ref!r}: cannot create the schema in {shown}: {reason}")
-    print(f"schema ready in {shown}; starting the server", file=sys.stderr, flush=True)
+    logger.info(f"schema ready in {shown}; starting the server")
     os.execve(cmd[0], cmd, env)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m search.profiles", description="Tracking profiles")
+    parser = argparse.ArgumentParser(prog="python -m contract.profiles", description="Tracking profiles")
     parser.add_argument("action", choices=("uri", "serve"), help="uri: print the tracking URI; serve: start the server")
     parser.add_argument("profile", help=f"profile name ({', '.join(available())}) or path to a .yaml file")
     args = parser.parse_args(argv)

@@ -1,0 +1,73 @@
+"""The names of the tracking contract: run kinds, tag keys, metric names and artifact files.
+
+search/ writes runs with these names and analysis/ reads them back; nothing else spells them.
+README's "The tracking contract" documents each one (tests/test_contract.py checks both ways).
+"""
+
+from __future__ import annotations
+
+# Tag naming a run's kind, and its values.
+KIND = "prunetrack.kind"
+SENSITIVITY = "sensitivity"  # a sensitivity study's parent run
+CONFIG = "config"  # one configuration (removed blocks) evaluated: a child run
+BEAM_SEARCH = "beam_search"  # a beam search worker's parent run
+PRUNE = "prune"  # a width pruning, also each trial of a Taylor study
+STUDY = "study"  # a Taylor study's parent run
+STUDY_WORKER = "study_worker"  # a worker of a Taylor study
+EXPORT = "export"  # a pruned model exported (search.export_model) or results pushed to S3 (analysis.export)
+CONSISTENCY, CORRELATION, BEAM_SUMMARY = "consistency", "correlation", "beam_summary"  # analysis runs
+
+# Tags every run of a study carries, and on failure.
+HOST, PID = "prunetrack.host", "prunetrack.pid"  # the process that owns a RUNNING run
+ERROR = "prunetrack.error"  # why a run FAILED or was KILLED, one line
+
+# Tags of configuration runs.
+CONFIG_HASH = "config_hash"
+REMOVED_BLOCKS = "removed_blocks"  # comma-separated, sorted; empty for the baseline
+NUM_REMOVED = "num_removed"
+STOPPED, STOPPED_REASON = "prunetrack.stopped", "prunetrack.stopped_reason"  # a candidate racing stopped
+
+
+def headline_tag(task: str) -> str:
+    """Tag of configuration and prune runs: the metric papers report for `task` (acc, acc_norm, ...)."""
+    return f"headline/{task}"
+
+
+# Tags of study parent runs.
+MOST_IMPORTANT, LEAST_IMPORTANT = "most_important_blocks", "least_important_blocks"  # sensitivity
+BEAM_KEY = "beam_key"  # one beam search, whatever worker or rerun
+FAILED_CONFIGS = "prunetrack.failed_configs"
+BEST_TRIAL = "best_trial"  # Taylor study
+STUDY_NAME, TRIAL_NUMBER, STORAGE = "optuna.study_name", "optuna.trial_number", "optuna.storage"  # Taylor study and trials
+
+
+def recommended_tag(k: int) -> str:
+    """Tag of a beam search run: the recommended removed blocks for `k` removed."""
+    return f"recommended/{k}"
+
+
+def task_type_tag(task: str) -> str:
+    """Tag of a beam search run: the type (e.g. reasoning, knowledge) of `task`, where tasks carry one."""
+    return f"task_type/{task}"
+
+
+def metric(name: str, task: str) -> str:
+    """A per-task metric: `acc_piqa`, `word_perplexity_wikitext`, `n_piqa`."""
+    return f"{name}_{task}"
+
+
+# Artifacts.
+SENSITIVITY_REPORT, IMPORTANCE_PLOT = "sensitivity.json", "importance.png"
+BEAM_RESULTS, BEAM_TABLE, BEAM_DROPS_PLOT = "beam_search_results.json", "recommendations.md", "beam_drops.png"
+STUDY_RESULTS = "search_results.csv"
+PRUNE_REPORT = "prune_report.json"
+
+
+def beam_step(k: int) -> str:
+    """The artifact of beam search step `k`: every candidate and the kept beams."""
+    return f"beam_step{k}.json"
+
+
+def per_example(task: str) -> str:
+    """The artifact of a configuration or prune run with the per-example results of `task`."""
+    return f"per_example/{task}.json"

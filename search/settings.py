@@ -1,0 +1,158 @@
+"""The settings of the search entry points (sensitivity, beam_search, prune, export_model), each declared once
+as a dataclass (contract.cli) whose fields are the MLproject parameters (tests/test_settings.py checks it).
+
+Light to import: an entry point answers `--help` and rejects a bad argument before it loads torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields
+
+from contract import cli
+from contract.cli import setting
+from pruning.tasks import SAMPLES, TaskError
+
+
+@dataclass
+class EvalSettings:
+    """The model and the data it is scored on."""
+
+    model: str = setting("default", "hub id, local model directory, .gguf file, or 'default'")
+    revision: str = setting("", "hub revision (branch, tag or commit)")
+    tasks: str = setting("pydoc_ppl,pydoc_cloze", "comma-separated task names or suites (zero_shot_7: the seven zero-shot tasks)")
+    split: str = setting("validation", "train or validation")
+    n_samples: int = setting(100, "examples per task (0 = all)")
+    sample: str = setting(
+        "seeded",
+        "how the n_samples examples are taken: seeded (a sample drawn with seed) or first "
+        "(the first in file order, like other tools' --limit)",
+        SAMPLES,
+    )
+    batch_size: int = setting(8, "requests per forward pass")
+    seed: int = setting(0, "sampling seed")
+    device: str = setting("auto", "auto (CUDA if present, else CPU), cpu, cuda, cuda:N")
+    dtype: str = setting("auto", "auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
+    blocks_path: str = setting("", "dotted path of the block list, for model families not known")
+    data_dir: str = setting("", "folder with <task>/<split>.jsonl copies (offline; also $PRUNETRACK_DATA_DIR)")
+
+
+@dataclass
+class SensitivitySettings(EvalSettings):
+    """The `sensitivity` entry point's settings, shared by `beam_search`."""
+
+    chunk_budget_gb: float = setting(4.0, "memory for the block outputs kept for one data chunk (sets the chunk size)")
+
+
+@dataclass
+class BeamSearchSettings(SensitivitySettings):
+    """The `beam_search` entry point's settings."""
+
+    beam_width: int = setting(3, "configurations kept per step")
+    max_removed: int = setting(4, "most blocks removed")
+    min_active_blocks: int = setting(1, "never keep fewer blocks than this")
+    protect: str = setting("", "blocks never removed, e.g. 0,29 or 0-3,29")
+    criterion: str = setting("all", "mean (mean drop over the tasks), a task name, or all (mean beam plus one beam per task)")
+    retries: int = setting(3, "retries of a failing evaluation")
+    retry_delay: float = setting(60.0, "seconds between retries")
+    storage: str = setting(
+        "", "database shared by workers: postgresql://..., sqlite:///path, a file path or a profile name; empty: one process"
+    )
+    racing: bool = setting(True, "stop candidates confidently out of every beam early (false: exhaustive)")
+    racing_alpha: float = setting(0.05, "error level of racing's stops, per step")
+    claim_size: int = setting(32, "configurations a worker claims and scores together when workers share storage")
+
+
+def _as_eval(name: str, default=None):
+    """EvalSettings' setting `name` (its help and allowed values), with another default when given."""
+    f = next(f for f in fields(EvalSettings) if f.name == name)
+    return setting(f.default if default is None else default, f.metadata["help"], f.metadata["choices"])
+
+
+@dataclass
+class PruneSettings:
+    """Everything that defines one pruning run (the `prune` entry point's settings)."""
+
+    model: str = _as_eval("model")
+    revision: str = _as_eval("revision")
+    pruning_ratio: float = setting(0.2, "fraction of the prunable (attention + MLP) parameters to remove, 0 < r < 1")
+    taylor_seq_len: int = setting(64, "tokens per calibration sequence (at most the model's context)")
+    taylor_num_samples: int = setting(128, "calibration sequences")
+    taylor_batch_size: int = setting(8, "sequences per backward pass")
+    taylor_order: str = setting("first", "first or second")
+    calibration: str = setting("pydoc", "pydoc (Python's docs), a .txt or .jsonl file, or hf:<dataset>[:<config>] (train split)")
+    normalization: str = setting("none", "per-layer score normalisation: none, max, sum, mean, standardize")
+    protect_first_last: bool = setting(False, "never prune the first and last blocks")
+    max_layer_rate: float = setting(1.0, "cap on any block's pruning rate")
+    extreme_threshold: float = setting(0.8, "a block pruned beyond this counts in extreme_pruning_layers")
+    tasks: str = setting("pydoc_cloze", "evaluation tasks (zero_shot_7: the seven zero-shot tasks)")
+    ppl_task: str = setting("pydoc_ppl", "the task whose perplexity is ppl (wikitext: WikiText-2; empty: none)")
+    split: str = _as_eval("split")
+    n_samples: int = _as_eval("n_samples")
+    sample: str = _as_eval("sample")
+    batch_size: int = _as_eval("batch_size")
+    seed: int = _as_eval("seed")
+    device: str = _as_eval("device")
+    dtype: str = _as_eval("dtype")
+    data_dir: str = _as_eval("data_dir")
+    baseline: bool = setting(
+        True, "also evaluate the unpruned model (a configuration run found by hash: once per model and data)"
+    )
+    save_model: bool = setting(True, "log the pruned model as artifact pruned_model/")
+
+    def check(self) -> None:
+        """Validate what can be validated without a model (one-line errors)."""
+        from pruning import taylor
+        from pruning.models import ModelError
+
+        taylor.check_prune_options(self.pruning_ratio, self.normalization, self.max_layer_rate)
+        if self.sample not in SAMPLES:
+            raise TaskError(f"unknown sample {self.sample!r}; allowed: {', '.join(SAMPLES)}")
+        if self.taylor_order not in ("first", "second"):
+            raise ModelError(f"unknown taylor_order {self.taylor_order!r}; allowed: first, second")
+        if not 0 < self.extreme_threshold <= 1:
+            raise ModelError(f"extreme_threshold {self.extreme_threshold} out of range; allowed: 0 < t <= 1")
+        for name in ("taylor_num_samples", "taylor_batch_size", "taylor_seq_len", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ModelError(f"{name} {getattr(self, name)} out of range; allowed: >= 1")
+
+
+@dataclass
+class ExportModelSettings(EvalSettings):
+    """The `export_model` entry point's settings: what to export, where, and how to time it."""
+
+    run_id: str = setting("", "a beam_search or prune run to export")
+    num_removed: int = setting(0, "which recommendation of a beam search (0: the largest)")
+    blocks: str = setting("", "blocks to remove from model instead of a run, e.g. 3,5,7")
+    register_as: str = setting("", "register the model under this name (a new version)")
+    output_dir: str = setting("", "also write the plain Hugging Face model directory here")
+    speed_batch: int = setting(1, "prompts timed together")
+    prompt_len: int = setting(128, "tokens per timed prompt")
+    new_tokens: int = setting(32, "greedy decode steps timed (with the KV cache)")
+    repeats: int = setting(5, "timed repeats after one warm-up (the median is kept)")
+
+
+def sensitivity_parser() -> argparse.ArgumentParser:
+    """The `sensitivity` entry point's command line."""
+    return cli.parser_for(SensitivitySettings, cli.TrackingSettings, description="Block sensitivity study")
+
+
+def beam_parser() -> argparse.ArgumentParser:
+    """The `beam_search` entry point's command line."""
+    return cli.parser_for(BeamSearchSettings, cli.TrackingSettings, description="Beam search over removed blocks")
+
+
+def prune_parser() -> argparse.ArgumentParser:
+    """The `prune` entry point's command line."""
+    return cli.parser_for(
+        PruneSettings, cli.TrackingSettings, description="Taylor-importance global width pruning, tracked in MLflow"
+    )
+
+
+def export_model_parser() -> argparse.ArgumentParser:
+    """The `export_model` entry point's command line."""
+    return cli.parser_for(
+        ExportModelSettings,
+        cli.TrackingSettings,
+        description="Export a pruned model as a plain Hugging Face model and an MLflow model, with its measured speedup",
+    )
