@@ -81,11 +81,6 @@ def settings_from(cls, args: argparse.Namespace):
     return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
-def defaults(cls) -> dict:
-    """Each field's default, by name."""
-    return {f.name: f.default for f in dataclasses.fields(cls)}
-
-
 @dataclasses.dataclass
 class TrackingSettings:
     """The option of every entry point that MLproject does not pass (`mlflow run` sets the store itself)."""

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # mlflow takes over a second to import: loaded where used, so that an entry point's --help is quick
     from mlflow.tracking import MlflowClient
 
-from contract import profiles
+from contract import names, profiles
 from contract.names import CONFIG_HASH, ERROR, HOST, KIND, PID
 
 logger = logging.getLogger(__name__)
@@ -202,13 +202,12 @@ def open_run(
     run_id = os.environ.get("MLFLOW_RUN_ID")
     if run_id:
         run = client.get_run(run_id)
-        exp_id = run.info.experiment_id
+        exp_id, existing = run.info.experiment_id, run.data.params
         name_run(client, run_id, name, run.info.run_name)
         _hint_experiment(client, exp_id, experiment)
     else:
-        exp_id = experiment_id(client, experiment)
+        exp_id, existing = experiment_id(client, experiment), {}
         run_id = client.create_run(exp_id, run_name=name).info.run_id
-    existing = client.get_run(run_id).data.params
     new_params = {k: v for k, v in params.items() if k not in existing and str(v) != ""}
     log(client, run_id, params=new_params, tags={KIND: kind, HOST: socket.gethostname(), PID: str(os.getpid()), **(tags or {})})
     return run_id, exp_id
@@ -218,12 +217,12 @@ def open_run(
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 # The settings a study's run name shows after model, tasks and sample size, per kind: (param, label).
 NAME_SETTINGS = {
-    "beam_search": (("beam_width", "width"), ("max_removed", "max_removed")),
-    "prune": (("pruning_ratio", "ratio"),),
-    "export": (("num_removed", "removed"), ("dest", "")),
-    "correlation": (("study_name", ""), ("target", "")),
-    "beam_summary": (("beam_search_run_id", "of"),),
-    "study": (("study_name", ""),),
+    names.BEAM_SEARCH: (("beam_width", "width"), ("max_removed", "max_removed")),
+    names.PRUNE: (("pruning_ratio", "ratio"),),
+    names.EXPORT: (("num_removed", "removed"), ("dest", "")),
+    names.CORRELATION: (("study_name", ""), ("target", "")),
+    names.BEAM_SUMMARY: (("beam_search_run_id", "of"),),
+    names.STUDY: (("study_name", ""),),
 }
 _NAME_LIMIT = 250
 
