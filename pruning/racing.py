@@ -11,7 +11,10 @@ a wrong stop removes a configuration of the true top `width`, and it needs at le
 "r is better than c" with c in the true top and r outside it (only width - 1 others are truly
 better than c); there are width x (candidates - width) such pairs per beam and look, so by the
 union bound over them, the beams and the looks that can stop (all but the last, at full data) the
-probability of any wrong stop in a step is at most alpha under the normal approximation. Why this
+probability of any wrong stop in a step is at most alpha under the normal approximation.
+`candidates` counts every candidate of the beam in the step, stopped ones included: the family
+is fixed before any data is seen (the survivors of a look are chosen by the data, and testing
+fewer of them at a laxer level would not be bounded by the union bound). Why this
 bound: it uses the pairing (the same examples under both configurations, so the per-example noise
 shared by them cancels), it is exact at full data (the correction goes to zero), and unlike a
 Hoeffding bound it needs no range for per-document perplexity terms. Its normal approximation is
@@ -59,6 +62,10 @@ class Race:
                 out.setdefault(c, reason)
         return {c: reason for c, reason in out.items() if c not in kept}
 
+    def z(self, tests: int) -> float:
+        """The one-sided normal quantile each comparison is held to: alpha shared by `tests` (Bonferroni)."""
+        return float(norm.isf(self.alpha / tests))
+
     def _out_of(self, beam: Beam, members: list, evaluator, lls: dict) -> dict:
         diff = np.zeros((len(members), len(members)))
         var = np.zeros_like(diff)
@@ -79,8 +86,10 @@ class Race:
                 pair_var = np.diag(cov)[:, None] + np.diag(cov)[None, :] - 2 * cov
                 var += weight**2 * pair_var / n * (1 - n / total)
             seen_text.append(f"{n}/{total} {task.name}")
-        tests = len(self.beams) * self.width * (len(members) - self.width) * max(1, evaluator.n_looks - 1)
-        z = norm.isf(self.alpha / tests)
+        # the family is fixed before the step: every candidate of the beam, stopped ones included (the
+        # active ones are selected by the data, so counting only them would not bound the error)
+        tests = len(self.beams) * self.width * (len(beam.members) - self.width) * max(1, evaluator.n_looks - 1)
+        z = self.z(tests)
         worse = diff - z * np.sqrt(np.maximum(var, 0)) > 0  # worse[c, r]: c worse than r, confidently
         out = {}
         for i, c in enumerate(members):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from test_evaluate import mc_task, tiny
 
+from benchmarks.racing_step import per_example_values, replay
 from pruning.evaluate import Evaluator, look_sizes
 from pruning.racing import Beam, Race
 from pruning.tasks import MultipleChoice, Task
@@ -92,6 +93,10 @@ def test_racing_stops_the_harmful_removal_and_leaves_exact_survivors(one_block_m
         assert raced[(b,)].stopped is None
         assert raced[(b,)].scores[task.name].per_example == exhaustive[(b,)].scores[task.name].per_example
     assert sum(r.n_examples for r in raced.values()) == 3 * 200 + 32
+    # a race replayed on the exhaustive per-example results stops what racing stopped (benchmarks.racing_step)
+    lls = {c: [per_example_values(r.scores[task.name])] for c, r in exhaustive.items()}
+    replayed = replay(Evaluator(loaded, [task], 8, max_length=64), lls, race_on(task, configs), [(1,), (2,), (3,), (0,)], 2)
+    assert replayed["example_configs"] == 3 * 200 + 32 and replayed["stopped_at_look"] == {"0": 1} and replayed["same_beam"]
 
 
 def race_on(task, configs) -> Race:
