@@ -41,6 +41,9 @@ def test_a_confidently_worse_configuration_stops_and_close_ones_do_not():
     assert list(stopped) == [(4,)]
     assert "worse than 3 others" in stopped[(4,)] and "40/200 t" in stopped[(4,)]
     assert "alpha 0.05 / 8 " in stopped[(4,)]  # 1 beam x width 2 x 2 others x 2 looks that can stop
+    # the family is the beam's candidates at the start of the step: two stopped earlier still count
+    wider = Race([Beam({"t": 1.0}, set(lls) | {(5,), (6,)})], 2, alpha=0.05)
+    assert "alpha 0.05 / 16 " in wider.stop(ev, lls)[(4,)]
     assert list(race(3, lls).stop(ev, lls)) == [(4,)]  # 3 others are confidently better
     assert race(4, lls).stop(ev, lls) == {}  # all fit in the beam
     # fewer examples than the first look needs: nobody stops, however clear
