@@ -23,7 +23,7 @@ import time
 import numpy as np
 from scipy.stats import norm
 
-from benchmarks.run import SCALE_TASKS, _stamp, real_tasks
+from benchmarks.run import SCALE_TASKS, _stamp, racing_ceiling, real_tasks
 from contract import cli
 from contract.cli import setting
 from pruning.evaluate import Evaluator
@@ -117,7 +117,7 @@ def main(argv=None) -> None:
         "candidates": len(candidates),
         "mean_drop": {",".join(map(str, c)): round(float(mean_drop[c]), 4) for c in ranked},
         "looks": looks,
-        "ceiling": len(candidates) * full / ((len(candidates) - width) * looks[0] + width * full),
+        "ceiling": racing_ceiling(len(candidates) * full, [len(candidates)], width, full, looks[0]),
     }
     for alpha in alphas:
         out[f"racing_alpha={alpha}"] = replay(evaluator, lls, Race(beam, width, alpha), ranked, width)

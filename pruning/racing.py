@@ -86,8 +86,7 @@ class Race:
                 pair_var = np.diag(cov)[:, None] + np.diag(cov)[None, :] - 2 * cov
                 var += weight**2 * pair_var / n * (1 - n / total)
             seen_text.append(f"{n}/{total} {task.name}")
-        # the family is fixed before the step: every candidate of the beam, stopped ones included (the
-        # active ones are selected by the data, so counting only them would not bound the error)
+        # the family fixed before the step (module docstring): the beam's candidates, stopped ones included
         tests = len(self.beams) * self.width * (len(beam.members) - self.width) * max(1, evaluator.n_looks - 1)
         z = self.z(tests)
         worse = diff - z * np.sqrt(np.maximum(var, 0)) > 0  # worse[c, r]: c worse than r, confidently
