@@ -1,6 +1,7 @@
 # Two commands set everything up on a fresh machine with Python 3.11:
 #   make demo   install the runtime (requirements.txt), then run a real sensitivity study on the offline default model
-#   make test   install the runtime and the test extras (requirements-test.txt), then run the whole test suite
+#   make test   install the runtime and the test extras (requirements-test.txt), then ruff, the docs build (mkdocs --strict) and the whole test suite
+#   make docs   serve the reference docs (docs/, mkdocs.yml) at http://127.0.0.1:8000
 # Afterwards, `. .venv/bin/activate` puts mlflow and python of the venv first for the README's commands.
 PYTHON ?= python3.11
 VENV := .venv
@@ -10,7 +11,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: demo test install install-test
+.PHONY: demo test docs install install-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,4 +39,8 @@ demo: install
 test: install-test
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
+	$(BIN)/mkdocs build --strict
 	$(BIN)/python -m pytest -q
+
+docs: install-test
+	$(BIN)/mkdocs serve
