@@ -1,6 +1,6 @@
 """Queries of the tracking store shared by the analyses: experiments, runs by kind, JSON artifacts.
 
-Reads only what the jobs in `search` log (see the README's tracking contract); never loads a model.
+Reads only what the jobs in `search` log (see docs/contract.md, the tracking contract); never loads a model.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The names of the tracking contract: run kinds, tag keys, metric names and artifact files.
 
 search/ writes runs with these names and analysis/ reads them back; nothing else spells them.
-README's "The tracking contract" documents each one (tests/test_contract.py checks both ways).
+docs/contract.md documents each one (tests/test_contract.py checks both ways).
 """
 
 from __future__ import annotations

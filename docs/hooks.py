@@ -3,9 +3,9 @@
 A marker is an HTML comment on a line of its own:
 
 - `<!-- parameters: beam_search -->`: the entry point's parameters (name, default, allowed values, help),
-  read from the command line that MLproject's `command` runs, which `contract.cli` builds from the
-  settings dataclass; so a parameter is declared once, in search/settings.py, analysis/settings.py or
-  search/study.py.
+  read from the command line of the module MLproject's `command` runs, which `contract.cli` builds from
+  the settings dataclasses; so a parameter is declared once, in search/settings.py, analysis/settings.py
+  or search/study.py.
 - `<!-- names: contract -->`: every constant of contract/names.py with its value and comment, and every
   name pattern (the functions) with its docstring.
 - `<!-- include: benchmarks/results/latest.md -->`: a file of the repository, as it is.
@@ -56,11 +56,23 @@ def _allowed(action: argparse.Action) -> str:
     return cli._ALLOWED.get(kind, "text")
 
 
-def parameters(entry: str) -> str:
-    """The parameter table of MLproject entry point `entry`."""
+def parser_of(module: str) -> argparse.ArgumentParser:
+    """The command line of entry-point module `module`: its `parser()`, imported from where the module
+    imports it (search/settings.py, analysis/settings.py), so that the build never loads torch."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    parser = importlib.import_module(entry_module(entry)).parser()
+    tree = ast.parse((ROOT / (module.replace(".", "/") + ".py")).read_text())
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom):
+            for alias in node.names:
+                if (alias.asname or alias.name) == "parser":
+                    return getattr(importlib.import_module(node.module), alias.name)()
+    return importlib.import_module(module).parser()
+
+
+def parameters(entry: str) -> str:
+    """The parameter table of MLproject entry point `entry`."""
+    parser = parser_of(entry_module(entry))
     rows = ["| parameter | default | allowed | meaning |", "| --- | --- | --- | --- |"]
     for action in parser._actions:
         if not action.option_strings or action.dest == "help":

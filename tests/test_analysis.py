@@ -144,7 +144,7 @@ def ppl_results(rng, n: int, effects: list[float]) -> list[dict]:
 
 
 def true_importance(results: list[dict]) -> list[float]:
-    """The README's definition, straight from the per-example results."""
+    """Importance as docs/scoring.md defines it, straight from the per-example results."""
     if "nll" in results[0]:
         log_ppl = [np.log(np.exp(sum(r["nll"]) / sum(r["tokens"]))) for r in results]
         return [v - log_ppl[0] for v in log_ppl[1:]]

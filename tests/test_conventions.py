@@ -245,8 +245,8 @@ def test_sample_is_a_parameter_of_every_entry_point_with_the_common_parameters()
         assert "--sample {sample}" in entry_points[name]["command"], name
 
 
-def test_readme_states_the_conventions():
-    readme = (ROOT / "README.md").read_text()
+def test_the_docs_state_the_conventions():
+    docs = "".join((ROOT / "docs" / page).read_text() for page in ("tasks.md", "scoring.md", "contract.md"))
     for name in (
         "word_perplexity_<task>",
         "byte_perplexity_<task>",
@@ -258,4 +258,4 @@ def test_readme_states_the_conventions():
         "headline/<task>",
         f"Scorer version: {SCORER_VERSION}",
     ):
-        assert name in readme, name
+        assert name in docs, name

@@ -1,13 +1,13 @@
 """Each entry point's settings are declared once (a dataclass, contract.cli): MLproject, the command line,
-`--help` and the README agree with it.
+`--help` and the parameter tables of docs/parameters.md (generated from it) agree with it.
 
 Convention: the module an MLproject command runs (`python -m <module>`) has a module-level `parser()`
 whose options are its settings' fields (plus the options in NOT_IN_MLPROJECT), and answers `--help`
 without importing torch.
 """
 
-import dataclasses
 import importlib
+import importlib.util
 import re
 import shlex
 import subprocess
@@ -101,14 +101,27 @@ def test_booleans_are_true_or_false():
     assert alone.save_model is True and alone.baseline is False
 
 
-def test_readme_sensitivity_table_is_the_settings():
-    from search.settings import SensitivitySettings
+def docs_hooks():
+    """docs/hooks.py, the MkDocs hook that generates the docs' parameter tables."""
+    spec = importlib.util.spec_from_file_location("docs_hooks", ROOT / "docs" / "hooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    readme = (ROOT / "README.md").read_text()
-    table = readme.split("### `sensitivity` parameters", 1)[1].split("\n\n")[1]
-    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()[2:]]
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_the_docs_parameter_tables_are_the_settings(entry):
+    assert f"<!-- parameters: {entry} -->" in (ROOT / "docs" / "parameters.md").read_text()
+    table = docs_hooks().parameters(entry).splitlines()[2:]
+    rows = [[cell.strip() for cell in re.split(r"(?<!\\)\|", line)[1:-1]] for line in table]
     documented = {name.strip("`"): default.strip("`") for name, default, *_ in rows}
-    opts = options("sensitivity")
-    assert set(documented) == {f.name for f in dataclasses.fields(SensitivitySettings)}
+    opts = options(entry)
+    assert set(documented) == set(opts), entry
     for name, default in documented.items():
-        assert parsed(opts[name], default) == opts[name].default, name
+        action = opts[name]
+        if default == "(required)":
+            assert action.required, f"{entry}.{name}"
+        elif default == "":
+            assert action.default in ("", None), f"{entry}.{name}"
+        else:
+            assert parsed(action, default) == action.default, f"{entry}.{name}"
