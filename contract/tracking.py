@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # mlflow takes over a second to import: loaded where used, so that an entry point's --help is quick
     from mlflow.tracking import MlflowClient
 
-from contract import names, profiles
+from contract import names, profiles, schema
 from contract.names import CONFIG_HASH, ERROR, HOST, KIND, PID
 
 logger = logging.getLogger(__name__)
@@ -54,21 +54,33 @@ def connect(tracking_uri: str | None = None) -> MlflowClient:
             f"{uri!r}: give mlflow run the same store (MLFLOW_TRACKING_URI={uri} mlflow run ...)"
         )
     _check_local_store(uri)
-    try:
-        mlflow.set_tracking_uri(uri)
-        client = MlflowClient(uri)
-        with fast_requests():
-            experiments = client.search_experiments(max_results=1)
-    except Exception as err:  # unreachable server, bad URL, refused credentials, unusable file
-        status = _http_status(err)
-        if status == 401:
-            raise TrackingError(
-                f"tracking store {uri!r} refused the credentials (HTTP 401): set "
-                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account of the server"
-            ) from None
-        if status == 403:  # no permission, or a Host header the server does not allow
-            raise TrackingError(f"tracking store {uri!r} refused the request (HTTP 403): {first_line(err)}") from None
-        raise TrackingError(f"cannot reach tracking store {uri!r}: {first_line(err)}") from None
+    database = _database_url(uri)
+    with contextlib.ExitStack() as held:
+        if database:  # workers starting together on a new store: one creates the schema, the others wait
+            try:
+                held.enter_context(schema.creation_lock(database))
+            except Exception as err:  # the database server does not answer, or refuses the login
+                raise TrackingError(f"cannot reach tracking store {_shown(uri)!r}: {first_line(err)}") from None
+        try:
+            mlflow.set_tracking_uri(uri)
+            client = MlflowClient(uri)
+            with fast_requests():
+                experiments = client.search_experiments(max_results=1)
+        except Exception as err:  # unreachable server, bad URL, refused credentials, unusable file
+            if database:  # the database answered the lock: it is there, and MLflow cannot use it
+                raise TrackingError(
+                    f"tracking store {_shown(uri)!r} is a database MLflow cannot use ({first_line(err)}); "
+                    f"{schema.repair_hint(database, _shown(uri))}"
+                ) from None
+            status = _http_status(err)
+            if status == 401:
+                raise TrackingError(
+                    f"tracking store {uri!r} refused the credentials (HTTP 401): set "
+                    "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account of the server"
+                ) from None
+            if status == 403:  # no permission, or a Host header the server does not allow
+                raise TrackingError(f"tracking store {uri!r} refused the request (HTTP 403): {first_line(err)}") from None
+            raise TrackingError(f"cannot reach tracking store {uri!r}: {first_line(err)}") from None
     if experiments:  # every experiment's artifacts live in the store's artifact storage
         location = experiments[0].artifact_location
         try:
@@ -102,6 +114,30 @@ def fast_requests():
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def _database_url(uri: str) -> str | None:
+    """The SQLAlchemy URL of a database tracking store (sqlite:, postgresql:, mysql:, ...); None for a
+    server or a folder."""
+    if "://" not in uri or uri.startswith(("http://", "https://", "file:", "databricks")):
+        return None
+    try:
+        from sqlalchemy.engine import make_url
+
+        make_url(uri)
+    except Exception:
+        return None
+    return uri
+
+
+def _shown(uri: str) -> str:
+    """A store's URI with its password hidden."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(uri).render_as_string(hide_password=True) if _database_url(uri) else uri
+    except Exception:
+        return uri
 
 
 def _check_local_store(uri: str) -> None:
