@@ -41,7 +41,7 @@ from sqlalchemy.exc import ArgumentError
 
 from contract.schema import creation_lock
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(__spec__.name)  # also under `python -m contract.profiles`
 
 PROFILES_DIR = Path(__file__).resolve().parents[1] / "mlruns_config" / "profiles"
 ENV_VAR = "PRUNETRACK_PROFILE"

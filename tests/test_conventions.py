@@ -259,3 +259,13 @@ def test_readme_states_the_conventions():
         f"Scorer version: {SCORER_VERSION}",
     ):
         assert name in readme, name
+
+
+def test_entry_points_log_under_their_module_name():
+    """`python -m <module>` runs a module as `__main__`, a logger the logging set-up does not show
+    (contract.cli.show_logs): an entry point names its logger `__spec__.name`, never `__name__`."""
+    root = Path(__file__).resolve().parents[1]
+    for path in [*root.glob("*/*.py"), *root.glob("*/*/*.py")]:
+        text = path.read_text()
+        if 'if __name__ == "__main__"' in text and path.parts[-2] != "tests":
+            assert "getLogger(__name__)" not in text, path
