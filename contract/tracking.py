@@ -15,6 +15,8 @@ import math
 import os
 import re
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -244,6 +246,7 @@ def open_run(
     else:
         exp_id, existing = experiment_id(client, experiment), {}
         run_id = client.create_run(exp_id, run_name=name).info.run_id
+    in_flight(client, exp_id)
     new_params = {k: v for k, v in params.items() if k not in existing and str(v) != ""}
     log(client, run_id, params=new_params, tags={KIND: kind, HOST: socket.gethostname(), PID: str(os.getpid()), **(tags or {})})
     return run_id, exp_id
@@ -458,6 +461,7 @@ def open_child(client: MlflowClient, exp_id: str, parent_id: str, conf_hash: str
         run_name=name,
         tags={MLFLOW_PARENT_RUN_ID: parent_id, CONFIG_HASH: conf_hash, HOST: socket.gethostname(), PID: str(os.getpid()), **tags},
     )
+    in_flight(client, exp_id)
     log(client, run.info.run_id, params=params)
     return run.info.run_id
 
@@ -470,7 +474,10 @@ def kill(client: MlflowClient, run_id: str, reason: str) -> None:
 
 def fail(client: MlflowClient, run_id: str, error: BaseException | str) -> None:
     """Record a run as FAILED with a one-line reason, or as KILLED when it was stopped (Ctrl-C, SIGTERM,
-    exit). Best effort: a store that does not answer leaves a warning, never a second traceback."""
+    exit); a run stopped by a signal is left to `stop_in_flight`. Best effort: a store that does not
+    answer leaves a warning, never a second traceback."""
+    if defer_stops and stop_reason(error):
+        return
     try:
         client.set_tag(run_id, ERROR, error_tag(error))
         client.set_terminated(run_id, "KILLED" if stop_reason(error) else "FAILED")
@@ -489,6 +496,38 @@ def error_tag(error: BaseException | str) -> str:
 
 
 # --------------------------------------------------------------------------- stops
+
+
+# Where this process opens runs (tracking URI -> client and experiment ids): a stop ends its RUNNING runs
+# there KILLED in one batch. `defer_stops` is set when a signal stops the process (contract.cli), so that
+# the clean-up on the way out leaves its runs to that batch.
+_OPENED: dict[str, tuple[MlflowClient, set[str]]] = {}
+defer_stops = False
+
+
+def in_flight(client: MlflowClient, exp_id: str) -> None:
+    """Note that this process opens runs in experiment `exp_id`: a stop ends them KILLED (`stop_in_flight`)."""
+    _OPENED.setdefault(client.tracking_uri, (client, set()))[1].add(exp_id)
+
+
+def stop_in_flight(error: BaseException) -> str:
+    """End every RUNNING run of this process (tagged with its host and pid) KILLED with why it was stopped,
+    in one batch: configuration runs first, the study's run last. What was done, as the stop message says it."""
+    global defer_stops
+    query = f"attributes.status = 'RUNNING' and tags.`{PID}` = '{os.getpid()}' and tags.`{HOST}` = '{socket.gethostname()}'"
+    marked, failed = 0, []
+    for client, experiments in _OPENED.values():
+        try:
+            running = client.search_runs(sorted(experiments), query, max_results=50000)
+            for run in sorted(running, key=lambda r: "mlflow.parentRunId" not in r.data.tags):
+                kill(client, run.info.run_id, error_tag(error))
+                marked += 1
+        except Exception as err:  # the store does not answer: the next start closes them
+            failed.append(first_line(err))
+    defer_stops = False
+    if failed:
+        return f"runs in flight could not all be marked KILLED ({failed[0]}); the next start closes them"
+    return f"the {marked} run(s) in flight are marked KILLED" if marked else "no run was in flight"
 
 
 class Terminated(KeyboardInterrupt):
@@ -524,3 +563,59 @@ def fail_launcher_run(error: BaseException) -> None:
                 client.set_terminated(run_id, "KILLED" if stop_reason(error) else "FAILED")
     except Exception as err:
         logger.warning(f"cannot record run {run_id} of mlflow run as failed: {first_line(err)}")
+
+
+def forget_secret_launcher_run() -> str | None:
+    """Under `mlflow run`, when the run it created holds a password in a param (a URL `user:password@host`),
+    delete that run, and purge it for good where the store allows (`mlflow gc` on a database or file store,
+    once `mlflow run` has exited: it still reads the run); what was done, for the error line, else None."""
+    from urllib.parse import urlsplit
+
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return None
+    try:
+        from mlflow.tracking import MlflowClient
+
+        with fast_requests():
+            client = MlflowClient(os.environ.get("MLFLOW_TRACKING_URI") or None)
+            params = client.get_run(run_id).data.params
+            secret = sorted(k for k, v in params.items() if "://" in v and _password_of(urlsplit(v)))
+            if not secret:
+                return None
+            client.set_tag(run_id, ERROR, f"param {secret[0]} held a password; run deleted")
+            client.set_terminated(run_id, "FAILED")
+            client.delete_run(run_id)
+    except Exception as err:
+        logger.warning(f"cannot check run {run_id} of mlflow run for a password: {first_line(err)}")
+        return None
+    store = client.tracking_uri
+    said = f"mlflow run had recorded it in param {secret[0]} of run {run_id}, which is deleted"
+    if store.startswith(("http://", "https://", "databricks")):
+        return f"{said}; purge it for good on the server: mlflow gc --backend-store-uri <its store> --run-ids {run_id}"
+    subprocess.Popen(
+        [sys.executable, "-c", "import sys; from contract.tracking import purge_after; purge_after(*sys.argv[1:])"]
+        + [str(os.getppid()), store, run_id],
+        cwd=Path(__file__).resolve().parents[1],
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return f"{said} and purged (mlflow gc) as soon as mlflow run exits"
+
+
+def _password_of(url) -> str | None:
+    try:
+        return url.password
+    except ValueError:  # not a URL after all
+        return None
+
+
+def purge_after(launcher_pid: str, store: str, run_id: str, wait_s: float = 120) -> None:
+    """Once process `launcher_pid` has exited (at most `wait_s` later), purge deleted run `run_id` of
+    `store` for good: `mlflow gc`, which removes its params, tags, metrics and artifacts."""
+    deadline = time.monotonic() + wait_s
+    while process_alive(socket.gethostname(), launcher_pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    subprocess.run([sys.executable, "-m", "mlflow", "gc", "--backend-store-uri", store, "--run-ids", run_id], check=False)
