@@ -515,19 +515,19 @@ def stop_in_flight(error: BaseException) -> str:
     in one batch: configuration runs first, the study's run last. What was done, as the stop message says it."""
     global defer_stops
     query = f"attributes.status = 'RUNNING' and tags.`{PID}` = '{os.getpid()}' and tags.`{HOST}` = '{socket.gethostname()}'"
-    marked, failed = 0, []
+    failed = []
     for client, experiments in _OPENED.values():
         try:
             running = client.search_runs(sorted(experiments), query, max_results=50000)
             for run in sorted(running, key=lambda r: "mlflow.parentRunId" not in r.data.tags):
                 kill(client, run.info.run_id, error_tag(error))
-                marked += 1
         except Exception as err:  # the store does not answer: the next start closes them
             failed.append(first_line(err))
     defer_stops = False
+    _OPENED.clear()
     if failed:
         return f"runs in flight could not all be marked KILLED ({failed[0]}); the next start closes them"
-    return f"the {marked} run(s) in flight are marked KILLED" if marked else "no run was in flight"
+    return "the runs in flight are marked KILLED"
 
 
 class Terminated(KeyboardInterrupt):
@@ -561,14 +561,17 @@ def fail_launcher_run(error: BaseException) -> None:
                 client.set_tag(run_id, ERROR, error_tag(error))
             if run.info.status == "RUNNING":
                 client.set_terminated(run_id, "KILLED" if stop_reason(error) else "FAILED")
+            if stop_reason(error) and _parent_is_mlflow_run():
+                _after_launcher(client.tracking_uri, run_id, "killed")  # mlflow run will write FAILED over KILLED
     except Exception as err:
         logger.warning(f"cannot record run {run_id} of mlflow run as failed: {first_line(err)}")
 
 
 def forget_secret_launcher_run() -> str | None:
-    """Under `mlflow run`, when the run it created holds a password in a param (a URL `user:password@host`),
-    delete that run, and purge it for good where the store allows (`mlflow gc` on a database or file store,
-    once `mlflow run` has exited: it still reads the run); what was done, for the error line, else None."""
+    """Under `mlflow run`, when the run it created holds a password in a param (a URL `user:password@host`):
+    end it FAILED, then, once `mlflow run` has exited (it still writes the run's status), delete it and purge
+    it for good where the store allows (`mlflow gc` on a database or file store). What is done, for the
+    error line, else None."""
     from urllib.parse import urlsplit
 
     run_id = os.environ.get("MLFLOW_RUN_ID")
@@ -583,25 +586,20 @@ def forget_secret_launcher_run() -> str | None:
             secret = sorted(k for k, v in params.items() if "://" in v and _password_of(urlsplit(v)))
             if not secret:
                 return None
-            client.set_tag(run_id, ERROR, f"param {secret[0]} held a password; run deleted")
+            client.set_tag(run_id, ERROR, f"param {secret[0]} held a password; run deleted and purged")
             client.set_terminated(run_id, "FAILED")
-            client.delete_run(run_id)
     except Exception as err:
         logger.warning(f"cannot check run {run_id} of mlflow run for a password: {first_line(err)}")
         return None
-    store = client.tracking_uri
     said = f"mlflow run had recorded it in param {secret[0]} of run {run_id}, which is deleted"
-    if store.startswith(("http://", "https://", "databricks")):
+    if client.tracking_uri.startswith(("http://", "https://", "databricks")):
+        client.delete_run(run_id)
         return f"{said}; purge it for good on the server: mlflow gc --backend-store-uri <its store> --run-ids {run_id}"
-    subprocess.Popen(
-        [sys.executable, "-c", "import sys; from contract.tracking import purge_after; purge_after(*sys.argv[1:])"]
-        + [str(os.getppid()), store, run_id],
-        cwd=Path(__file__).resolve().parents[1],
-        start_new_session=True,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    if not _parent_is_mlflow_run():
+        client.delete_run(run_id)
+        _after_launcher(client.tracking_uri, run_id, "purge", wait=False)
+        return f"{said} and purged (mlflow gc)"
+    _after_launcher(client.tracking_uri, run_id, "purge")
     return f"{said} and purged (mlflow gc) as soon as mlflow run exits"
 
 
@@ -612,10 +610,42 @@ def _password_of(url) -> str | None:
         return None
 
 
-def purge_after(launcher_pid: str, store: str, run_id: str, wait_s: float = 120) -> None:
-    """Once process `launcher_pid` has exited (at most `wait_s` later), purge deleted run `run_id` of
-    `store` for good: `mlflow gc`, which removes its params, tags, metrics and artifacts."""
+def _parent_is_mlflow_run() -> bool:
+    """Whether this process's parent is a live `mlflow run` (it ran our command with `bash -c`, which execs)."""
+    try:
+        command = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")
+    except OSError:  # no /proc: assume it is
+        return process_alive(socket.gethostname(), os.getppid())
+    return b"mlflow" in b" ".join(command) and b"run" in command
+
+
+def _after_launcher(store: str, run_id: str, action: str, wait: bool = True) -> None:
+    """Have a detached process do `action` to run `run_id` once `mlflow run` (this process's parent) has
+    exited: `mlflow run` ends the run it created FAILED after its child exits, whatever the child recorded."""
+    subprocess.Popen(
+        [sys.executable, "-c", "import sys; from contract.tracking import after_launcher; after_launcher(*sys.argv[1:])"]
+        + [str(os.getppid()) if wait else "", store, run_id, action],
+        cwd=Path(__file__).resolve().parents[1],
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def after_launcher(launcher_pid: str, store: str, run_id: str, action: str, wait_s: float = 120) -> None:
+    """Once process `launcher_pid` (if any) has exited (at most `wait_s` later), do `action` to run `run_id` of `store`:
+    `killed`: end it KILLED again (`mlflow run` overwrote it FAILED); `purge`: delete it and purge it for good
+    (`mlflow gc` removes its params, tags, metrics and artifacts)."""
+    from mlflow.tracking import MlflowClient
+
     deadline = time.monotonic() + wait_s
-    while process_alive(socket.gethostname(), launcher_pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    while launcher_pid and process_alive(socket.gethostname(), launcher_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    client = MlflowClient(store)
+    if action == "killed":
+        client.set_terminated(run_id, "KILLED")
+        return
+    if client.get_run(run_id).info.lifecycle_stage != "deleted":
+        client.delete_run(run_id)
     subprocess.run([sys.executable, "-m", "mlflow", "gc", "--backend-store-uri", store, "--run-ids", run_id], check=False)

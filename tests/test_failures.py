@@ -413,4 +413,4 @@ def test_mlflow_run_stopped_leaves_nothing_running(tmp_path, sqlite_store, tiny_
     for run in killed:
         assert reason in run.data.tags[names.ERROR]
     ours = [line for line in log.splitlines() if line.startswith("error: ")]
-    assert ours == [f"error: {reason}; the {len(killed)} run(s) in flight are marked KILLED"], log[-3000:]
+    assert ours == [f"error: {reason}; the runs in flight are marked KILLED"], log[-3000:]
