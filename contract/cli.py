@@ -151,11 +151,12 @@ STOP_SIGNALS = ("SIGINT", "SIGTERM")
 def _on_stop(signum, frame):
     """Ctrl-C (SIGINT) or SIGTERM: stop with KeyboardInterrupt or Terminated. From now on both are ignored:
     `mlflow run` answers Ctrl-C with a SIGTERM to its child, which must not cut the clean-up short."""
-    from contract.tracking import Terminated
+    from contract import tracking
 
     for name in STOP_SIGNALS:
         signal.signal(getattr(signal, name), signal.SIG_IGN)
-    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+    tracking.defer_stops = True  # the runs in flight are ended together, by run_main (tracking.stop_in_flight)
+    raise tracking.Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 def _die_with_launcher() -> None:
