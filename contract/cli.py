@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import re
 import signal
 import sys
@@ -144,11 +145,34 @@ class ArgumentParser(argparse.ArgumentParser):
         return namespace, extra
 
 
-def _on_sigterm(signum, frame):
-    from contract.tracking import Terminated
+STOP_SIGNALS = ("SIGINT", "SIGTERM")
 
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
-    raise Terminated()
+
+def _on_stop(signum, frame):
+    """Ctrl-C (SIGINT) or SIGTERM: stop with KeyboardInterrupt or Terminated. From now on both are ignored:
+    `mlflow run` answers Ctrl-C with a SIGTERM to its child, which must not cut the clean-up short."""
+    from contract import tracking
+
+    for name in STOP_SIGNALS:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+    tracking.defer_stops = True  # the runs in flight are ended together, by run_main (tracking.stop_in_flight)
+    raise tracking.Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _die_with_launcher() -> None:
+    """Under `mlflow run` on Linux: a SIGTERM when the launcher dies (prctl PR_SET_PDEATHSIG), so that the
+    search stops and marks its runs KILLED rather than computing on, orphaned."""
+    if not os.environ.get("MLFLOW_RUN_ID") or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # no prctl: the launcher's death is not noticed
+        return
+    if os.getppid() == 1:  # the launcher died before the signal was asked for
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class _Format(logging.Formatter):
@@ -173,27 +197,32 @@ def show_logs(packages: tuple = ("pruning", "contract", "search", "analysis", "b
 
 def run_main(main, argv=None, user_errors: tuple = ()) -> int:
     """Run `main(argv)` as an entry point. A user error (`user_errors`, a bad argument, an unusable store
-    or profile) becomes one line `error: ...` on stderr and exit code 2; Ctrl-C and SIGTERM end the runs
-    in flight as KILLED with the reason (exit 130 / 143). Under `mlflow run`, the run it created ends
-    FAILED (KILLED when stopped) with `prunetrack.error`, whatever ended the process."""
+    or profile) becomes one line `error: ...` on stderr and exit code 2. Ctrl-C and SIGTERM (also the
+    launcher's death under `mlflow run`) end every run in flight KILLED with the reason, in one batch that
+    a second signal cannot cut short (exit 130 / 143). Under `mlflow run`, the run it created ends FAILED
+    (KILLED when stopped) with `prunetrack.error`, whatever ended the process; when it holds a password
+    in a param, it is deleted and purged instead."""
     show_logs()
-    previous = None
-    if hasattr(signal, "SIGTERM") and _in_main_thread():
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    previous = {}
+    if _in_main_thread():
+        previous = {name: signal.signal(getattr(signal, name), _on_stop) for name in STOP_SIGNALS if hasattr(signal, name)}
+        _die_with_launcher()
     try:
         main(argv)
     except Exception as err:
         from contract import profiles, tracking  # here, not above: `--help` loads no MLflow
 
-        tracking.fail_launcher_run(err)
+        purged = tracking.forget_secret_launcher_run()
+        if not purged:
+            tracking.fail_launcher_run(err)
         if not isinstance(err, (*user_errors, UsageError, tracking.TrackingError, profiles.ProfileError)):
             raise  # a bug: the traceback stays, the run says why it failed
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {err}{f'; {purged}' if purged else ''}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
         from contract import tracking
 
-        print(f"error: {tracking.stop_reason(err).split(' before')[0]}; the runs in flight are marked KILLED", file=sys.stderr)
+        print(f"error: {tracking.stop_reason(err).split(' before')[0]}; {tracking.stop_in_flight(err)}", file=sys.stderr)
         tracking.fail_launcher_run(err)
         return 143 if isinstance(err, tracking.Terminated) else 130
     except BaseException as err:  # SystemExit (`--help`: code 0)
@@ -203,8 +232,8 @@ def run_main(main, argv=None, user_errors: tuple = ()) -> int:
             tracking.fail_launcher_run(err)
         raise
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
     return 0
 
 

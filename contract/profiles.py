@@ -39,7 +39,9 @@ from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-logger = logging.getLogger(__name__)
+from contract.schema import creation_lock
+
+logger = logging.getLogger(__spec__.name)  # also under `python -m contract.profiles`
 
 PROFILES_DIR = Path(__file__).resolve().parents[1] / "mlruns_config" / "profiles"
 ENV_VAR = "PRUNETRACK_PROFILE"
@@ -231,7 +233,8 @@ def _auth_config(profile: Profile) -> str:
 
 def serve(ref: str) -> None:
     """Check the database answers, create or upgrade its schema once (before any server worker
-    exists: concurrent first use of an empty store races), then become `mlflow server`."""
+    exists, and under the schema-creation lock: concurrent first use of an empty store races), then
+    become `mlflow server`."""
     schema, cmd, env = server_command(load(ref))
     backend = schema[-1]
     shown = make_url(backend).render_as_string(hide_password=True)
@@ -246,7 +249,8 @@ def serve(ref: str) -> None:
     except Exception as err:  # wrong host, database missing, refused password
         first = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
         raise ProfileError(f"profile {ref!r}: cannot connect to the backend store {shown}: {first}") from None
-    done = subprocess.run(schema, env=env, capture_output=True, text=True)
+    with creation_lock(backend):  # profiles served together: one creates the schema, the others find it made
+        done = subprocess.run(schema, env=env, capture_output=True, text=True)
     if done.returncode:
         lines = done.stderr.strip().splitlines() or ["no output"]
         reason = next((line for line in reversed(lines) if "Error" in line), lines[-1])

@@ -15,6 +15,8 @@ import math
 import os
 import re
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +25,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # mlflow takes over a second to import: loaded where used, so that an entry point's --help is quick
     from mlflow.tracking import MlflowClient
 
-from contract import names, profiles
+from contract import names, profiles, schema
 from contract.names import CONFIG_HASH, ERROR, HOST, KIND, PID
 
 logger = logging.getLogger(__name__)
@@ -54,21 +56,33 @@ def connect(tracking_uri: str | None = None) -> MlflowClient:
             f"{uri!r}: give mlflow run the same store (MLFLOW_TRACKING_URI={uri} mlflow run ...)"
         )
     _check_local_store(uri)
-    try:
-        mlflow.set_tracking_uri(uri)
-        client = MlflowClient(uri)
-        with fast_requests():
-            experiments = client.search_experiments(max_results=1)
-    except Exception as err:  # unreachable server, bad URL, refused credentials, unusable file
-        status = _http_status(err)
-        if status == 401:
-            raise TrackingError(
-                f"tracking store {uri!r} refused the credentials (HTTP 401): set "
-                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account of the server"
-            ) from None
-        if status == 403:  # no permission, or a Host header the server does not allow
-            raise TrackingError(f"tracking store {uri!r} refused the request (HTTP 403): {first_line(err)}") from None
-        raise TrackingError(f"cannot reach tracking store {uri!r}: {first_line(err)}") from None
+    database = _database_url(uri)
+    with contextlib.ExitStack() as held:
+        if database:  # workers starting together on a new store: one creates the schema, the others wait
+            try:
+                held.enter_context(schema.creation_lock(database))
+            except Exception as err:  # the database server does not answer, or refuses the login
+                raise TrackingError(f"cannot reach tracking store {_shown(uri)!r}: {first_line(err)}") from None
+        try:
+            mlflow.set_tracking_uri(uri)
+            client = MlflowClient(uri)
+            with fast_requests():
+                experiments = client.search_experiments(max_results=1)
+        except Exception as err:  # unreachable server, bad URL, refused credentials, unusable file
+            if database:  # the database answered the lock: it is there, and MLflow cannot use it
+                raise TrackingError(
+                    f"tracking store {_shown(uri)!r} is a database MLflow cannot use ({first_line(err)}); "
+                    f"{schema.repair_hint(database, _shown(uri))}"
+                ) from None
+            status = _http_status(err)
+            if status == 401:
+                raise TrackingError(
+                    f"tracking store {uri!r} refused the credentials (HTTP 401): set "
+                    "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account of the server"
+                ) from None
+            if status == 403:  # no permission, or a Host header the server does not allow
+                raise TrackingError(f"tracking store {uri!r} refused the request (HTTP 403): {first_line(err)}") from None
+            raise TrackingError(f"cannot reach tracking store {uri!r}: {first_line(err)}") from None
     if experiments:  # every experiment's artifacts live in the store's artifact storage
         location = experiments[0].artifact_location
         try:
@@ -102,6 +116,30 @@ def fast_requests():
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def _database_url(uri: str) -> str | None:
+    """The SQLAlchemy URL of a database tracking store (sqlite:, postgresql:, mysql:, ...); None for a
+    server or a folder."""
+    if "://" not in uri or uri.startswith(("http://", "https://", "file:", "databricks")):
+        return None
+    try:
+        from sqlalchemy.engine import make_url
+
+        make_url(uri)
+    except Exception:
+        return None
+    return uri
+
+
+def _shown(uri: str) -> str:
+    """A store's URI with its password hidden."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(uri).render_as_string(hide_password=True) if _database_url(uri) else uri
+    except Exception:
+        return uri
 
 
 def _check_local_store(uri: str) -> None:
@@ -208,6 +246,7 @@ def open_run(
     else:
         exp_id, existing = experiment_id(client, experiment), {}
         run_id = client.create_run(exp_id, run_name=name).info.run_id
+    in_flight(client, exp_id)
     new_params = {k: v for k, v in params.items() if k not in existing and str(v) != ""}
     log(client, run_id, params=new_params, tags={KIND: kind, HOST: socket.gethostname(), PID: str(os.getpid()), **(tags or {})})
     return run_id, exp_id
@@ -422,6 +461,7 @@ def open_child(client: MlflowClient, exp_id: str, parent_id: str, conf_hash: str
         run_name=name,
         tags={MLFLOW_PARENT_RUN_ID: parent_id, CONFIG_HASH: conf_hash, HOST: socket.gethostname(), PID: str(os.getpid()), **tags},
     )
+    in_flight(client, exp_id)
     log(client, run.info.run_id, params=params)
     return run.info.run_id
 
@@ -434,7 +474,10 @@ def kill(client: MlflowClient, run_id: str, reason: str) -> None:
 
 def fail(client: MlflowClient, run_id: str, error: BaseException | str) -> None:
     """Record a run as FAILED with a one-line reason, or as KILLED when it was stopped (Ctrl-C, SIGTERM,
-    exit). Best effort: a store that does not answer leaves a warning, never a second traceback."""
+    exit); a run stopped by a signal is left to `stop_in_flight`. Best effort: a store that does not
+    answer leaves a warning, never a second traceback."""
+    if defer_stops and stop_reason(error):
+        return
     try:
         client.set_tag(run_id, ERROR, error_tag(error))
         client.set_terminated(run_id, "KILLED" if stop_reason(error) else "FAILED")
@@ -453,6 +496,38 @@ def error_tag(error: BaseException | str) -> str:
 
 
 # --------------------------------------------------------------------------- stops
+
+
+# Where this process opens runs (tracking URI -> client and experiment ids): a stop ends its RUNNING runs
+# there KILLED in one batch. `defer_stops` is set when a signal stops the process (contract.cli), so that
+# the clean-up on the way out leaves its runs to that batch.
+_OPENED: dict[str, tuple[MlflowClient, set[str]]] = {}
+defer_stops = False
+
+
+def in_flight(client: MlflowClient, exp_id: str) -> None:
+    """Note that this process opens runs in experiment `exp_id`: a stop ends them KILLED (`stop_in_flight`)."""
+    _OPENED.setdefault(client.tracking_uri, (client, set()))[1].add(exp_id)
+
+
+def stop_in_flight(error: BaseException) -> str:
+    """End every RUNNING run of this process (tagged with its host and pid) KILLED with why it was stopped,
+    in one batch: configuration runs first, the study's run last. What was done, as the stop message says it."""
+    global defer_stops
+    query = f"attributes.status = 'RUNNING' and tags.`{PID}` = '{os.getpid()}' and tags.`{HOST}` = '{socket.gethostname()}'"
+    failed = []
+    for client, experiments in _OPENED.values():
+        try:
+            running = client.search_runs(sorted(experiments), query, max_results=50000)
+            for run in sorted(running, key=lambda r: "mlflow.parentRunId" not in r.data.tags):
+                kill(client, run.info.run_id, error_tag(error))
+        except Exception as err:  # the store does not answer: the next start closes them
+            failed.append(first_line(err))
+    defer_stops = False
+    _OPENED.clear()
+    if failed:
+        return f"runs in flight could not all be marked KILLED ({failed[0]}); the next start closes them"
+    return "the runs in flight are marked KILLED"
 
 
 class Terminated(KeyboardInterrupt):
@@ -486,5 +561,91 @@ def fail_launcher_run(error: BaseException) -> None:
                 client.set_tag(run_id, ERROR, error_tag(error))
             if run.info.status == "RUNNING":
                 client.set_terminated(run_id, "KILLED" if stop_reason(error) else "FAILED")
+            if stop_reason(error) and _parent_is_mlflow_run():
+                _after_launcher(client.tracking_uri, run_id, "killed")  # mlflow run will write FAILED over KILLED
     except Exception as err:
         logger.warning(f"cannot record run {run_id} of mlflow run as failed: {first_line(err)}")
+
+
+def forget_secret_launcher_run() -> str | None:
+    """Under `mlflow run`, when the run it created holds a password in a param (a URL `user:password@host`):
+    end it FAILED, then, once `mlflow run` has exited (it still writes the run's status), delete it and purge
+    it for good where the store allows (`mlflow gc` on a database or file store). What is done, for the
+    error line, else None."""
+    from urllib.parse import urlsplit
+
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return None
+    try:
+        from mlflow.tracking import MlflowClient
+
+        with fast_requests():
+            client = MlflowClient(os.environ.get("MLFLOW_TRACKING_URI") or None)
+            params = client.get_run(run_id).data.params
+            secret = sorted(k for k, v in params.items() if "://" in v and _password_of(urlsplit(v)))
+            if not secret:
+                return None
+            client.set_tag(run_id, ERROR, f"param {secret[0]} held a password; run deleted and purged")
+            client.set_terminated(run_id, "FAILED")
+    except Exception as err:
+        logger.warning(f"cannot check run {run_id} of mlflow run for a password: {first_line(err)}")
+        return None
+    said = f"mlflow run had recorded it in param {secret[0]} of run {run_id}, which is deleted"
+    if client.tracking_uri.startswith(("http://", "https://", "databricks")):
+        client.delete_run(run_id)
+        return f"{said}; purge it for good on the server: mlflow gc --backend-store-uri <its store> --run-ids {run_id}"
+    if not _parent_is_mlflow_run():
+        client.delete_run(run_id)
+        _after_launcher(client.tracking_uri, run_id, "purge", wait=False)
+        return f"{said} and purged (mlflow gc)"
+    _after_launcher(client.tracking_uri, run_id, "purge")
+    return f"{said} and purged (mlflow gc) as soon as mlflow run exits"
+
+
+def _password_of(url) -> str | None:
+    try:
+        return url.password
+    except ValueError:  # not a URL after all
+        return None
+
+
+def _parent_is_mlflow_run() -> bool:
+    """Whether this process's parent is a live `mlflow run` (it ran our command with `bash -c`, which execs)."""
+    try:
+        command = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")
+    except OSError:  # no /proc: assume it is
+        return process_alive(socket.gethostname(), os.getppid())
+    return b"mlflow" in b" ".join(command) and b"run" in command
+
+
+def _after_launcher(store: str, run_id: str, action: str, wait: bool = True) -> None:
+    """Have a detached process do `action` to run `run_id` once `mlflow run` (this process's parent) has
+    exited: `mlflow run` ends the run it created FAILED after its child exits, whatever the child recorded."""
+    subprocess.Popen(
+        [sys.executable, "-c", "import sys; from contract.tracking import after_launcher; after_launcher(*sys.argv[1:])"]
+        + [str(os.getppid()) if wait else "", store, run_id, action],
+        cwd=Path(__file__).resolve().parents[1],
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def after_launcher(launcher_pid: str, store: str, run_id: str, action: str, wait_s: float = 120) -> None:
+    """Once process `launcher_pid` (if any) has exited (at most `wait_s` later), do `action` to run `run_id` of `store`:
+    `killed`: end it KILLED again (`mlflow run` overwrote it FAILED); `purge`: delete it and purge it for good
+    (`mlflow gc` removes its params, tags, metrics and artifacts)."""
+    from mlflow.tracking import MlflowClient
+
+    deadline = time.monotonic() + wait_s
+    while launcher_pid and process_alive(socket.gethostname(), launcher_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    client = MlflowClient(store)
+    if action == "killed":
+        client.set_terminated(run_id, "KILLED")
+        return
+    if client.get_run(run_id).info.lifecycle_stage != "deleted":
+        client.delete_run(run_id)
+    subprocess.run([sys.executable, "-m", "mlflow", "gc", "--backend-store-uri", store, "--run-ids", run_id], check=False)

@@ -46,7 +46,7 @@ from search.configs import Outcome, StudyContext, drop
 from search.sensitivity import open_context, study_params
 from search.work import Worker, shared_claims
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(__spec__.name)  # `python -m search.beam` runs it as __main__: log under its own name
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ parent as a `prunetrack.kind=study_worker` child.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import socket
@@ -18,12 +17,11 @@ import warnings
 from dataclasses import asdict
 
 import optuna
-import sqlalchemy as sa
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.exceptions import ExperimentalWarning
 from optuna.storages import RDBStorage
 
-from contract import names, tracking
+from contract import names, schema, tracking
 from search.cli import SearchError
 from search.study_spec import StudySpec
 from search.work import engine_url
@@ -44,19 +42,12 @@ def open_storage(spec: StudySpec) -> RDBStorage:
     engine = {"connect_args": {"timeout": 60}} if backend == "sqlite" else {"pool_pre_ping": True}
     if backend == "postgresql":
         engine["connect_args"] = {"connect_timeout": 10}
-    for attempt in itertools.count():
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ExperimentalWarning)
-                return RDBStorage(url.render_as_string(hide_password=False), engine_kwargs=engine)
-        except (sa.exc.IntegrityError, sa.exc.ProgrammingError) as err:  # workers starting together race on the schema
-            if attempt == 3:
-                raise SearchError(
-                    f"cannot create the Optuna schema in {storage_label(spec.storage)!r}: {tracking.first_line(err)}"
-                ) from None
-            time.sleep(1 + attempt)
-        except Exception as err:  # unreachable server, refused login, missing driver, bad path
-            raise SearchError(f"cannot use Optuna storage {storage_label(spec.storage)!r}: {tracking.first_line(err)}") from None
+    try:
+        with warnings.catch_warnings(), schema.creation_lock(url):  # workers starting together: one creates it
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            return RDBStorage(url.render_as_string(hide_password=False), engine_kwargs=engine)
+    except Exception as err:  # unreachable server, refused login, missing driver, bad path
+        raise SearchError(f"cannot use Optuna storage {storage_label(spec.storage)!r}: {tracking.first_line(err)}") from None
 
 
 def open_study(spec: StudySpec, storage: RDBStorage, client) -> tuple[optuna.Study, str]:

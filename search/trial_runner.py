@@ -70,6 +70,7 @@ class TrialRunner:
     def __init__(self, spec: StudySpec, client, parent: str, claims: Claims):
         self.spec, self.client, self.parent, self.claims = spec, client, parent, claims
         self.exp_id = client.get_run(parent).info.experiment_id
+        tracking.in_flight(client, self.exp_id)  # a stop ends this worker's trial runs KILLED
         self.fatal: BaseException | None = None  # a user error: stops this worker after the trial is recorded
         self.evaluated = 0
 

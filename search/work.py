@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import importlib.util
 import logging
 import os
 import socket
@@ -26,7 +25,7 @@ from pathlib import Path
 import sqlalchemy as sa
 import torch
 
-from contract import names, tracking
+from contract import names, schema, tracking
 from pruning.evaluate import Evaluator
 from search.cli import SearchError
 from search.configs import Outcome, StudyContext, evaluate_configs, lookup, removed_tag
@@ -53,12 +52,8 @@ def storage_url(storage: str) -> sa.URL:
 
 
 def engine_url(storage: str) -> sa.URL:
-    """`storage_url` with the PostgreSQL driver named: SQLAlchemy 2.1 maps postgresql:// to psycopg 3,
-    the project installs psycopg2 (psycopg 3 is used where it is installed)."""
-    url = storage_url(storage)
-    if url.drivername == "postgresql" and importlib.util.find_spec("psycopg") is None:
-        url = url.set(drivername="postgresql+psycopg2")
-    return url
+    """`storage_url` with the PostgreSQL driver named (contract.schema.engine_url)."""
+    return schema.engine_url(storage_url(storage))
 
 
 @dataclass(frozen=True)
@@ -96,14 +91,10 @@ class Claims:
             sa.Column("error", sa.Text),
         )
         try:
-            self.table.metadata.create_all(self.engine)
+            with schema.creation_lock(url):  # workers starting together: one creates the table
+                self.table.metadata.create_all(self.engine)
         except sa.exc.SQLAlchemyError as err:
-            try:
-                exists = sa.inspect(self.engine).has_table(TABLE)  # another worker created it first
-            except sa.exc.SQLAlchemyError:
-                exists = False
-            if not exists:
-                raise SearchError(f"cannot use storage {self.shown!r}: {tracking.first_line(err)}") from None
+            raise SearchError(f"cannot use storage {self.shown!r}: {tracking.first_line(err)}") from None
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.started = time.time()
         self._stop = threading.Event()

@@ -253,6 +253,8 @@ def test_three_workers_on_postgresql_evaluate_each_configuration_once(model_dir,
     workers = [subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=log.open("w")) for log in logs]
     for proc, log in zip(workers, logs):
         assert proc.wait(timeout=400) == 0, log.read_text()[-3000:]
+        shown = log.read_text().splitlines()  # every step's progress line, logged under search.beam
+        assert [line.split(":")[0] for line in shown if line.startswith("step ")] == ["step 1 of 2", "step 2 of 2"], shown
 
     statuses = assert_each_config_once(client)
     assert set(statuses) == {"FINISHED"}

@@ -259,3 +259,15 @@ def test_the_docs_state_the_conventions():
         f"Scorer version: {SCORER_VERSION}",
     ):
         assert name in docs, name
+
+
+def test_entry_points_log_under_their_module_name():
+    """`python -m <module>` runs a module as `__main__`, a logger the logging set-up does not show
+    (contract.cli.show_logs): an entry point names its logger `__spec__.name`, never `__name__`."""
+    root = Path(__file__).resolve().parents[1]
+    for path in [
+        p for package in ("pruning", "contract", "search", "analysis", "benchmarks") for p in (root / package).rglob("*.py")
+    ]:
+        text = path.read_text()
+        if 'if __name__ == "__main__"' in text:
+            assert "getLogger(__name__)" not in text, path

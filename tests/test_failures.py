@@ -177,11 +177,6 @@ MLFLOW_RUN_BAD_INPUT = [
     ("prune", "pruning_ratio=1.5", "error: pruning_ratio 1.5 out of range; allowed: 0 < ratio < 1"),
     ("taylor_study", "config=missing", "error: study config 'missing' not found; available: "),
     ("sensitivity", "n_samples=abc", "error: n_samples 'abc' is not valid; allowed: an integer"),
-    (
-        "taylor_study",
-        "storage=postgresql://user:secret@db.lab/optuna",
-        "error: storage 'postgresql://user:***@db.lab/optuna' holds a password",
-    ),
 ]
 
 
@@ -198,6 +193,26 @@ def test_bad_input_under_mlflow_run_is_one_line_and_a_failed_run(tmp_path, sqlit
     [run] = runs(client)
     assert run.info.status == "FAILED"
     assert run.data.tags[names.ERROR].endswith(ours[0].removeprefix("error: "))
+
+
+@pytest.mark.parametrize("entry", ["taylor_study", "beam_search"])
+@pytest.mark.service
+def test_a_password_passed_through_mlflow_run_is_not_kept(tmp_path, sqlite_store, entry):
+    """mlflow run records -P values as params before prunetrack starts: the run is deleted, then purged."""
+    _, client = sqlite_store
+    out = mlflow_run(f"sqlite:///{tmp_path}/mlflow.db", entry, "storage=postgresql://user:secret@db.lab/optuna", cwd=tmp_path)
+    assert out.returncode != 0
+    ours = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert len(ours) == 1, out.stderr[-3000:]
+    assert ours[0].startswith("error: storage 'postgresql://user:***@db.lab/optuna' holds a password")
+    assert ours[0].endswith("which is deleted and purged (mlflow gc) as soon as mlflow run exits")
+    assert "Traceback" not in out.stderr and "secret" not in ours[0], out.stderr[-3000:]
+    deadline = time.time() + 120
+    while runs(client) or client.search_runs([e.experiment_id for e in client.search_experiments()], run_view_type=3):
+        assert time.time() < deadline, "the run was not purged"
+        time.sleep(0.5)
+    client._tracking_client.store.engine.dispose()
+    assert b"secret" not in (tmp_path / "mlflow.db").read_bytes()
 
 
 # --------------------------------------------------------------------------- secrets: storage profiles
@@ -307,3 +322,97 @@ def test_a_dead_optuna_workers_trial_is_taken_over_at_once(tmp_path, sqlite_stor
         assert killed.data.tags[names.ERROR] == f"worker process {socket.gethostname()}:{pid} died; trial redone"
         assert claims.rows([key])[key].status == "failed"
         assert trial_runner.fail_stopped_trials(study, claims, client, spec.max_retry) == 0
+
+
+# --------------------------------------------------------------------------- Ctrl-C and a dead launcher under mlflow run
+
+# Imported by the search's interpreter only (mlflow run sets MLFLOW_RUN_ID for its child): its third
+# evaluate_many, inside step 2 with that step's runs RUNNING, writes the process id, then waits to be stopped.
+STALLING_SITE = """
+import os
+if os.environ.get("MLFLOW_RUN_ID") and os.environ.get("STALLED"):
+    import time
+    from pruning import evaluate
+
+    plain, calls = evaluate.Evaluator.evaluate_many, []
+
+    def stall(self, *args, **kwargs):
+        calls.append(args)
+        if len(calls) == 3:
+            with open(os.environ["STALLED"] + ".tmp", "w") as f:
+                f.write(str(os.getpid()))
+            os.rename(os.environ["STALLED"] + ".tmp", os.environ["STALLED"])
+            time.sleep(600)
+        return plain(self, *args, **kwargs)
+
+    evaluate.Evaluator.evaluate_many = stall
+"""
+
+
+def beam_search_stalled_in_step_2(tmp_path, uri: str, model: str) -> tuple[subprocess.Popen, int]:
+    """`mlflow run -e beam_search` as users start it, in a process group of its own, stalled inside step 2;
+    (the launcher, the search's process id)."""
+    site, stalled = tmp_path / "site", tmp_path / "stalled"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(STALLING_SITE)
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": uri,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "PYTHONPATH": f"{site}:{ROOT}",
+        "STALLED": str(stalled),
+        "OMP_NUM_THREADS": "1",
+    }
+    params = [f"model={model}", "n_samples=4", "batch_size=16", "max_removed=2", "beam_width=2", "racing=false"]
+    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "beam_search", "--env-manager", "local"]
+    log = (tmp_path / "launcher.log").open("w")
+    proc = subprocess.Popen(
+        cmd + [x for p in params for x in ("-P", p)], env=env, cwd=tmp_path, stdout=log, stderr=log, start_new_session=True
+    )
+    deadline = time.time() + 300
+    while not stalled.exists():
+        assert proc.poll() is None, (tmp_path / "launcher.log").read_text()[-3000:]
+        assert time.time() < deadline, "the search did not reach step 2"
+        time.sleep(0.2)
+    return proc, int(stalled.read_text())
+
+
+def wait_gone(pid: int, seconds: float) -> float:
+    """How long process `pid` took to exit (at most `seconds`)."""
+    start = time.monotonic()
+    while tracking.process_alive(socket.gethostname(), pid):
+        assert time.monotonic() - start < seconds, f"process {pid} still runs after {seconds} s"
+        time.sleep(0.1)
+    return time.monotonic() - start
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "launcher-killed"])
+@pytest.mark.service
+def test_mlflow_run_stopped_leaves_nothing_running(tmp_path, sqlite_store, tiny_model_dir, how):
+    """Ctrl-C: SIGINT to the whole group, then mlflow's SIGTERM to the search, which must not cut its clean-up
+    short. The launcher killed alone: the search notices (parent-death signal) and stops within seconds."""
+    uri, client = sqlite_store
+    launcher, search = beam_search_stalled_in_step_2(tmp_path, uri, tiny_model_dir(layers=6, initializer_range=0.3))
+    in_flight = runs(client, "config", "RUNNING")
+    assert len(in_flight) > 1  # step 2's candidates, scored together
+    if how == "ctrl-c":
+        os.killpg(launcher.pid, signal.SIGINT)
+        launcher.wait(timeout=120)
+        reason = "interrupted (Ctrl-C)"
+    else:
+        os.kill(launcher.pid, signal.SIGTERM)
+        launcher.wait(timeout=30)
+        reason = "terminated (SIGTERM)"
+    assert wait_gone(search, 30) < 30
+    log = (tmp_path / "launcher.log").read_text()
+    assert runs(client, status="RUNNING") == [], log[-3000:]
+    killed = runs(client, status="KILLED")
+    assert {r.info.run_id for r in in_flight} < {r.info.run_id for r in killed}
+    deadline = time.time() + 60  # mlflow run writes FAILED over it on its way out; prunetrack's helper then KILLED
+    while runs(client, "beam_search")[0].info.status != "KILLED":
+        assert time.time() < deadline, runs(client, "beam_search")[0].info.status
+        time.sleep(0.2)
+    for run in killed:
+        assert reason in run.data.tags[names.ERROR]
+    ours = [line for line in log.splitlines() if line.startswith("error: ")]
+    assert ours == [f"error: {reason}; the runs in flight are marked KILLED"], log[-3000:]
