@@ -200,19 +200,19 @@ def test_bad_input_under_mlflow_run_is_one_line_and_a_failed_run(tmp_path, sqlit
 def test_a_password_passed_through_mlflow_run_is_not_kept(tmp_path, sqlite_store, entry):
     """mlflow run records -P values as params before prunetrack starts: the run is deleted, then purged."""
     _, client = sqlite_store
-    out = mlflow_run(f"sqlite:///{tmp_path}/mlflow.db", entry, "storage=postgresql://user:secret@db.lab/optuna", cwd=tmp_path)
+    out = mlflow_run(f"sqlite:///{tmp_path}/mlflow.db", entry, "storage=postgresql://user:pw-Zq81x@db.lab/optuna", cwd=tmp_path)
     assert out.returncode != 0
     ours = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
     assert len(ours) == 1, out.stderr[-3000:]
     assert ours[0].startswith("error: storage 'postgresql://user:***@db.lab/optuna' holds a password")
     assert ours[0].endswith("which is deleted and purged (mlflow gc) as soon as mlflow run exits")
-    assert "Traceback" not in out.stderr and "secret" not in ours[0], out.stderr[-3000:]
+    assert "Traceback" not in out.stderr and "pw-Zq81x" not in ours[0], out.stderr[-3000:]
     deadline = time.time() + 120
     while runs(client) or client.search_runs([e.experiment_id for e in client.search_experiments()], run_view_type=3):
         assert time.time() < deadline, "the run was not purged"
         time.sleep(0.5)
     client._tracking_client.store.engine.dispose()
-    assert b"secret" not in (tmp_path / "mlflow.db").read_bytes()
+    assert b"pw-Zq81x" not in (tmp_path / "mlflow.db").read_bytes()
 
 
 # --------------------------------------------------------------------------- secrets: storage profiles
