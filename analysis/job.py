@@ -13,7 +13,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from analysis.store import AnalysisError
-from contract import cli, tracking
+from contract import cli, names, tracking
 
 EXPERIMENT = "analysis"
 
@@ -23,11 +23,24 @@ def publish(
 ) -> str:
     """Record the files in `outputs` as the artifacts of an analysis run of `kind`; its run id."""
     with tracking.study_run(client, kind, EXPERIMENT, params) as (run_id, _):
-        tracking.log(client, run_id, metrics=metrics or {})
+        tracking.log(client, run_id, metrics=metrics or {}, tags={names.DESCRIPTION: description(kind, outputs, metrics or {})})
         client.log_artifacts(run_id, str(outputs))
     if output_dir:
         shutil.copytree(outputs, output_dir, dirs_exist_ok=True)
+        cli.ignore_in_checkout(output_dir)
     return run_id
+
+
+def description(kind: str, outputs: Path, metrics: dict) -> str:
+    """The run's description: the job's Markdown report (`*.md`), else its text report, else its metrics; and its files."""
+    reports = sorted(outputs.glob("*.md")) or sorted(outputs.glob("*report*.txt"))
+    if reports:
+        text = reports[0].read_text()
+        body = text if reports[0].suffix == ".md" else f"```\n{text.strip()}\n```"
+    else:
+        body = "\n".join(f"- `{k}`: {v:.4g}" for k, v in metrics.items()) or "_no metrics_"
+    files = ", ".join(f"`{p.relative_to(outputs)}`" for p in sorted(outputs.rglob("*")) if p.is_file())
+    return f"### {kind}\n\n{body}\n\nFiles: {files}\n"
 
 
 def run_main(main, argv=None) -> int:

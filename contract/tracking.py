@@ -223,6 +223,7 @@ NAME_SETTINGS = {
     names.CORRELATION: (("study_name", ""), ("target", "")),
     names.BEAM_SUMMARY: (("beam_search_run_id", "of"),),
     names.STUDY: (("study_name", ""),),
+    names.STUDY_WORKER: (("study_name", ""),),
 }
 _NAME_LIMIT = 250
 

@@ -26,6 +26,7 @@ from pruning.models import load_model
 from pruning.tasks import load_task, parse_task_list
 from pruning.vlm import SCORER_VERSION as GENERATION_SCORER
 from pruning.vlm import GenerationEvaluator
+from search import monitoring, summaries
 from search.cli import run_main
 from search.configs import StudyContext, drop, evaluate_configs, removed_tag, study_identity
 
@@ -102,6 +103,8 @@ def _log_report(ctx: StudyContext, report: SensitivityReport) -> None:
         tags=tags,
     )
     tracking.log_json(client, run_id, names.SENSITIVITY_REPORT, report.to_json())
+    reuse = summaries.mark_reuse(client, run_id, report.counts)
+    summaries.describe(client, run_id, summaries.sensitivity_description(report, ctx.identity, reuse))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / names.IMPORTANCE_PLOT
         plot_importance(report, path)
@@ -145,8 +148,9 @@ def main(argv=None) -> None:
     client = tracking.connect(args.tracking_uri or None)
     experiment = f"{names.SENSITIVITY}/{settings.model}"
     with tracking.study_run(client, names.SENSITIVITY, experiment, study_params(settings)) as (run_id, exp_id):
-        ctx = open_context(settings, client, run_id, exp_id)
-        report = run_sensitivity(ctx)
+        with monitoring.system_metrics(client, run_id, settings.system_metrics, settings.device):
+            ctx = open_context(settings, client, run_id, exp_id)
+            report = run_sensitivity(ctx)
     print(summary(report))
     print(f"parent run: {run_id}\nsee it: {tracking.ui_hint(client.tracking_uri)}")
 
