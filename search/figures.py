@@ -43,6 +43,7 @@ def plot_beam_drops(results: BeamResults, identity: dict, path: Path):
         )
         ax.set_ylabel("mean drop" if unit == "mean" else unit)
         ax.axhline(0, color="grey", linewidth=0.5)
+        ax.margins(y=0.15)
         ax.set_xticks(k, ticks, fontsize=7)
         ax.legend(fontsize=7)
     axes[-1].set_xlabel("blocks removed (the recommended set for each number)")

@@ -10,8 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import runs
-from mlflow.tracking import MlflowClient
+from helpers import copy_store, runs
 from servers import mlflow_server
 
 from contract import names, tracking
@@ -117,29 +116,22 @@ def test_speedup_interval_and_its_warnings():
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ui-store")
-    with mlflow_server(f"sqlite:///{folder}/mlflow.db", str(folder / "artifacts")) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def searched(server, tiny_model_dir):
-    """A sensitivity study then a beam search of a tiny 6-block model on the server, then the same
-    beam search again; (client, [first parent, rerun parent])."""
+def searched(tiny_model_dir, store_template, tmp_path_factory):
+    """A sensitivity study then a beam search of a tiny 6-block model, then the same beam search
+    again; (store path, client, [first parent, rerun parent])."""
+    path = tmp_path_factory.mktemp("searched") / "mlflow.db"
+    uri, client = copy_store(store_template, path)
     model = tiny_model_dir(layers=N_BLOCKS, initializer_range=0.3)
-    common = ["--model", model, "--tasks", ",".join(TASKS), "--n_samples", "4", "--batch_size", "16", "--tracking_uri", server]
+    common = ["--model", model, "--tasks", ",".join(TASKS), "--n_samples", "4", "--batch_size", "16", "--tracking_uri", uri]
     assert run_main(sensitivity.main, common) == 0
     search = [*common, "--beam_width", "2", "--max_removed", "2", "--retry_delay", "0"]
     assert run_main(beam.main, search) == 0
     assert run_main(beam.main, search) == 0
-    client = MlflowClient(server)
-    return client, runs(client, names.BEAM_SEARCH, "FINISHED")
+    return path, client, runs(client, names.BEAM_SEARCH, "FINISHED")
 
 
-@pytest.mark.service
 def test_every_study_run_describes_itself_and_a_rerun_says_it_reused_everything(searched):
-    client, (first, rerun) = searched
+    _, client, (first, rerun) = searched
     note = first.data.tags[names.DESCRIPTION]
     assert "| k | removed blocks | mean drop ± std | pydoc_ppl (Δ log-ppl) | pydoc_cloze (Δ acc) |" in note
     results = BeamResults.from_json(tracking.load_json(client, first.info.run_id, names.BEAM_RESULTS))
@@ -152,9 +144,8 @@ def test_every_study_run_describes_itself_and_a_rerun_says_it_reused_everything(
     assert "(most)" in study.data.tags[names.DESCRIPTION] and "Baseline (nothing removed)" in study.data.tags[names.DESCRIPTION]
 
 
-@pytest.mark.service
 def test_configuration_runs_carry_their_own_time_and_sort_by_block_or_by_drop(searched):
-    client, (first, _) = searched
+    _, client, (first, _) = searched
     children = runs(client, names.CONFIG, "FINISHED")
     by_name = {r.info.run_name: r for r in children}
     assert {f"remove[{b}]" for b in range(N_BLOCKS)} | {"baseline"} <= set(by_name)  # sensitivity: by block
@@ -165,7 +156,10 @@ def test_configuration_runs_carry_their_own_time_and_sort_by_block_or_by_drop(se
         (c for c in step2["candidates"] if c["status"] == "FINISHED"), key=lambda c: (c["mean_drop"], c["removed_blocks"])
     )
     names_in_order = [client.get_run(c["run_id"]).info.run_name for c in ranked]
-    assert names_in_order == sorted(names_in_order) and names_in_order[0].startswith("step2 #1 remove[")
+    assert names_in_order == sorted(names_in_order), [(n, c["mean_drop"]) for n, c in zip(names_in_order, ranked)]
+    assert names_in_order[0].startswith("step2 #") and names_in_order[0].endswith(
+        f"remove[{','.join(map(str, ranked[0]['removed_blocks']))}]"
+    )
 
 
 def test_beam_drops_figure_is_titled_labelled_and_splits_units(tmp_path):
@@ -206,7 +200,7 @@ def chromium() -> str:
     return found
 
 
-def browse(url: str, tmp_path, *what: str) -> subprocess.CompletedProcess:
+def browse(browser: str, url: str, tmp_path, *what: str) -> subprocess.CompletedProcess:
     """Headless Chromium on `url` with a fresh profile, the page's scripts given 20 s of virtual time."""
     flags = [
         "--headless",
@@ -221,18 +215,20 @@ def browse(url: str, tmp_path, *what: str) -> subprocess.CompletedProcess:
         "--window-size=1400,1100",
         "--virtual-time-budget=20000",
     ]
-    return subprocess.run([chromium(), *flags, *what, url], capture_output=True, text=True, timeout=180)
+    return subprocess.run([browser, *flags, *what, url], capture_output=True, text=True, timeout=180)
 
 
 @pytest.mark.service
-def test_the_mlflow_ui_shows_the_recommendation_table_on_the_run_page(searched, server, tmp_path):
-    client, (first, _) = searched
-    page = f"{server}/#/experiments/{first.info.experiment_id}/runs/{first.info.run_id}"
-    dom = browse(page, tmp_path, "--dump-dom")
+def test_the_mlflow_ui_shows_the_recommendation_table_on_the_run_page(searched, tmp_path):
+    path, _, (first, _) = searched
+    browser = chromium()  # installed first: a server is not kept waiting for apt-get
+    with mlflow_server(f"sqlite:///{path}", str(tmp_path / "artifacts")) as server:
+        page = f"{server}/#/experiments/{first.info.experiment_id}/runs/{first.info.run_id}"
+        dom = browse(browser, page, tmp_path, "--dump-dom")
+        shot = tmp_path / "run_page.png"
+        done = browse(browser, page, tmp_path, f"--screenshot={shot}")
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert "<table" in dom.stdout and "mean drop ± std" in dom.stdout and "removed blocks" in dom.stdout
-    shot = tmp_path / "run_page.png"
-    done = browse(page, tmp_path, f"--screenshot={shot}")
     assert done.returncode == 0 and shot.stat().st_size > 10_000, done.stderr[-2000:]
     keep = os.environ.get("PRUNETRACK_SCREENSHOTS")  # where to keep it for a look
     if keep:
