@@ -131,7 +131,9 @@ class ExportModelSettings(EvalSettings):
     prompt_len: int = setting(128, "tokens per timed prompt")
     new_tokens: int = setting(32, "greedy decode steps timed (with the KV cache)")
     repeats: int = setting(5, "timed rounds at least, after one warm-up")
-    max_repeats: int = setting(30, "timed rounds at most: rounds go on until the speedups' 95 percent intervals are within 5 percent")
+    max_repeats: int = setting(
+        30, "timed rounds at most: rounds go on until the speedups' 95 percent intervals are within 5 percent"
+    )
 
 
 def sensitivity_parser() -> argparse.ArgumentParser:
