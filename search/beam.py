@@ -342,16 +342,19 @@ def main(argv=None) -> None:
     }
     with shared_claims(given.storage) as claims:
         params["storage"] = claims.shown if claims else ""
-        with tracking.study_run(client, names.BEAM_SEARCH, f"{names.BEAM_SEARCH}/{given.model}", params) as (run_id, exp_id):
-            with monitoring.system_metrics(client, run_id, given.system_metrics, given.device):
-                ctx = open_context(given, client, run_id, exp_id)
-                check_blocks(settings, ctx.evaluator.loaded.num_blocks)
-                key = tracking.config_hash({**ctx.identity, **asdict(settings)})
-                tracking.log(client, run_id, tags={"beam_key": key})
-                worker = Worker(
-                    ctx, given.batch_size, given.chunk_budget_gb, given.retries, given.retry_delay, claims, given.claim_size
-                )
-                results = run_beam_search(ctx, worker, settings, key)
+        experiment = f"{names.BEAM_SEARCH}/{given.model}"
+        with (
+            tracking.study_run(client, names.BEAM_SEARCH, experiment, params) as (run_id, exp_id),
+            monitoring.system_metrics(client, run_id, given.system_metrics, given.device),
+        ):
+            ctx = open_context(given, client, run_id, exp_id)
+            check_blocks(settings, ctx.evaluator.loaded.num_blocks)
+            key = tracking.config_hash({**ctx.identity, **asdict(settings)})
+            tracking.log(client, run_id, tags={"beam_key": key})
+            worker = Worker(
+                ctx, given.batch_size, given.chunk_budget_gb, given.retries, given.retry_delay, claims, given.claim_size
+            )
+            results = run_beam_search(ctx, worker, settings, key)
     print(summary(results))
     print(f"parent run: {run_id}\nsee it: {tracking.ui_hint(client.tracking_uri)}")
 

@@ -198,9 +198,10 @@ def plain_width_config(pruned_dir: Path):
 
 def export_blocks(source: Source, args, directory: Path, speed: SpeedSettings) -> Exported:
     """Save the dense model without the source's blocks to `directory`; the in-place removal is the reference."""
-    dense = load_model(
-        source.model, device=args.device, dtype=args.dtype, revision=source.revision, blocks_path=source.blocks_path
-    )
+    with progress.phase(f"loading model {source.model}"):
+        dense = load_model(
+            source.model, device=args.device, dtype=args.dtype, revision=source.revision, blocks_path=source.blocks_path
+        )
     removed = check_blocks(source.removed, dense.num_blocks)
     if not removed:
         raise SearchError(f"blocks is empty; allowed: one or more of 0..{dense.num_blocks - 1}")

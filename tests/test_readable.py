@@ -13,7 +13,7 @@ import pytest
 from helpers import copy_store, runs
 from servers import mlflow_server
 
-from contract import names, tracking
+from contract import cli, names, tracking
 from contract.records import BeamResults
 from pruning.evaluate import Evaluator
 from pruning.models import load_model
@@ -110,6 +110,22 @@ def test_speedup_interval_and_its_warnings():
     warned = speedup.warnings_for("prefill", noisy, 1.07, 6, 6)
     assert not speedup.tight(noisy) and any("unreliable" in w for w in warned)
     assert any("above 1.07x" in w for w in warned) == (noisy[0] > 1.07)
+
+
+def test_an_output_folder_inside_a_checkout_is_kept_out_of_git(tmp_path):
+    (tmp_path / ".git").mkdir()
+    inside, outside = tmp_path / "pruned-smollm2", tmp_path.parent / f"{tmp_path.name}-out"
+    for folder in (inside, outside):
+        folder.mkdir()
+        cli.ignore_in_checkout(str(folder))
+    assert (inside / ".gitignore").read_text().splitlines()[-1] == "*" and not (outside / ".gitignore").exists()
+    if shutil.which("git"):
+        subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+        (inside / "model.safetensors").write_text("weights")
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=all"], cwd=tmp_path, capture_output=True, text=True
+        )
+        assert "pruned-smollm2" not in status.stdout
 
 
 # --------------------------------------------------------------------------- a real search on a real server
@@ -212,7 +228,7 @@ def browse(browser: str, url: str, tmp_path, *what: str) -> subprocess.Completed
         "--disable-component-update",
         "--disable-sync",
         f"--user-data-dir={tmp_path / 'profile'}",
-        "--window-size=1400,1100",
+        "--window-size=1400,2600",
         "--virtual-time-budget=20000",
     ]
     return subprocess.run([browser, *flags, *what, url], capture_output=True, text=True, timeout=180)
