@@ -13,7 +13,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from analysis.store import AnalysisError
-from contract import cli, names, tracking
+from contract import cli, tracking
 
 EXPERIMENT = "analysis"
 
@@ -23,7 +23,8 @@ def publish(
 ) -> str:
     """Record the files in `outputs` as the artifacts of an analysis run of `kind`; its run id."""
     with tracking.study_run(client, kind, EXPERIMENT, params) as (run_id, _):
-        tracking.log(client, run_id, metrics=metrics or {}, tags={names.DESCRIPTION: description(kind, outputs, metrics or {})})
+        tracking.log(client, run_id, metrics=metrics or {})
+        tracking.describe(client, run_id, description(kind, outputs, metrics or {}))
         client.log_artifacts(run_id, str(outputs))
     if output_dir:
         shutil.copytree(outputs, output_dir, dirs_exist_ok=True)

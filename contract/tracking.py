@@ -373,6 +373,14 @@ def log_per_example(client: MlflowClient, run_id: str, scores) -> None:
         log_json(client, run_id, f"{s.task}.json", {"task": s.task, "kind": s.kind, **s.per_example}, "per_example")
 
 
+def describe(client: MlflowClient, run_id: str, markdown: str) -> None:
+    """Set a run's description (`mlflow.note.content`, shown atop its page in the MLflow UI), cut to
+    what MLflow stores in a tag (8,000 characters) with a note where the rest is."""
+    if len(markdown) > 8000:
+        markdown = markdown[:7900] + "\n\n_(cut here: the whole report is in the run's artifacts)_\n"
+    client.set_tag(run_id, names.DESCRIPTION, markdown)
+
+
 def load_json(client: MlflowClient, run_id: str, name: str):
     """Read JSON artifact `name` of a run."""
     with tempfile.TemporaryDirectory() as tmp:

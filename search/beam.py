@@ -289,7 +289,7 @@ def _log_results(ctx: StudyContext, results: BeamResults) -> None:
     tracking.log_json(ctx.client, ctx.parent_id, names.BEAM_RESULTS, results.to_json())
     ctx.client.log_text(ctx.parent_id, summary(results), names.BEAM_TABLE)
     reuse = summaries.mark_reuse(ctx.client, ctx.parent_id, ctx.counts)
-    summaries.describe(ctx.client, ctx.parent_id, summaries.beam_description(results, ctx.identity, reuse))
+    tracking.describe(ctx.client, ctx.parent_id, summaries.beam_description(results, ctx.identity, reuse))
     if results.recommendations:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / names.BEAM_DROPS_PLOT

@@ -503,7 +503,7 @@ def log_export(client, run_id: str, source: Source, exported: Exported, report: 
         },
     )
     tracking.log_json(client, run_id, "speed.json", report)
-    summaries.describe(client, run_id, summaries.export_description(source, exported.removed, report, metrics))
+    tracking.describe(client, run_id, summaries.export_description(source, exported.removed, report, metrics))
     with progress.phase("saving and logging the MLflow model"), tempfile.TemporaryDirectory() as tmp:
         pip = [f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}"]
         mlflow.transformers.save_model(

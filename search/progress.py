@@ -46,6 +46,8 @@ class Progress:
 
             # smoothing=0: tqdm's estimate is the same average-rate one as eta()
             self.bar = tqdm(total=self.total, desc=label, unit=unit, unit_scale=True, smoothing=0, leave=False)
+        else:
+            logger.info(f"{label}: {_count(self.total)} {unit}s of work")
 
     def update(self, n: int) -> None:
         self.done += n

@@ -105,7 +105,7 @@ def _log_report(ctx: StudyContext, report: SensitivityReport) -> None:
     )
     tracking.log_json(client, run_id, names.SENSITIVITY_REPORT, report.to_json())
     reuse = summaries.mark_reuse(client, run_id, report.counts)
-    summaries.describe(client, run_id, summaries.sensitivity_description(report, ctx.identity, reuse))
+    tracking.describe(client, run_id, summaries.sensitivity_description(report, ctx.identity, reuse))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / names.IMPORTANCE_PLOT
         plot_importance(report, path)

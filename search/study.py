@@ -52,7 +52,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     """Run the study as one of its workers until nothing is left for it, then report; or only report."""
     settings = cli.settings_from(StudySettings, parser().parse_args(argv))
-    from search import monitoring, study_report, study_spec, study_storage, summaries, trial_runner  # after the arguments
+    from search import monitoring, study_report, study_spec, study_storage, trial_runner  # after the arguments
 
     spec = study_spec.load_spec(settings.config, settings.storage, settings.study_name, settings.n_trials)
     client = tracking.connect(settings.tracking_uri or None)
@@ -67,7 +67,7 @@ def main(argv=None) -> None:
     with monitoring.system_metrics(client, own, settings.system_metrics):
         evaluated = None if settings.report_only else trial_runner.run_worker(study, spec, client, parent)
     if evaluated is not None and own != parent:
-        summaries.describe(
+        tracking.describe(
             client, own, f"Worker of Taylor study {spec.name!r} (parent run `{parent}`): evaluated {evaluated} trials."
         )
     table = study_report.write_report(client, study, setup)

@@ -21,7 +21,6 @@ from optuna.trial import TrialState
 from contract import names, tracking
 from contract.trial_table import trial_table
 from pruning.tasks import parse_task_list
-from search import summaries
 from search.study_spec import GRAD_COLUMNS, StudySpec
 from search.study_storage import storage_label
 from search.trial_runner import trial_runs, uses_budget
@@ -133,7 +132,7 @@ def write_report(client, study: optuna.Study, setup: dict) -> pd.DataFrame:
         metrics[f"best_{setup['objectives'][0]}"] = best.value
         tags[names.BEST_TRIAL] = str(best.number)
     tracking.log(client, parent, metrics=metrics, tags=tags)
-    summaries.describe(client, parent, description(study, table, setup, metrics))
+    tracking.describe(client, parent, description(study, table, setup, metrics))
     return table
 
 

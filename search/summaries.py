@@ -16,11 +16,6 @@ from search.progress import duration
 logger = logging.getLogger(__name__)
 
 
-def describe(client, run_id: str, markdown: str) -> None:
-    """Set the run's description (what the MLflow UI shows at the top of its page)."""
-    tracking.log(client, run_id, tags={names.DESCRIPTION: markdown})
-
-
 def drop_unit(baseline: dict[str, float]) -> str:
     """The unit of a task's drop (search.configs.drop), from the task's metrics."""
     if "ppl" in baseline:
