@@ -24,10 +24,24 @@ def publish(
     """Record the files in `outputs` as the artifacts of an analysis run of `kind`; its run id."""
     with tracking.study_run(client, kind, EXPERIMENT, params) as (run_id, _):
         tracking.log(client, run_id, metrics=metrics or {})
+        tracking.describe(client, run_id, description(kind, outputs, metrics or {}))
         client.log_artifacts(run_id, str(outputs))
     if output_dir:
         shutil.copytree(outputs, output_dir, dirs_exist_ok=True)
+        cli.ignore_in_checkout(output_dir)
     return run_id
+
+
+def description(kind: str, outputs: Path, metrics: dict) -> str:
+    """The run's description: the job's Markdown report (`*.md`), else its text report, else its metrics; and its files."""
+    reports = sorted(outputs.glob("*.md")) or sorted(outputs.glob("*report*.txt"))
+    if reports:
+        text = reports[0].read_text()
+        body = text if reports[0].suffix == ".md" else f"```\n{text.strip()}\n```"
+    else:
+        body = "\n".join(f"- `{k}`: {v:.4g}" for k, v in metrics.items()) or "_no metrics_"
+    files = ", ".join(f"`{p.relative_to(outputs)}`" for p in sorted(outputs.rglob("*")) if p.is_file())
+    return f"### {kind}\n\n{body}\n\nFiles: {files}\n"
 
 
 def run_main(main, argv=None) -> int:

@@ -241,3 +241,12 @@ def _in_main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
+
+
+def ignore_in_checkout(folder: str) -> None:
+    """Keep an output folder written inside a git checkout out of git: a `.gitignore` of `*` in it."""
+    from pathlib import Path
+
+    path = Path(folder).resolve()
+    if any((p / ".git").exists() for p in (path, *path.parents)) and not (path / ".gitignore").exists():
+        (path / ".gitignore").write_text("# written by prunetrack: outputs stay out of git\n*\n")

@@ -20,6 +20,8 @@ CONSISTENCY, CORRELATION, BEAM_SUMMARY = "consistency", "correlation", "beam_sum
 # Tags every run of a study carries, and on failure.
 HOST, PID = "prunetrack.host", "prunetrack.pid"  # the process that owns a RUNNING run
 ERROR = "prunetrack.error"  # why a run FAILED or was KILLED, one line
+DESCRIPTION = "mlflow.note.content"  # a study run's Markdown summary, shown atop its page in the MLflow UI
+REUSED_ALL = "prunetrack.reused_all"  # a study start that scored nothing: every configuration came from the store
 
 # Tags of configuration runs.
 CONFIG_HASH = "config_hash"

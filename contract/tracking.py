@@ -262,6 +262,7 @@ NAME_SETTINGS = {
     names.CORRELATION: (("study_name", ""), ("target", "")),
     names.BEAM_SUMMARY: (("beam_search_run_id", "of"),),
     names.STUDY: (("study_name", ""),),
+    names.STUDY_WORKER: (("study_name", ""),),
 }
 _NAME_LIMIT = 250
 
@@ -409,6 +410,14 @@ def log_per_example(client: MlflowClient, run_id: str, scores) -> None:
     """Write each task score's per-example results (pruning.evaluate.TaskScore) as `per_example/<task>.json`."""
     for s in scores:
         log_json(client, run_id, f"{s.task}.json", {"task": s.task, "kind": s.kind, **s.per_example}, "per_example")
+
+
+def describe(client: MlflowClient, run_id: str, markdown: str) -> None:
+    """Set a run's description (`mlflow.note.content`, shown atop its page in the MLflow UI), cut to
+    what MLflow stores in a tag (8,000 characters) with a note where the rest is."""
+    if len(markdown) > 8000:
+        markdown = markdown[:7900] + "\n\n_(cut here: the whole report is in the run's artifacts)_\n"
+    client.set_tag(run_id, names.DESCRIPTION, markdown)
 
 
 def load_json(client: MlflowClient, run_id: str, name: str):

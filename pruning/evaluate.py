@@ -339,7 +339,7 @@ def loglikelihoods(model: nn.Module, prepared: PreparedTask, progress=None, befo
         picked = _target_logprobs(logits, batch.targets.to(device))
         np.add.at(sums, batch.owners.numpy(), picked.double().cpu().numpy())
         if progress is not None:
-            progress.update(batch.n_requests)
+            progress.update(batch.input_ids.numel())  # padded tokens: work of even cost (search.progress)
     return sums[prepared.unit_of]
 
 
@@ -468,6 +468,11 @@ class Evaluator:
     @property
     def n_requests(self) -> int:
         return sum(c.prepared.n_requests for c in self.chunks)
+
+    @property
+    def n_tokens(self) -> int:
+        """Padded tokens of scoring one configuration on all chunks (the unit of its progress)."""
+        return sum(b.input_ids.numel() for c in self.chunks for b in c.prepared.batches)
 
     @property
     def max_state_bytes(self) -> int:

@@ -31,6 +31,7 @@ import dataclasses
 import logging
 import math
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,8 +42,9 @@ from contract.records import BeamResults, BeamStep, Candidate, Recommendation
 from pruning.evaluate import Evaluator
 from pruning.racing import Beam, Race
 from pruning.tasks import parse_task_list
+from search import figures, monitoring, summaries
 from search.cli import SearchError, run_main
-from search.configs import Outcome, StudyContext, drop
+from search.configs import Outcome, StudyContext, drop, run_label
 from search.sensitivity import open_context, study_params
 from search.work import Worker, shared_claims
 
@@ -135,6 +137,17 @@ def score(row: Candidate, criterion: str) -> float:
     return math.inf if math.isnan(value) else value
 
 
+def rank_key(row: Candidate, criterion: str) -> tuple[int, float]:
+    """Order of a step's candidates for their run names: ranked ones by score, then those racing
+    stopped by their drop on the examples seen, then the failed."""
+    if row.status == "FINISHED":
+        return 0, score(row, criterion)
+    if row.status == "STOPPED":
+        partial = row.partial_drops
+        return 1, float(np.mean(list(partial.values()))) if criterion == "mean" else partial[criterion]
+    return 2, 0.0
+
+
 def select(rows: dict[tuple[int, ...], Candidate], candidates: list[tuple[int, ...]], criterion: str, width: int):
     """The `width` best evaluated candidates by `criterion`, ties broken by the sorted tuple."""
     ok = [c for c in candidates if rows[c].ranked]
@@ -203,7 +216,8 @@ def run_beam_search(ctx: StudyContext, worker: Worker, settings: Settings, key: 
         union = sorted(set().union(*candidates.values()))
         if not union:
             break
-        logger.info(f"step {k} of {settings.steps(n)}: {len(union)} candidates")
+        logger.info(f"beam step {k} of {settings.steps(n)}: {len(union)} candidates")
+        ctx.stage, started, before = f"beam step {k} of {settings.steps(n)}", time.monotonic(), dict(ctx.counts)
         outcomes = worker.run(union, race_of(ctx, settings, candidates), f"{key}/step{k}")
         rows = {r: candidate_row(ctx, base.metrics, outcomes[r]) for r in union}
         step = BeamStep(
@@ -223,9 +237,14 @@ def run_beam_search(ctx: StudyContext, worker: Worker, settings: Settings, key: 
                 best[c].append(best_entry(rows[beams[c][0]], k, n, previous, complete[c]))
         tracking.log_json(ctx.client, ctx.parent_id, names.beam_step(k), step.to_json())
         _log_step(ctx, criteria_names, best, k)
+        first = criteria_names[0]
+        ranked = sorted(union, key=lambda r: (rank_key(rows[r], first), r))
+        scored = {r: outcomes[r].run_id for r in union if not outcomes[r].reused}
+        summaries.rank_names(ctx.client, k, ranked, scored, {r: run_label(r, n) for r in union})
+        step_counts = {c: ctx.counts[c] - before.get(c, 0) for c in ctx.counts}
+        kept = [score(rows[r], first) for r in beams[first]]
         logger.info(
-            f"step {k}: {len(union)} candidates ({len(step.stopped)} stopped by racing), best {criteria_names[0]}: "
-            f"{best[criteria_names[0]][-1].removed_blocks if best[criteria_names[0]] else 'none'}"
+            summaries.step_line(k, settings.steps(n), beams[first], kept, len(union), step_counts, time.monotonic() - started)
         )
     main = best[criteria_names[0]]
     results = BeamResults(
@@ -269,34 +288,13 @@ def _log_results(ctx: StudyContext, results: BeamResults) -> None:
     )
     tracking.log_json(ctx.client, ctx.parent_id, names.BEAM_RESULTS, results.to_json())
     ctx.client.log_text(ctx.parent_id, summary(results), names.BEAM_TABLE)
+    reuse = summaries.mark_reuse(ctx.client, ctx.parent_id, ctx.counts)
+    tracking.describe(ctx.client, ctx.parent_id, summaries.beam_description(results, ctx.identity, reuse))
     if results.recommendations:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / names.BEAM_DROPS_PLOT
-            plot_drops(results, path)
+            figures.plot_beam_drops(results, ctx.identity, path)
             ctx.client.log_artifact(ctx.parent_id, str(path))
-
-
-def plot_drops(results: BeamResults, path: Path) -> None:
-    """Drop of the recommended configuration vs number of removed blocks: the mean over the tasks with
-    its spread (+- std over tasks, shaded) and each task's drop."""
-    from matplotlib.figure import Figure  # no pyplot: no backend or global figure state
-
-    entries = results.recommendations
-    k = [0] + [e.num_removed for e in entries]
-    mean = np.array([0.0] + [e.mean_drop for e in entries])
-    std = np.array([0.0] + [e.std_drop for e in entries])
-    fig = Figure(figsize=(6, 4))
-    ax = fig.subplots()
-    for task in results.tasks:
-        ax.plot(k, [0.0] + [e.drops[task] for e in entries], marker=".", linewidth=1, alpha=0.7, label=task)
-    ax.plot(k, mean, marker="o", color="black", linewidth=2, label="mean over tasks")
-    ax.fill_between(k, mean - std, mean + std, color="grey", alpha=0.25, label="+- std over tasks")
-    ax.set_xlabel("blocks removed (recommended set)")
-    ax.set_ylabel("drop vs the unpruned model")
-    ax.set_xticks(k)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 def summary(results: BeamResults) -> str:
@@ -344,7 +342,11 @@ def main(argv=None) -> None:
     }
     with shared_claims(given.storage) as claims:
         params["storage"] = claims.shown if claims else ""
-        with tracking.study_run(client, names.BEAM_SEARCH, f"{names.BEAM_SEARCH}/{given.model}", params) as (run_id, exp_id):
+        experiment = f"{names.BEAM_SEARCH}/{given.model}"
+        with (
+            tracking.study_run(client, names.BEAM_SEARCH, experiment, params) as (run_id, exp_id),
+            monitoring.system_metrics(client, run_id, given.system_metrics, given.device),
+        ):
             ctx = open_context(given, client, run_id, exp_id)
             check_blocks(settings, ctx.evaluator.loaded.num_blocks)
             key = tracking.config_hash({**ctx.identity, **asdict(settings)})

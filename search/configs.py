@@ -8,11 +8,11 @@ import time
 from dataclasses import dataclass, field
 
 from mlflow.tracking import MlflowClient
-from tqdm import tqdm
 
 from contract import names, tracking
 from pruning.evaluate import SCORER_VERSION, Evaluator
 from pruning.tasks import Task
+from search import progress
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ class StudyContext:
     evaluator: Evaluator
     identity: dict  # model, revision, dtype, tasks (with data fingerprints), split, n_samples, seed
     counts: dict = field(default_factory=lambda: dict.fromkeys(("evaluated", "reused", "stopped", "examples_scored"), 0))
+    stage: str = "evaluating"  # what the progress of the next evaluations is labelled with
 
     @property
     def tasks(self) -> list[Task]:
@@ -111,6 +112,7 @@ class Outcome:
     error: str | None = None
     stopped: str | None = None
     seen: dict[str, int] | None = None
+    reused: bool = False  # found in the store, not scored by this call
 
 
 def _metrics_from(run, tasks: list[Task]) -> dict[str, dict[str, float]]:
@@ -127,17 +129,19 @@ def lookup(ctx: StudyContext, removed: tuple[int, ...], race_key: str | None = N
             run = finished[0]
             stopped = run.data.tags.get(names.STOPPED_REASON)
             seen = {t.name: int(run.data.metrics[f"n_{t.name}"]) for t in ctx.tasks} if stopped else None
-            return Outcome(removed, conf_hash, _metrics_from(run, ctx.tasks), run.info.run_id, stopped=stopped, seen=seen)
+            metrics = _metrics_from(run, ctx.tasks)
+            return Outcome(removed, conf_hash, metrics, run.info.run_id, stopped=stopped, seen=seen, reused=True)
     return None
 
 
 def evaluate_configs(
-    ctx: StudyContext, configs: list[tuple[int, ...]], race=None, race_key: str | None = None, desc: str = "evaluating"
+    ctx: StudyContext, configs: list[tuple[int, ...]], race=None, race_key: str | None = None, desc: str | None = None
 ) -> dict[tuple[int, ...], Outcome]:
     """Outcomes of `configs`: each FINISHED run with the same hash (or, with `race_key`, the
     record of its stop in that step) is reused; the rest are scored together, step-wide (with
     `race`: racing), each as a child run. A configuration whose scoring fails comes back with
     its error (its run FAILED); a failure of the whole set fails every run and is raised."""
+    desc = desc or ctx.stage
     outcomes, todo = {}, []
     for removed in configs:
         tracking.close_dead_runs(ctx.client, ctx.hash_of(removed))
@@ -152,22 +156,32 @@ def evaluate_configs(
     if not todo:
         return outcomes
     runs = {removed: _open_run(ctx, removed) for removed in todo}
+    work, unit = progress.work_of(ctx.evaluator)
     try:
         start = time.perf_counter()
-        with tqdm(total=ctx.evaluator.n_requests * len(todo), desc=desc, unit="request", leave=False) as bar:
+        with progress.Progress(f"{desc}: {len(todo)} configurations", work * len(todo), unit) as bar:
             results = ctx.evaluator.evaluate_many(todo, bar, race)
         seconds = time.perf_counter() - start
     except BaseException as err:
         for run_id in runs.values():
             tracking.fail(ctx.client, run_id, err)
         raise
+    logger.info(f"{desc}: {len(todo)} configurations scored in {progress.duration(seconds)}")
+    shares = progress.shares(results, ctx.tasks, ctx.evaluator.loaded.num_blocks)
     for removed, result in results.items():
-        outcomes[removed] = _record(ctx, removed, runs[removed], result, race_key, seconds / len(todo))
+        outcomes[removed] = _record(ctx, removed, runs[removed], result, race_key, seconds * shares[removed])
     return {removed: outcomes[removed] for removed in configs}
 
 
+def run_label(removed, num_blocks: int) -> str:
+    """A configuration run's name, sorting by block: `remove[03,15]` (indices padded to the model's
+    widest), `baseline`."""
+    width = len(str(num_blocks - 1))
+    return f"remove[{','.join(str(b).zfill(width) for b in sorted(removed))}]" if removed else "baseline"
+
+
 def _open_run(ctx: StudyContext, removed: tuple[int, ...]) -> str:
-    name = f"remove[{removed_tag(removed)}]" if removed else "baseline"
+    name = run_label(removed, ctx.evaluator.loaded.num_blocks)
     tags = {
         names.KIND: names.CONFIG,
         names.REMOVED_BLOCKS: removed_tag(removed),
@@ -185,7 +199,7 @@ def _open_run(ctx: StudyContext, removed: tuple[int, ...]) -> str:
 
 
 def _record(ctx: StudyContext, removed, run_id: str, result, race_key: str | None, seconds: float) -> Outcome:
-    """Log one configuration's step-wide result to its run and end it."""
+    """Log one configuration's step-wide result and its share of the step's time (`elapsed_s`) to its run and end it."""
     conf_hash = ctx.hash_of(removed)
     if result.error is not None:
         tracking.fail(ctx.client, run_id, result.error)
@@ -201,7 +215,7 @@ def _record(ctx: StudyContext, removed, run_id: str, result, race_key: str | Non
     else:
         ctx.counts["evaluated"] += 1
     ctx.counts["examples_scored"] += result.n_examples
-    tracking.log(ctx.client, run_id, metrics={**metrics, "eval_seconds": seconds}, tags=tags)
+    tracking.log(ctx.client, run_id, metrics={**metrics, "elapsed_s": seconds}, tags=tags)
     tracking.log_per_example(ctx.client, run_id, scores.values())
     ctx.client.set_terminated(run_id, "FINISHED")
     seen = {s.task: s.n for s in scores.values()} if result.stopped else None

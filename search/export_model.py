@@ -18,8 +18,11 @@ from search.settings import export_model_parser as parser
 if __name__ == "__main__":  # `--help` and a bad argument are answered before the imports below load torch
     cli.check_args(parser)
 
+import contextlib
 import inspect
 import json
+import logging
+import os
 import platform
 import re
 import shutil
@@ -38,7 +41,10 @@ from contract.records import BeamResults
 from pruning.evaluate import Evaluator, max_length_of
 from pruning.models import LoadedModel, blocks_removed, check_blocks, load_model, save_without_blocks
 from pruning.tasks import load_task, parse_task_list
+from search import monitoring, progress, speedup, summaries
 from search.cli import SearchError, run_main
+
+logger = logging.getLogger(__name__)
 
 PROMPTS = ("The quick brown fox jumps over the lazy dog.", "def main():\n    return 0", "In 1905, Albert Einstein")
 # Largest |logit difference| between the exported model and the project's pruned model, by dtype.
@@ -66,18 +72,22 @@ class Source:
 @dataclass
 class SpeedSettings:
     """How dense and pruned models are timed: `batch` random prompts of `prompt_len` tokens, then
-    `new_tokens` greedy decode steps with the KV cache; one warm-up, then the median of `repeats`
-    (ExportModelSettings' speed_batch, prompt_len, new_tokens, repeats)."""
+    `new_tokens` greedy decode steps with the KV cache; one warm-up, then at least `repeats` rounds,
+    more until the speedups' intervals are tight (search.speedup), at most `max_repeats`
+    (ExportModelSettings' speed_batch, prompt_len, new_tokens, repeats, max_repeats)."""
 
     batch: int
     prompt_len: int
     new_tokens: int
     repeats: int
+    max_repeats: int
 
     def check(self) -> None:
         for name, value in asdict(self).items():
             if value < 1:
                 raise SearchError(f"{name} {value} out of range; allowed: >= 1")
+        if self.max_repeats < self.repeats:
+            raise SearchError(f"max_repeats {self.max_repeats} is below repeats {self.repeats}; allowed: >= repeats")
 
 
 @dataclass
@@ -188,16 +198,18 @@ def plain_width_config(pruned_dir: Path):
 
 def export_blocks(source: Source, args, directory: Path, speed: SpeedSettings) -> Exported:
     """Save the dense model without the source's blocks to `directory`; the in-place removal is the reference."""
-    dense = load_model(
-        source.model, device=args.device, dtype=args.dtype, revision=source.revision, blocks_path=source.blocks_path
-    )
+    with progress.phase(f"loading model {source.model}"):
+        dense = load_model(
+            source.model, device=args.device, dtype=args.dtype, revision=source.revision, blocks_path=source.blocks_path
+        )
     removed = check_blocks(source.removed, dense.num_blocks)
     if not removed:
         raise SearchError(f"blocks is empty; allowed: one or more of 0..{dense.num_blocks - 1}")
     check_lengths(dense, speed)
     with blocks_removed(dense, removed):
         reference = prompt_logits(dense)
-    save_without_blocks(dense, removed, directory)
+    with progress.phase("writing model shards"):
+        save_without_blocks(dense, removed, directory)
     return finish(source, dense, directory, reference, removed, args, speed)
 
 
@@ -228,7 +240,8 @@ def export_width(source: Source, args, client, directory: Path, speed: SpeedSett
 
 def finish(source: Source, dense: LoadedModel, directory: Path, reference, removed, args, speed: SpeedSettings) -> Exported:
     """Reload the exported directory with plain transformers, check its logits, time it against the dense model."""
-    loaded = load_model(str(directory), device=args.device, dtype=args.dtype)
+    with progress.phase("reloading the exported model with plain transformers"):
+        loaded = load_model(str(directory), device=args.device, dtype=args.dtype)
     dtype = next(loaded.model.parameters()).dtype
     diff = max(float((a - b).abs().max()) for a, b in zip(prompt_logits(loaded), reference))
     if diff > TOLERANCE[dtype]:
@@ -237,8 +250,10 @@ def finish(source: Source, dense: LoadedModel, directory: Path, reference, remov
             f"model by {diff:.3g} (tolerance {TOLERANCE[dtype]:g}): "
             "this family cannot be exported as a plain config"
         )
-    timings = measure(dense, loaded, speed)
-    peaks = peak_memory([dense, loaded], speed, [(source.model, source.revision), (str(directory), None)])
+    with progress.phase(f"timing dense and pruned ({speed.repeats} to {speed.max_repeats} alternating rounds)"):
+        timings = measure(dense, loaded, speed)
+    with progress.phase("measuring peak memory"):
+        peaks = peak_memory([dense, loaded], speed, [(source.model, source.revision), (str(directory), None)])
     timings["dense"]["peak_memory_mb"], timings["pruned"]["peak_memory_mb"] = peaks
     return Exported(directory, loaded, removed, diff, timings)
 
@@ -286,16 +301,21 @@ def _generate(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
 
 
 def measure(dense: LoadedModel, pruned: LoadedModel, speed: SpeedSettings) -> dict[str, dict]:
-    """Size and speed of both models: one warm-up each, then `repeats` rounds that alternate dense and
-    pruned (so drift of a shared machine hits both alike); medians."""
+    """Size and speed of both models: one warm-up each, then rounds that alternate dense and pruned
+    (so drift of a shared machine hits both alike), at least `repeats`, until both speedups' intervals
+    are within ±5% (search.speedup) or `max_repeats`; per side the medians and every round's times."""
     sides = {"dense": dense, "pruned": pruned}
     ids = {name: _prompts(loaded, speed) for name, loaded in sides.items()}
     times = {name: [] for name in sides}
-    for round_ in range(speed.repeats + 1):
+    for round_ in range(speed.max_repeats + 1):
         for name, loaded in sides.items():
             timing = _generate(loaded.model, ids[name], speed.new_tokens)
             if round_:  # round 0 is the warm-up
                 times[name].append(timing)
+        if round_ >= speed.repeats and all(
+            speedup.tight(speedup.ratio_interval([t[i] for t in times["dense"]], [t[i] for t in times["pruned"]])) for i in (0, 1)
+        ):
+            break
     out = {}
     for name, loaded in sides.items():
         prefill, decode = zip(*times[name])
@@ -303,6 +323,7 @@ def measure(dense: LoadedModel, pruned: LoadedModel, speed: SpeedSettings) -> di
         params = list(loaded.model.parameters())
         out[name] = {
             "n_params": sum(t.numel() for t in params),
+            "n_block_params": speedup.block_parameters(loaded.model),
             "weight_mb": sum(t.numel() * t.element_size() for t in params) / 2**20,
             "prefill_tokens_per_s": speed.batch * speed.prompt_len / p,
             "decode_tokens_per_s": speed.batch * speed.new_tokens / d,
@@ -368,7 +389,8 @@ def speed_report(exported: Exported, speed: SpeedSettings) -> dict:
         "settings": {
             **asdict(speed),
             "warmup": 1,
-            "statistic": "median",
+            "rounds": len(dense["prefill_seconds"]),
+            "statistic": "tokens/s: median; speedup: geometric mean of the paired round ratios, 95% t interval",
             "order": "dense and pruned alternate",
             "prompts": "random token ids, seed 0",
             "decode": "greedy, one token per step, KV cache",
@@ -388,9 +410,21 @@ def speed_report(exported: Exported, speed: SpeedSettings) -> dict:
         ),
         "dense": dense,
         "pruned": pruned,
-        "prefill_speedup": pruned["prefill_tokens_per_s"] / dense["prefill_tokens_per_s"],
-        "decode_speedup": pruned["decode_tokens_per_s"] / dense["decode_tokens_per_s"],
+        **speedups(dense, pruned, speed),
     }
+
+
+def speedups(dense: dict, pruned: dict, speed: SpeedSettings) -> dict:
+    """`<phase>_speedup` with `_low`, `_high` (prefill, decode), `speedup_bound` (dense/pruned block
+    parameters: the most the removal can give) and `warnings`, why a figure is not to be trusted."""
+    bound = dense["n_block_params"] / pruned["n_block_params"]
+    out, warnings = {"speedup_bound": bound}, []
+    rounds = len(dense["prefill_seconds"])
+    for phase in ("prefill", "decode"):
+        interval = speedup.ratio_interval(dense[f"{phase}_seconds"], pruned[f"{phase}_seconds"])
+        out[f"{phase}_speedup"], out[f"{phase}_speedup_low"], out[f"{phase}_speedup_high"] = interval
+        warnings += speedup.warnings_for(phase, interval, bound, rounds, speed.max_repeats)
+    return {**out, "warnings": warnings}
 
 
 def rescore(exported: Exported, source: Source, args) -> dict[str, float]:
@@ -399,8 +433,21 @@ def rescore(exported: Exported, source: Source, args) -> dict[str, float]:
         load_task(n, source.split, source.n_samples or None, source.seed, args.data_dir or None, source.sample)
         for n in source.tasks
     ]
-    scores = Evaluator(exported.loaded, tasks, args.batch_size).evaluate(())
+    evaluator = Evaluator(exported.loaded, tasks, args.batch_size)
+    with progress.Progress(f"re-scoring the exported model on {', '.join(source.tasks)}", evaluator.n_tokens, "token") as bar:
+        scores = evaluator.evaluate((), bar)
     return {f"{m}_{s.task}": v for s in scores.values() for m, v in s.metrics.items()}
+
+
+def rescored_with(source: Source) -> dict:
+    """The data the exported model was re-scored on: the source run's tasks, split, n_samples, sample and seed."""
+    return {
+        "tasks": ",".join(source.tasks),
+        "split": source.split,
+        "n_samples": source.n_samples,
+        "sample": source.sample,
+        "seed": source.seed,
+    }
 
 
 def reference_diff(client, source: Source, metrics: dict[str, float]) -> float | None:
@@ -428,7 +475,10 @@ def log_export(client, run_id: str, source: Source, exported: Exported, report: 
         "weight_mb_dense": dense["weight_mb"],
         "prefill_tokens_per_s": pruned["prefill_tokens_per_s"],
         "prefill_tokens_per_s_dense": dense["prefill_tokens_per_s"],
-        "prefill_speedup": report["prefill_speedup"],
+        **{f"prefill_speedup{s}": report[f"prefill_speedup{s}"] for s in ("", "_low", "_high")},
+        **{f"decode_speedup{s}": report[f"decode_speedup{s}"] for s in ("_low", "_high")},
+        "speedup_bound": report["speedup_bound"],
+        "speed_rounds": report["settings"]["rounds"],
         "decode_tokens_per_s": pruned["decode_tokens_per_s"],
         "decode_tokens_per_s_dense": dense["decode_tokens_per_s"],
         "decode_speedup": report["decode_speedup"],
@@ -453,7 +503,8 @@ def log_export(client, run_id: str, source: Source, exported: Exported, report: 
         },
     )
     tracking.log_json(client, run_id, "speed.json", report)
-    with tempfile.TemporaryDirectory() as tmp:
+    tracking.describe(client, run_id, summaries.export_description(source, exported.removed, report, metrics))
+    with progress.phase("saving and logging the MLflow model"), tempfile.TemporaryDirectory() as tmp:
         pip = [f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}"]
         mlflow.transformers.save_model(
             {"model": exported.loaded.model, "tokenizer": exported.loaded.tokenizer},
@@ -481,13 +532,17 @@ def main(argv=None) -> None:
     """Export a pruned model: `python -m search.export_model ...` or `mlflow run . -e export_model`."""
     args = parser().parse_args(argv)
     settings = cli.settings_from(ExportModelSettings, args)
-    speed = SpeedSettings(settings.speed_batch, settings.prompt_len, settings.new_tokens, settings.repeats)
+    speed = SpeedSettings(settings.speed_batch, settings.prompt_len, settings.new_tokens, settings.repeats, settings.max_repeats)
     speed.check()
     client = tracking.connect(args.tracking_uri or None)
     source = source_of(client, settings)
     for name in source.tasks:  # unknown tasks and data fail before any model loads
         load_task(name, source.split, source.n_samples or None, source.seed, settings.data_dir or None, source.sample)
-    with tempfile.TemporaryDirectory() as tmp:
+    launcher = os.environ.get("MLFLOW_RUN_ID")  # the run exists from the start only under `mlflow run`
+    if settings.system_metrics and not launcher:
+        logger.warning("system_metrics: the export run is created after the measurements; start it with mlflow run to log them")
+    monitored = monitoring.system_metrics(client, launcher, settings.system_metrics, settings.device) if launcher else None
+    with monitored or contextlib.nullcontext(), tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp) / "hf"
         if source.kind == names.PRUNE:
             exported = export_width(source, settings, client, directory, speed)
@@ -495,6 +550,8 @@ def main(argv=None) -> None:
             exported = export_blocks(source, settings, directory, speed)
         metrics = rescore(exported, source, settings)
         report = speed_report(exported, speed)
+        for warning in report["warnings"]:
+            logger.warning(warning)
         params = {
             "model": source.model,
             "num_removed": len(exported.removed),
@@ -507,6 +564,7 @@ def main(argv=None) -> None:
             "batch_size": settings.batch_size,
             "torch_threads": report["torch_threads"],
             "register_as": settings.register_as,
+            **{f"rescore_{k}": v for k, v in rescored_with(source).items()},
             **{f"speed_{k}" if k == "batch" else k: v for k, v in asdict(speed).items()},
         }
         with tracking.study_run(client, names.EXPORT, f"{names.EXPORT}/{source.model}", params) as (run_id, _):
@@ -514,12 +572,15 @@ def main(argv=None) -> None:
             version = register(client, run_id, settings.register_as, source, exported.removed) if settings.register_as else None
         if settings.output_dir:
             shutil.copytree(directory, settings.output_dir, dirs_exist_ok=True)
+            cli.ignore_in_checkout(settings.output_dir)
     what = f"without blocks {list(exported.removed)}" if exported.removed else "width-pruned"
     print(
         f"exported {source.model} {what}: {report['pruned']['n_params']:,} of "
         f"{report['dense']['n_params']:,} parameters; prefill {report['prefill_speedup']:.2f}x, decode "
         f"{report['decode_speedup']:.2f}x ({report['device']}, {report['dtype']}, batch {speed.batch}, "
-        f"{speed.prompt_len}+{speed.new_tokens} tokens, median of {speed.repeats})"
+        f"{speed.prompt_len}+{speed.new_tokens} tokens, {report['settings']['rounds']} rounds; 95% intervals "
+        f"{report['prefill_speedup_low']:.2f}-{report['prefill_speedup_high']:.2f}x and "
+        f"{report['decode_speedup_low']:.2f}-{report['decode_speedup_high']:.2f}x)"
     )
     print(json.dumps(metrics, indent=1))
     print(f"run: {run_id}" + (f"\nregistered: {settings.register_as} version {version}" if version else ""))

@@ -29,6 +29,7 @@ from pruning import taylor
 from pruning.evaluate import Evaluator, max_length_of
 from pruning.models import load_model
 from pruning.tasks import load_task, parse_task_list
+from search import progress
 from search.cli import run_main
 from search.configs import StudyContext, convention_tags, evaluate_configs, headline_mean, ppl_window, study_identity
 
@@ -86,7 +87,8 @@ def prune_and_evaluate(client, run_id: str, exp_id: str, settings: PruneSettings
         metrics.update(_task_metrics(base.metrics, tasks, settings.ppl_task, prefix="baseline_"))
 
     start = time.perf_counter()
-    groups, stats = taylor.taylor_importance(loaded.model, batches, order=settings.taylor_order)
+    with progress.phase(f"Taylor importance ({settings.taylor_order} order, {settings.taylor_num_samples} sequences)"):
+        groups, stats = taylor.taylor_importance(loaded.model, batches, order=settings.taylor_order)
     report = taylor.global_prune(
         loaded.model,
         groups,
@@ -99,7 +101,8 @@ def prune_and_evaluate(client, run_id: str, exp_id: str, settings: PruneSettings
     metrics["taylor_seconds"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    scores = evaluator.evaluate(())
+    with progress.Progress("scoring the pruned model", evaluator.n_tokens, "token") as bar:
+        scores = evaluator.evaluate((), bar)
     metrics["eval_seconds"] = time.perf_counter() - start
     metrics.update(_task_metrics({t: s.metrics for t, s in scores.items()}, tasks, settings.ppl_task))
     metrics.update({f"n_{s.task}": s.n for s in scores.values()})

@@ -26,6 +26,7 @@ from pruning.models import load_model
 from pruning.tasks import load_task, parse_task_list
 from pruning.vlm import SCORER_VERSION as GENERATION_SCORER
 from pruning.vlm import GenerationEvaluator
+from search import monitoring, progress, summaries
 from search.cli import run_main
 from search.configs import StudyContext, drop, evaluate_configs, removed_tag, study_identity
 
@@ -36,13 +37,14 @@ def open_context(settings: SensitivitySettings, client, parent_id: str, exp_id: 
         load_task(name, settings.split, settings.n_samples or None, settings.seed, settings.data_dir or None, settings.sample)
         for name in parse_task_list(settings.tasks)
     ]
-    loaded = load_model(
-        settings.model,
-        device=settings.device,
-        dtype=settings.dtype,
-        revision=settings.revision or None,
-        blocks_path=settings.blocks_path or None,
-    )
+    with progress.phase(f"loading model {settings.model}"):
+        loaded = load_model(
+            settings.model,
+            device=settings.device,
+            dtype=settings.dtype,
+            revision=settings.revision or None,
+            blocks_path=settings.blocks_path or None,
+        )
     identity = study_identity(loaded, tasks, settings.split, settings.n_samples, settings.seed, settings.sample)
     if any(t.kind == "generation" for t in tasks):  # VQA tasks: scored by generation
         evaluator = GenerationEvaluator(loaded, tasks, settings.batch_size)
@@ -102,6 +104,8 @@ def _log_report(ctx: StudyContext, report: SensitivityReport) -> None:
         tags=tags,
     )
     tracking.log_json(client, run_id, names.SENSITIVITY_REPORT, report.to_json())
+    reuse = summaries.mark_reuse(client, run_id, report.counts)
+    tracking.describe(client, run_id, summaries.sensitivity_description(report, ctx.identity, reuse))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / names.IMPORTANCE_PLOT
         plot_importance(report, path)
@@ -144,7 +148,10 @@ def main(argv=None) -> None:
     settings = cli.settings_from(SensitivitySettings, args)
     client = tracking.connect(args.tracking_uri or None)
     experiment = f"{names.SENSITIVITY}/{settings.model}"
-    with tracking.study_run(client, names.SENSITIVITY, experiment, study_params(settings)) as (run_id, exp_id):
+    with (
+        tracking.study_run(client, names.SENSITIVITY, experiment, study_params(settings)) as (run_id, exp_id),
+        monitoring.system_metrics(client, run_id, settings.system_metrics, settings.device),
+    ):
         ctx = open_context(settings, client, run_id, exp_id)
         report = run_sensitivity(ctx)
     print(summary(report))

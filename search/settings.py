@@ -35,6 +35,7 @@ class EvalSettings:
     dtype: str = setting("auto", "auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
     blocks_path: str = setting("", "dotted path of the block list, for model families not known")
     data_dir: str = setting("", "folder with <task>/<split>.jsonl copies (offline; also $PRUNETRACK_DATA_DIR)")
+    system_metrics: bool = setting(False, "log CPU and memory (and GPU, always on CUDA) as MLflow system metrics")
 
 
 @dataclass
@@ -129,7 +130,10 @@ class ExportModelSettings(EvalSettings):
     speed_batch: int = setting(1, "prompts timed together")
     prompt_len: int = setting(128, "tokens per timed prompt")
     new_tokens: int = setting(32, "greedy decode steps timed (with the KV cache)")
-    repeats: int = setting(5, "timed repeats after one warm-up (the median is kept)")
+    repeats: int = setting(5, "timed rounds at least, after one warm-up")
+    max_repeats: int = setting(
+        30, "timed rounds at most: rounds go on until the speedups' 95 percent intervals are within 5 percent"
+    )
 
 
 def sensitivity_parser() -> argparse.ArgumentParser:

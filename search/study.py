@@ -18,6 +18,7 @@ declares the settings and runs them; it loads neither torch nor Optuna before th
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 
 from contract import cli, names, tracking
@@ -39,6 +40,7 @@ class StudySettings:
         None, "trials the study holds, however many workers share it, else the config's (a grid: its size)"
     )
     report_only: bool = cli.setting(False, "true: only (re)build search_results.csv and the plots of an existing study")
+    system_metrics: bool = cli.setting(False, "log CPU and memory (and GPU, always on CUDA) as MLflow system metrics")
     tracking_uri: str = cli.setting("", "tracking URI or profile; overrides $PRUNETRACK_PROFILE, then $MLFLOW_TRACKING_URI")
 
 
@@ -50,7 +52,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     """Run the study as one of its workers until nothing is left for it, then report; or only report."""
     settings = cli.settings_from(StudySettings, parser().parse_args(argv))
-    from search import study_report, study_spec, study_storage, trial_runner  # torch and Optuna: after the arguments
+    from search import monitoring, study_report, study_spec, study_storage, trial_runner  # after the arguments
 
     spec = study_spec.load_spec(settings.config, settings.storage, settings.study_name, settings.n_trials)
     client = tracking.connect(settings.tracking_uri or None)
@@ -61,7 +63,13 @@ def main(argv=None) -> None:
         study, _ = study_storage.open_study(spec, storage, client)
     setup = study_storage.study_setup(study)
     parent = setup["parent_run_id"]
-    evaluated = None if settings.report_only else trial_runner.run_worker(study, spec, client, parent)
+    own = os.environ.get("MLFLOW_RUN_ID") or parent  # this worker's run: its own under `mlflow run`, else the parent
+    with monitoring.system_metrics(client, own, settings.system_metrics):
+        evaluated = None if settings.report_only else trial_runner.run_worker(study, spec, client, parent)
+    if evaluated is not None and own != parent:
+        tracking.describe(
+            client, own, f"Worker of Taylor study {spec.name!r} (parent run `{parent}`): evaluated {evaluated} trials."
+        )
     table = study_report.write_report(client, study, setup)
     if evaluated is not None:
         if names.ERROR in client.get_run(parent).data.tags:  # an earlier start was stopped; this one finished

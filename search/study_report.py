@@ -132,7 +132,28 @@ def write_report(client, study: optuna.Study, setup: dict) -> pd.DataFrame:
         metrics[f"best_{setup['objectives'][0]}"] = best.value
         tags[names.BEST_TRIAL] = str(best.number)
     tracking.log(client, parent, metrics=metrics, tags=tags)
+    tracking.describe(client, parent, description(study, table, setup, metrics))
     return table
+
+
+def description(study: optuna.Study, table: pd.DataFrame, setup: dict, counts: dict, top: int = 5) -> str:
+    """The parent run's description: the study's data, trial counts, and its best trials by the first objective."""
+    base, objective = setup["settings"], setup["objectives"][0]
+    direction = setup["directions"][0]
+    done = table[table["success"]].sort_values(objective, ascending=direction == "minimize") if len(table) else table
+    params = list(setup["space"])
+    lines = [
+        f"### Taylor study {study.study_name!r} of {tracking.model_label(base['model'])}\n",
+        f"Tasks {base['tasks']}, n={base['n_samples'] or 'all'} per task; searched: {', '.join(params)}; "
+        f"objective {', '.join(f'{o} ({d})' for o, d in zip(setup['objectives'], setup['directions']))}.\n",
+        f"Trials: {counts['trials_complete']} complete, {counts['trials_failed']} failed.\n",
+    ]
+    if len(done):
+        columns = ["trial_number", *params, objective]
+        lines += ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+        for _, row in done.head(top).iterrows():
+            lines.append("| " + " | ".join(f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def summary(spec: StudySpec, study: optuna.Study, table: pd.DataFrame, setup: dict, evaluated: int | None) -> str:
@@ -150,5 +171,14 @@ def summary(spec: StudySpec, study: optuna.Study, table: pd.DataFrame, setup: di
             + ", ".join(f"{k}={v}" for k, v in best.params.items())
         )
     lines.append(f"parent run: {setup['parent_run_id']} (artifacts {names.STUDY_RESULTS}, plots/)")
-    lines.append(f"see it: optuna-dashboard {storage_label(spec.storage)}   |   {tracking.ui_hint(setup['tracking_uri'])}")
+    lines.append(f"see it: {dashboard_hint(storage_label(spec.storage))}   |   {tracking.ui_hint(setup['tracking_uri'])}")
     return "\n".join(lines)
+
+
+def dashboard_hint(storage: str) -> str:
+    """How to open the study in optuna-dashboard: the command when it is installed, else how to install it."""
+    import shutil
+
+    if shutil.which("optuna-dashboard"):
+        return f"optuna-dashboard {storage}"
+    return f"pip install optuna-dashboard, then optuna-dashboard {storage}"

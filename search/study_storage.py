@@ -134,7 +134,9 @@ def _join(study: optuna.Study, spec: StudySpec, client) -> str:
             f"tracking store {client.tracking_uri!r} does not hold: use the same store"
         ) from None
     own = os.environ.get("MLFLOW_RUN_ID")
-    if own and own != parent:  # this `mlflow run` is a worker of the study: link it to the parent
+    if own and own != parent:  # this `mlflow run` is a worker of the study: link it to the parent, name it as such
+        worker = {"model": spec.settings.model, "tasks": spec.settings.tasks, "n_samples": spec.settings.n_samples}
+        tracking.name_run(client, own, tracking.run_name(names.STUDY_WORKER, {**worker, "study_name": spec.name}))
         tracking.log(
             client,
             own,

@@ -83,7 +83,8 @@ class TrialRunner:
         if not self.claims.take(key, None):  # a new trial number; a row left by a deleted study of the same name
             self.claims.take(key, self.claims.rows([key]).get(key))
         try:
-            settings = replace(self.spec.settings, **self.spec.suggest(trial))
+            point = self.spec.suggest(trial)
+            settings = replace(self.spec.settings, **point)
             run_id = client.create_run(
                 self.exp_id,
                 run_name=f"{name}-trial-{trial.number}",
@@ -100,6 +101,8 @@ class TrialRunner:
             given = {k: v for k, v in asdict(settings).items() if str(v) != ""}  # unset options show as absent, not ''
             tracking.log(client, run_id, params={**given, "study_name": name, "trial_number": trial.number})
             self.evaluated += 1
+            shown = ", ".join(f"{k}={v}" for k, v in point.items())
+            logger.info(f"study {name!r} ({self.spec.n_trials} trials): trial #{trial.number}, {shown}")
             metrics = prune_and_evaluate(client, run_id, self.exp_id, settings)
             missing = [m for m in self.spec.objectives if m not in metrics]
             if missing:

@@ -1,6 +1,7 @@
 """`export_model`: physical block removal, the exported Hugging Face and MLflow models, speed metrics, the
 Model Registry, width-pruned models, bad input; tiny random models, and the default model once (slow)."""
 
+import math
 import statistics
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from search.configs import drop
 
 TASKS = ["pydoc_ppl", "pydoc_cloze"]
 N_BLOCKS = 6
-SPEED = ["--speed_batch", "2", "--prompt_len", "16", "--new_tokens", "4", "--repeats", "2"]
+SPEED = ["--speed_batch", "2", "--prompt_len", "16", "--new_tokens", "4", "--repeats", "2", "--max_repeats", "2"]
 TOL = 1e-5  # fp32: the exported model computes exactly what the in-place removal computes
 
 
@@ -175,9 +176,20 @@ def test_export_of_a_beam_recommendation_logs_registers_and_measures(store, mode
         assert metrics[f"decode_tokens_per_s{suffix}"] == pytest.approx(8 / statistics.median(timings["decode_seconds"]))
         assert metrics[f"peak_memory_mb{suffix}"] == pytest.approx(timings["peak_memory_mb"])
         assert timings["peak_memory_mb"] > timings["weight_mb"]  # a process holding the weights
-    for phase in ("prefill", "decode"):
-        speedup = metrics[f"{phase}_tokens_per_s"] / metrics[f"{phase}_tokens_per_s_dense"]
+    for phase in ("prefill", "decode"):  # the geometric mean of the paired rounds' ratios, inside its interval
+        ratios = [d / p for d, p in zip(speed["dense"][f"{phase}_seconds"], speed["pruned"][f"{phase}_seconds"])]
+        speedup = math.exp(statistics.mean(math.log(r) for r in ratios))
         assert metrics[f"{phase}_speedup"] == pytest.approx(speedup) and speed[f"{phase}_speedup"] == pytest.approx(speedup)
+        assert metrics[f"{phase}_speedup_low"] < speedup < metrics[f"{phase}_speedup_high"]
+    # 2 rounds cannot give a ±5% interval: the run's description and the log say the figure is unreliable
+    assert metrics["speed_rounds"] == 2 and metrics["speedup_bound"] == pytest.approx(N_BLOCKS / (N_BLOCKS - 2), rel=0.01)
+    note = tags[names.DESCRIPTION]
+    assert "| prefill tokens/s (median) |" in note and "**Warning:** prefill speedup" in note and "unreliable" in note
+    assert "warning: prefill speedup" in capsys.readouterr().err
+    source_params = store.get_run(source).data.params
+    for key in ("tasks", "split", "n_samples"):  # the data it was re-scored on: the beam search's
+        assert params[f"rescore_{key}"] == source_params[key]
+    assert not (out / ".gitignore").exists()  # outside a git checkout nothing is added (tests/test_readable.py: inside)
 
     ids = torch.randint(0, 100, (2, 10))
     expected = removed_logits(model_dir, (2, 4), ids)
@@ -190,7 +202,6 @@ def test_export_of_a_beam_recommendation_logs_registers_and_measures(store, mode
     assert source in version.description and "[2,4]" in version.description
     plain = AutoModelForCausalLM.from_pretrained(out)
     assert torch.allclose(plain(ids).logits, expected, atol=TOL)
-    assert "prefill" in capsys.readouterr().out
 
 
 def width_pruned_run(client, model_dir: str, uniform: bool) -> tuple[str, Path]:

@@ -183,6 +183,7 @@ def test_a_worker_killed_mid_trial_is_redone_after_restart(tmp_path, tiny_model_
     assert [r.info.status for r in runs(client, "config")].count("FINISHED") == 1
 
     [parent] = runs(client, "study")
+    assert "Trials: 3 complete, 0 failed" in parent.data.tags[names.DESCRIPTION]
     table = results(client, parent, tmp_path)
     assert len(table) == 3 and table["success"].sum() == 2
     assert table.set_index("trial_number").loc[killed.number, "state"] == "FAIL"
@@ -212,6 +213,13 @@ def test_resume_on_sqlite_completes_the_grid_without_repeats(tmp_path, tiny_mode
     assert "this worker evaluated 2" in capsys.readouterr().out
     main(args)  # a complete study: nothing to do, the report is rebuilt
     assert "this worker evaluated 0" in capsys.readouterr().out
+    worker = client.create_run(runs(client, "study")[0].info.experiment_id).info.run_id  # made up name, as `mlflow run` gives
+    with monkeypatch.context() as patch:  # a worker started later by `mlflow run`: named like every run, and says what it did
+        patch.setenv("MLFLOW_RUN_ID", worker)
+        main(args)
+    worker_run = client.get_run(worker)
+    assert worker_run.info.run_name.startswith("study_worker ") and worker_run.data.tags["prunetrack.kind"] == "study_worker"
+    assert "evaluated 0 trials" in worker_run.data.tags[names.DESCRIPTION]
 
     trials = trials_of(storage)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -222,6 +230,7 @@ def test_resume_on_sqlite_completes_the_grid_without_repeats(tmp_path, tiny_mode
     [interrupted] = [r for r in trial_runs if r.info.status != "FINISHED"]
     assert interrupted.info.status == "KILLED" and interrupted.data.tags["optuna.trial_number"] == "1"
     [parent] = runs(client, "study")
+    assert "Trials: 3 complete, 0 failed" in parent.data.tags[names.DESCRIPTION]
     table = results(client, parent, tmp_path)
     assert list(table.columns) == SEED_COLUMNS and table["ppl"].notna().sum() == 3
     assert table["taylor_seq_len"].tolist() == [16, 24, 32, 24]
@@ -267,6 +276,7 @@ def test_tpe_study_records_a_failed_trial_and_goes_on(tmp_path, tiny_model_dir, 
     assert trial_runs[1].data.tags[names.ERROR].startswith("RuntimeError: CUDA error")
     assert [float(trial_runs[n].data.params["pruning_ratio"]) for n in range(3)] == [s.pruning_ratio for s in calls]
     [parent] = runs(client, "study")
+    assert "Trials: 3 complete, 0 failed" in parent.data.tags[names.DESCRIPTION]
     table = results(client, parent, tmp_path)
     assert table["success"].tolist() == [True, False, True]
     assert table["pruning_ratio"].tolist() == pytest.approx([t.params["pruning_ratio"] for t in trials])
