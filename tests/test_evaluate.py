@@ -203,6 +203,13 @@ def test_sensitivity_benchmark_on_a_tiny_model():
     assert out["tokens_per_pass"] == sum(c.prepared.n_tokens for c in whole.chunks)
 
 
+def test_sublayer_sensitivity_benchmark_on_a_tiny_model():
+    loaded, tasks = tiny("llama"), [mc_task(40)]
+    out = bench_sensitivity(loaded, tasks, 4, removal_unit="sublayer")
+    assert out["configs"] == 1 + 2 * 4 and out["max_abs_diff"] == 0.0 and out["removal_unit"] == "sublayer"
+    assert out["speedup"] == out["seconds_from_scratch"] / out["seconds_stepwide"]
+
+
 def test_forward_benchmark_on_a_tiny_model():
     shape = dict(
         hidden_size=32,
