@@ -159,3 +159,22 @@ def test_a_family_without_adapters_is_one_line(tiny_model_dir, sqlite_store, cap
     assert run_main(sensitivity.main, bad) == 2 and "removal_unit" in capsys.readouterr().err
     client = MlflowClient(uri)
     assert len(runs(client, "config", "FINISHED")) == 3
+
+
+def test_one_shot_picks_at_the_parameter_budget_of_blocks(model_dir):
+    import sys
+
+    from helpers import ROOT
+
+    sys.path.insert(0, str(ROOT))  # benchmarks/ is not an installed package
+    from benchmarks.sublayer_budget import picks
+
+    loaded = load_model(model_dir)
+    by_block = {"t": [0.4, 0.1, 0.3, 0.2]}
+    report = SensitivityReport({}, N_BLOCKS, by_block, {}, by_block["t"], {}, {})
+    report.importance_attn, report.importance_mlp = {"t": [0.5, 0.0, 0.01, 0.02]}, {"t": [0.6, 0.3, 0.9, 0.03]}
+    chosen = picks(report, loaded, 1)
+    assert chosen["blocks"] == (Unit(1),)
+    budget = removed_parameters(loaded, (Unit(1),))
+    assert removed_parameters(loaded, chosen["sublayers"]) <= budget
+    assert chosen["sublayers"][:2] == (Unit(1, "a"), Unit(2, "a"))  # the least important sublayers first
