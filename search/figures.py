@@ -7,7 +7,7 @@ from pathlib import Path
 
 from contract import tracking
 from contract.records import BeamResults
-from search.summaries import drop_unit
+from search.summaries import drop_unit, shown
 
 UNIT_TITLES = {"Δ acc": "accuracy lost (fraction)", "Δ log-ppl": "log-perplexity increase", "Δ score": "score lost"}
 
@@ -20,7 +20,7 @@ def plot_beam_drops(results: BeamResults, identity: dict, path: Path):
 
     entries = results.recommendations
     k = [0] + [e.num_removed for e in entries]
-    ticks = ["0\nnone"] + [f"{e.num_removed}\n[{','.join(map(str, e.removed_blocks))}]" for e in entries]
+    ticks = ["0\nnone"] + [f"{e.num_removed}\n{shown(e.units)}" for e in entries]
     by_unit: dict[str, list[str]] = {}
     for task in results.tasks:
         by_unit.setdefault(drop_unit(results.baseline[task]), []).append(task)
@@ -46,10 +46,11 @@ def plot_beam_drops(results: BeamResults, identity: dict, path: Path):
         ax.margins(y=0.15)
         ax.set_xticks(k, ticks, fontsize=7)
         ax.legend(fontsize=7)
-    axes[-1].set_xlabel("blocks removed (the recommended set for each number)")
+    what = "blocks" if results.settings.get("removal_unit", "block") == "block" else "units"
+    axes[-1].set_xlabel(f"{what} removed (the recommended set for each number)")
     n = identity.get("n_samples") or "all"
     fig.suptitle(
-        f"{tracking.model_label(results.model)}: blocks to remove (beam width {results.settings['beam_width']})\n"
+        f"{tracking.model_label(results.model)}: {what} to remove (beam width {results.settings['beam_width']})\n"
         f"tasks {', '.join(results.tasks)}; n={n} per task; drop vs the unpruned model",
         fontsize=10,
     )

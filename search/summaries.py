@@ -11,9 +11,16 @@ import numpy as np
 
 from contract import names, tracking
 from contract.records import BeamResults, SensitivityReport
+from pruning.units import Config, is_blocks_only, removed_blocks
+from search.configs import config_text
 from search.progress import duration
 
 logger = logging.getLogger(__name__)
+
+
+def shown(config: Config) -> str:
+    """A configuration for people: `[3, 5]` (whole blocks, as before sublayers) or `a4,b5`."""
+    return str(list(removed_blocks(config))) if is_blocks_only(config) else config_text(config)
 
 
 def drop_unit(baseline: dict[str, float]) -> str:
@@ -83,14 +90,13 @@ def beam_table(results: BeamResults) -> list[str]:
     """The recommendation table per number removed: blocks, mean drop ± std over the tasks, each task's drop."""
     units = {t: drop_unit(results.baseline[t]) for t in results.tasks}
     lines = [
-        "| k | removed blocks | mean drop ± std | " + " | ".join(f"{t} ({units[t]})" for t in results.tasks) + " |",
+        "| k | removed | mean drop ± std | " + " | ".join(f"{t} ({units[t]})" for t in results.tasks) + " |",
         "| --- | --- | --- |" + " --- |" * len(results.tasks),
     ]
     for e in results.recommendations:
         flag = "" if e.complete else " (some candidates failed)"
         drops = " | ".join(f"{e.drops[t]:.4f}" for t in results.tasks)
-        blocks = ",".join(map(str, e.removed_blocks))
-        lines.append(f"| {e.num_removed} | {blocks}{flag} | {e.mean_drop:.4f} ± {e.std_drop:.4f} | {drops} |")
+        lines.append(f"| {e.num_removed} | {shown(e.units)}{flag} | {e.mean_drop:.4f} ± {e.std_drop:.4f} | {drops} |")
     return lines
 
 
@@ -113,7 +119,7 @@ def beam_description(results: BeamResults, identity: dict, reuse: str = "") -> s
 
 def step_line(k: int, steps: int, kept: list, scores: list[float], n_candidates: int, counts: dict, seconds: float) -> str:
     """The one line a beam step ends with: the kept beam with its drops, what was scored, the time."""
-    beam = ", ".join(f"[{','.join(map(str, r))}] {v:.4f}" for r, v in zip(kept, scores)) or "none"
+    beam = ", ".join(f"{shown(r)} {v:.4f}" for r, v in zip(kept, scores)) or "none"
     extra = f", {counts['stopped']} stopped by racing" if counts.get("stopped") else ""
     return (
         f"beam step {k} of {steps} done in {duration(seconds)}: {n_candidates} candidates "

@@ -28,7 +28,7 @@ import torch
 from contract import names, schema, tracking
 from pruning.evaluate import Evaluator
 from search.cli import SearchError
-from search.configs import Outcome, StudyContext, evaluate_configs, lookup, removed_tag
+from search.configs import Outcome, StudyContext, evaluate_configs, lookup, run_label
 
 logger = logging.getLogger(__name__)
 
@@ -257,7 +257,7 @@ class Worker:
             retry = []
             for removed in pending:
                 outcome = outcomes[removed]
-                name = f"remove[{removed_tag(removed)}]"
+                name = run_label(removed)
                 if outcome.error is None:
                     done[removed] = outcome
                     continue

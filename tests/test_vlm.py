@@ -352,6 +352,21 @@ def test_vlm_generates_with_blocks_removed(vlm):
     assert [b.self_attn.layer_idx for b in vlm.blocks] == [0, 1, 2, 3]
 
 
+def test_vlm_language_sublayers_removed(vlm):
+    from pruning.families import units_removed
+
+    inputs = _inputs(vlm, 1)
+    with torch.no_grad():
+        before = vlm.model(**inputs).logits
+        with units_removed(vlm, ["a0", "m1", "b2"]):
+            assert vlm.num_blocks == 3
+            pruned = vlm.model(**inputs, use_cache=False).logits
+            cached = vlm.model.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=True)
+            uncached = vlm.model.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=False)
+        assert torch.equal(vlm.model(**inputs).logits, before)
+    assert not torch.allclose(pruned, before) and torch.equal(cached, uncached)
+
+
 def test_generation_evaluator(vlm, data_dir):
     tasks = [load_task(name, data_dir=str(data_dir)) for name in ("tallyqa", "scienceqa_img", "coco_captions")]
     evaluator = GenerationEvaluator(vlm, tasks, batch_size=3)
