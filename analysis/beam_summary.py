@@ -66,8 +66,9 @@ def summarize(results: BeamResults, task_types: dict[str, str], level: float = 0
         half = float(stats.t.ppf(0.5 + level / 2, n - 1) * std / math.sqrt(n - 1)) if n > 1 else None
         rows.append(
             {
-                "num_removed": len(e.removed_blocks),
+                "num_removed": e.num_removed,
                 "removed_blocks": e.removed_blocks,
+                "removed_units": [str(u) for u in e.units],
                 "mean_drop": e.mean_drop,
                 "std_drop": std,
                 "ci_low": e.mean_drop - half if half is not None else None,
@@ -112,7 +113,7 @@ def markdown(summary: dict) -> str:
     for r in summary["rows"]:
         ci = "n/a" if r["ci_low"] is None else f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}]"
         lines.append(
-            f"| {r['num_removed']} | {', '.join(map(str, r['removed_blocks']))} | {r['mean_drop']:.4f} ± "
+            f"| {r['num_removed']} | {', '.join(_removed(r))} | {r['mean_drop']:.4f} ± "
             f"{r['std_drop']:.4f} | {ci} | {r['n_datasets']} | {r['incremental_drop']:+.4f} | "
             f"{len(r['active_blocks'])} |"
         )
@@ -126,12 +127,18 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _removed(row: dict) -> list[str]:
+    """What a row removes: its block indices, or its unit names when it removes sublayers."""
+    whole = len(row["removed_units"]) == len(row["removed_blocks"])
+    return [str(b) for b in row["removed_blocks"]] if whole else row["removed_units"]
+
+
 def latex(summary: dict) -> str:
     """beam_table.tex."""
     rows = [
         [
             str(r["num_removed"]),
-            ", ".join(map(str, r["removed_blocks"])),
+            ", ".join(_removed(r)),
             f"{r['mean_drop']:.4f} $\\pm$ {r['std_drop']:.4f}",
             "--" if r["ci_low"] is None else f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}]",
             str(r["n_datasets"]),
@@ -161,7 +168,7 @@ def plot(summary: dict, path: Path) -> None:
     ]
     ax.errorbar(k, mean, yerr=err, marker="o", capsize=3)
     for x, y, r in zip(k, mean, rows):
-        ax.annotate(",".join(map(str, r["removed_blocks"])), (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.annotate(",".join(_removed(r)), (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax.set_xlabel("blocks removed")
     ax.set_ylabel("mean drop over datasets")
     ax.set_xticks(k)
