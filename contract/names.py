@@ -24,6 +24,7 @@ ERROR = "prunetrack.error"  # why a run FAILED or was KILLED, one line
 # Tags of configuration runs.
 CONFIG_HASH = "config_hash"
 REMOVED_BLOCKS = "removed_blocks"  # comma-separated, sorted; empty for the baseline
+REMOVED_UNITS = "removed_units"  # every removed unit, e.g. a4,m13,b20 (pruning.units.label); empty for the baseline
 NUM_REMOVED = "num_removed"
 STOPPED, STOPPED_REASON = "prunetrack.stopped", "prunetrack.stopped_reason"  # a candidate racing stopped
 
@@ -54,6 +55,10 @@ def task_type_tag(task: str) -> str:
 def metric(name: str, task: str) -> str:
     """A per-task metric: `acc_piqa`, `word_perplexity_wikitext`, `n_piqa`."""
     return f"{name}_{task}"
+
+
+# Metrics of export runs: what the KV cache holds per token after a prefill, pruned and dense model.
+KV_CACHE_BYTES_PER_TOKEN, KV_CACHE_BYTES_PER_TOKEN_DENSE = "kv_cache_bytes_per_token", "kv_cache_bytes_per_token_dense"
 
 
 # Artifacts.
