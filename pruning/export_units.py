@@ -39,10 +39,10 @@ def save_without_units(loaded: LoadedModel, units, directory) -> Config:
     branches = branches_of(loaded.model)
     family_class, family_config = type(loaded.model), type(loaded.model.config)
     import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    if getattr(transformers, family_class.__name__, None) is not family_class or not family_class.__name__.endswith(
-        "ForCausalLM"
-    ):
+    causal_lm = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(family_config.model_type)
+    if causal_lm != family_class.__name__ or getattr(transformers, causal_lm) is not family_class:
         raise FamilyError(
             f"sublayer export supports transformers' causal LMs; {family_class.__name__} is not one: "
             "export whole blocks (blocks=...) instead"
