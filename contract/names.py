@@ -24,7 +24,7 @@ ERROR = "prunetrack.error"  # why a run FAILED or was KILLED, one line
 # Tags of configuration runs.
 CONFIG_HASH = "config_hash"
 REMOVED_BLOCKS = "removed_blocks"  # comma-separated, sorted; empty for the baseline
-REMOVED_UNITS = "removed_units"  # every removed unit, e.g. a4,m13,b20 (pruning.units.label); empty for the baseline
+REMOVED_UNITS = "removed_units"  # every unit removed, e.g. a4,m13,b20 (pruning.units.label); empty for the baseline
 NUM_REMOVED = "num_removed"
 STOPPED, STOPPED_REASON = "prunetrack.stopped", "prunetrack.stopped_reason"  # a candidate racing stopped
 

@@ -1,15 +1,14 @@
 """Modeling code shipped inside a prunetrack export whose blocks lost attention or MLP sublayers.
 
-search.export_model copies this file next to the weights, with the import of the family's classes
-(the FAMILY line below) filled in, and names it in config.json's `auto_map`, so that
-`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` loads the model with only torch
-and transformers installed. The config's `prunetrack_removed` maps each replaced module (a dotted
-path in the model) to what replaces it: a removed attention sublayer contributes zeros and keeps no
-KV cache, a removed MLP contributes zeros, and the norms that only feed or follow a removed branch
-are weightless identities; none of their weights are in the files. The kept attention sublayers are
-numbered 0, 1, ... in the KV cache, with the attention type (full, sliding window) of their block.
+pruning.export_units copies this file next to the weights, with the family's classes filled in on the two
+FAMILY lines, and names it in config.json's `auto_map`, so that
+`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` loads the model with only torch and
+transformers installed. The config's `prunetrack_removed` maps each removed branch module (a dotted path
+in the model: an attention, an MLP, OPT's fc1 and fc2) to a RemovedBranch, which adds zeros to the residual
+stream and has no weights; a removed attention keeps no KV cache. The kept attention sublayers are
+numbered 0, 1, ... in the cache, each with its block's attention type (full or sliding window).
 
-This file imports nothing from prunetrack; prunetrack uses its functions to write the export.
+This file imports nothing from prunetrack.
 """
 
 from __future__ import annotations
@@ -65,7 +64,7 @@ def compact_cache(cache, kept: list[int], num_blocks: int):
     """A cache made for every block (by generate, or DynamicCache(config=...)) keeps only the layers of
     the blocks in `kept`, each of its block's type; any other cache is returned as it is."""
     if cache is not None and len(kept) < num_blocks and len(getattr(cache, "layers", ())) == num_blocks:
-        if any(getattr(layer, "keys", None) is not None and layer.keys.numel() for layer in cache.layers):
+        if cache.get_seq_length():
             raise ValueError("a cache that already holds keys for every block cannot serve a model without some attention")
         cache.layers = [cache.layers[i] for i in kept]
     return cache

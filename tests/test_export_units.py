@@ -179,3 +179,20 @@ def test_bad_units_are_one_line_exit_2_and_write_nothing(sqlite_store, tiny_mode
         errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
         assert code == 2 and len(errors) == 1 and errors[0].startswith("error: ") and message in errors[0], (name, errors)
     assert runs(store) == [] and not store.search_registered_models()
+
+
+@pytest.mark.slow
+def test_default_model_without_eight_attention_layers_loads_and_generates(tmp_path):
+    dense = load_model("default", device="cpu", dtype="float32")
+    units = check_config(parse_units("a20-27"), dense.num_blocks)
+    ids = dense.tokenizer("def main():\n    return 0", return_tensors="pt").input_ids
+    with torch.inference_mode(), units_removed(dense, units):
+        expected = dense.model(ids).logits
+    save_without_units(dense, units, tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    with torch.inference_mode():
+        out = model(ids, use_cache=True)
+        cached = model.generate(ids, max_new_tokens=16, do_sample=False, use_cache=True)
+        uncached = model.generate(ids, max_new_tokens=16, do_sample=False, use_cache=False)
+    assert torch.allclose(out.logits, expected, atol=1e-4)
+    assert len(out.past_key_values.layers) == 22 and torch.equal(cached, uncached)
