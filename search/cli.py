@@ -5,13 +5,14 @@ from __future__ import annotations
 from contract import cli, tracking
 from pruning.models import ModelError
 from pruning.tasks import TaskError
+from pruning.units import UnitError
 
 
 class SearchError(ValueError):
     """A search parameter, or the storage that workers share, cannot be used."""
 
 
-USER_ERRORS = (ModelError, TaskError, tracking.TrackingError, SearchError)
+USER_ERRORS = (ModelError, TaskError, tracking.TrackingError, SearchError, UnitError)
 
 
 def run_main(main, argv=None) -> int:
