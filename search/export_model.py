@@ -170,7 +170,7 @@ def source_of(client, args) -> Source:
         if k not in found:
             allowed = f"1..{max(found)}" if found else "none, it recorded no recommendation"
             raise SearchError(f"num_removed {k} was not searched by beam search run {args.run_id}; allowed: {allowed}")
-        return Source(**common, tasks=results.tasks, removed=tuple(found[k].removed_blocks), reference_run_id=found[k].run_id)
+        return Source(**common, tasks=results.tasks, units=found[k].units, reference_run_id=found[k].run_id)
     if kind == names.PRUNE:
         tasks = parse_task_list(p["tasks"])
         tasks += [p["ppl_task"]] if p.get("ppl_task") and p["ppl_task"] not in tasks else []
