@@ -69,6 +69,10 @@ def importance_mlp(task: str) -> str:
     return f"importance_mlp/{task}"
 
 
+# Metrics of export runs: what the KV cache holds per token after a prefill, pruned and dense model.
+KV_CACHE_BYTES_PER_TOKEN, KV_CACHE_BYTES_PER_TOKEN_DENSE = "kv_cache_bytes_per_token", "kv_cache_bytes_per_token_dense"
+
+
 # Artifacts.
 SENSITIVITY_REPORT, IMPORTANCE_PLOT = "sensitivity.json", "importance.png"
 SUBLAYER_IMPORTANCE_PLOT = "sublayer_importance.png"  # sensitivity with removal_unit=sublayer

