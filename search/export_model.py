@@ -35,6 +35,7 @@ import torch
 
 from contract import names, tracking
 from contract.records import BeamResults
+from pruning.compile import use_compile
 from pruning.evaluate import Evaluator, max_length_of
 from pruning.models import LoadedModel, blocks_removed, check_blocks, load_model, save_without_blocks
 from pruning.tasks import load_task, parse_task_list
@@ -399,7 +400,8 @@ def rescore(exported: Exported, source: Source, args) -> dict[str, float]:
         load_task(n, source.split, source.n_samples or None, source.seed, args.data_dir or None, source.sample)
         for n in source.tasks
     ]
-    scores = Evaluator(exported.loaded, tasks, args.batch_size).evaluate(())
+    compiled = use_compile(args.compile, exported.loaded.device)
+    scores = Evaluator(exported.loaded, tasks, args.batch_size, compile=compiled).evaluate(())
     return {f"{m}_{s.task}": v for s in scores.values() for m, v in s.metrics.items()}
 
 
