@@ -474,6 +474,13 @@ def matmul_tflops(device: torch.device, n: int = 8192, repeats: int = 20) -> flo
     return 2 * n**3 * repeats / seconds / 1e12
 
 
+def _loglikelihoods(score) -> np.ndarray:
+    """Every request's log-likelihood of a multiple-choice result, or every document's NLL of a perplexity one."""
+    if "loglikelihoods" in score.per_example:
+        return np.concatenate(score.per_example["loglikelihoods"])
+    return np.asarray(score.per_example["nll"])
+
+
 def bench_scoring(loaded: LoadedModel, tasks: list[Task], batch_size: int, repeats: int = 1) -> dict:
     """The same tasks scored eagerly, with compiled blocks, and with compiled blocks and flex_attention
     packed rows: the first pass (compiling) and the median of `repeats` later passes, tokens/s (padding
@@ -488,10 +495,7 @@ def bench_scoring(loaded: LoadedModel, tasks: list[Task], batch_size: int, repea
         seconds = statistics.median(_timed(lambda e=evaluator: e.evaluate(()))[1] for _ in range(repeats))
         tokens = sum(c.prepared.n_tokens for c in evaluator.chunks)
         reference = reference or scores
-        lls = [
-            np.abs(np.concatenate(s.per_example["loglikelihoods"]) - np.concatenate(r.per_example["loglikelihoods"]))
-            for s, r in zip(scores.values(), reference.values())
-        ]
+        lls = [np.abs(_loglikelihoods(s) - _loglikelihoods(r)) for s, r in zip(scores.values(), reference.values())]
         out[path] = {
             "seconds": seconds,
             "first_pass_seconds": first,
