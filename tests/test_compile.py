@@ -35,6 +35,7 @@ def test_block_mask_is_the_packed_mask():
     assert sparse.sparsity() > 0  # tiles with nothing to see are skipped
 
 
+@pytest.mark.slow
 def test_compiled_flex_scoring_equals_eager_dense(caplog):
     loaded, tasks = tiny("llama"), [mc_task(32, seed=1)]  # one chunk, one packed row
     eager = Evaluator(loaded, tasks, 3, max_length=32)
@@ -58,6 +59,7 @@ def test_compiled_flex_scoring_equals_eager_dense(caplog):
     assert not any(is_compiled(b) for b in loaded.blocks)
 
 
+@pytest.mark.slow
 def test_compiled_bfloat16_within_tolerance():
     loaded, tasks = tiny("qwen2"), [mc_task(24, seed=2)]
     loaded.model.to(torch.bfloat16)
