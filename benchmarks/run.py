@@ -20,8 +20,15 @@
    model of Llama-3-8B's shape in bf16 (built from its config, nothing downloaded): plain
    transformers (`model(input_ids)`, logits only), our scorer (float32 log-likelihood of every
    position) and our scorer while keeping activations for reuse.
+5. scoring paths: eager against compiled blocks against compiled blocks with flex_attention
+   packed rows (`pruning.compile`), the same tasks scored by each: tokens/s, compile time,
+   speedups, and whether acc/acc_norm are identical per example (largest log-likelihood
+   difference). On the CPU or the named device with the default model (`scoring`); on CUDA
+   (`gpu_scoring`, also with `--gpu_only`) with a random-weight Llama-3-8B-shaped model in bf16
+   on the seven zero-shot tasks (a seeded subset), with MFU against the datasheet peak and
+   against a bf16 matrix product measured on the same chip.
 
-Parts 1, 4 and 2 run on the CPU or the named device; 3 on CUDA only.
+Parts 1, 4, 2 and 5 (scoring) run on the CPU or the named device; 3 and 5 (gpu_scoring) on CUDA only.
 Writes benchmarks/results/latest.json and latest.md. A part that did not run keeps its
 previous numbers there, each part with its own machine and date.
 """
@@ -46,9 +53,10 @@ import transformers
 
 from contract import cli, names
 from contract.cli import setting
+from pruning.compile import compile_blocks
 from pruning.evaluate import Evaluator, look_sizes
 from pruning.models import LoadedModel, find_blocks_path, load_model
-from pruning.tasks import Document, Task, builtin, load_task
+from pruning.tasks import SUITES, Document, Task, builtin, load_task
 from pruning.tasks.harness import DATA_DIR_ENV, build_lm_eval_task
 from pruning.units import all_units
 
@@ -69,7 +77,8 @@ LLAMA3_8B = dict(
 # dense bf16 datasheet peaks, TFLOP/s; the first name contained in the device name wins
 PEAK_TFLOPS = {"H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "H200": 989, "A100": 312}
 SCALE_TASKS = ("piqa", "arc_easy", "hellaswag")  # part 1 at user-scale proportions: real tasks, else builtin ones
-PARTS = ("sensitivity", "scale", "sublayer", "racing", "mc", "forward")
+PARTS = ("sensitivity", "scale", "sublayer", "racing", "mc", "scoring", "forward", "gpu_scoring")
+GPU_PARTS = ("forward", "gpu_scoring")
 SIZES = {  # examples per task; racing: beam width and most blocks removed; GPU batches of 8 x 1024 tokens
     True: {
         "sensitivity_n": 2,
@@ -81,6 +90,8 @@ SIZES = {  # examples per task; racing: beam width and most blocks removed; GPU 
         "mc_n": 8,
         "gpu_batches": 4,
         "mc_repeats": 1,
+        "scoring_n": 8,
+        "gpu_scoring_n": 20,
     },
     False: {
         "sensitivity_n": 50,
@@ -92,6 +103,8 @@ SIZES = {  # examples per task; racing: beam width and most blocks removed; GPU 
         "mc_n": 200,
         "gpu_batches": 8,
         "mc_repeats": 2,
+        "scoring_n": 100,
+        "gpu_scoring_n": 200,  # of the 1,000 per task of a user-scale step: a seeded subset that fits 10 minutes
     },
 }
 SCALE_BUDGET_SHARE = 1 / 30  # 4 GB of kept states against ~110 GB for Llama-3-8B on the seven tasks
@@ -456,6 +469,102 @@ def bench_forward(
     return out
 
 
+SCORING_PATHS = {"eager": (False, False), "compiled": (True, False), "compiled_flex": (True, True)}  # (compile, flex)
+
+
+def matmul_tflops(device: torch.device, n: int = 8192, repeats: int = 20) -> float:
+    """bf16 TFLOP/s of an n x n matrix product measured on `device` (the chip's practical ceiling)."""
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    a @ b  # warm-up
+    seconds = _timed(lambda: [a @ b for _ in range(repeats)])[1]
+    return 2 * n**3 * repeats / seconds / 1e12
+
+
+def _loglikelihoods(score) -> np.ndarray:
+    """Every request's log-likelihood of a multiple-choice result, or every document's NLL of a perplexity one."""
+    if "loglikelihoods" in score.per_example:
+        return np.concatenate(score.per_example["loglikelihoods"])
+    return np.asarray(score.per_example["nll"])
+
+
+def bench_scoring(loaded: LoadedModel, tasks: list[Task], batch_size: int, repeats: int = 1) -> dict:
+    """The same tasks scored eagerly, with compiled blocks, and with compiled blocks and flex_attention
+    packed rows: the first pass (compiling) and the median of `repeats` later passes, tokens/s (padding
+    excluded), and per-example agreement with the eager path."""
+    from torch._dynamo.utils import counters
+
+    out, reference = {}, None
+    for path, (compile, flex) in SCORING_PATHS.items():
+        graphs = counters["stats"]["unique_graphs"]
+        evaluator = Evaluator(loaded, tasks, batch_size, compile=compile, flex=flex)
+        scores, first = _timed(lambda e=evaluator: e.evaluate(()))
+        seconds = statistics.median(_timed(lambda e=evaluator: e.evaluate(()))[1] for _ in range(repeats))
+        tokens = sum(c.prepared.n_tokens for c in evaluator.chunks)
+        reference = reference or scores
+        lls = [np.abs(_loglikelihoods(s) - _loglikelihoods(r)) for s, r in zip(scores.values(), reference.values())]
+        out[path] = {
+            "seconds": seconds,
+            "first_pass_seconds": first,
+            "compile_seconds": first - seconds,
+            "graphs_compiled": counters["stats"]["unique_graphs"] - graphs,
+            "flex": evaluator.flex,
+            "batches": sum(len(c.prepared.batches) for c in evaluator.chunks),
+            "tokens_per_pass": tokens,
+            "tokens_per_s": tokens / seconds,
+            "acc_equal": all(
+                s.per_example.get(m) == r.per_example.get(m)
+                for s, r in zip(scores.values(), reference.values())
+                for m in ("acc", "acc_norm")
+            ),
+            "max_abs_ll_diff": float(max(d.max() for d in lls)),
+        }
+    compile_blocks(loaded.blocks, False)
+    return {
+        "tasks": {t.name: {"n": len(t.examples)} for t in tasks},
+        "batch_size": batch_size,
+        "repeats": repeats,
+        "paths": out,
+        "compiled_speedup": out["eager"]["seconds"] / out["compiled"]["seconds"],
+        "flex_speedup": out["compiled"]["seconds"] / out["compiled_flex"]["seconds"],
+        "total_speedup": out["eager"]["seconds"] / out["compiled_flex"]["seconds"],
+        "acc_equal": all(p["acc_equal"] for p in out.values()),
+    }
+
+
+def bench_gpu_scoring(device: torch.device, n: int, data: str | None, batch_size: int, peak_tflops: float | None) -> dict:
+    """`bench_scoring` at Llama-3-8B shape (random weights, bf16) on the seven zero-shot tasks (n examples
+    each, seeded; the builtin tasks when the real ones are absent), with MFU of each path against the
+    datasheet peak and against a measured bf16 matrix product. Block FLOPs per token as `flops_per_token`,
+    attention at the mean tokens per example."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    names, real = real_tasks(SUITES["zero_shot_7"], data)
+    tokenizer = load_model("default", device="cpu").tokenizer  # ids fit Llama-3's vocabulary
+    config = AutoConfig.for_model("llama", **LLAMA3_8B)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    loaded = LoadedModel(model, tokenizer, "random-llama3-8b-shape", "random", find_blocks_path(model))
+    tasks = [load_task(name, "validation", n, seed=0, data_dir=real) for name in names]
+    out = bench_scoring(loaded, tasks, batch_size)
+    examples = sum(len(t.examples) for t in tasks)
+    per_token = flops_per_token(model, round(out["paths"]["eager"]["tokens_per_pass"] / examples))
+    peak, ceiling = peak_flops(device, peak_tflops), matmul_tflops(device) * 1e12
+    for path in out["paths"].values():
+        path["tflops"] = path["tokens_per_s"] * per_token / 1e12
+        path["mfu"] = path["tflops"] * 1e12 / peak if peak else None
+        path["matmul_fraction"] = path["tflops"] * 1e12 / ceiling
+    return {
+        **out,
+        "shape": {"family": "llama", **LLAMA3_8B},
+        "dtype": "bfloat16",
+        "data": real or "builtin",
+        "gflop_per_token": per_token / 1e9,
+        "peak_tflops": peak / 1e12 if peak else None,
+        "matmul_tflops": ceiling / 1e12,
+    }
+
+
 def summary(results: dict) -> dict:
     """The top-level keys other tools read."""
     flat = {"device": results.get("device")}
@@ -486,6 +595,21 @@ def summary(results: dict) -> dict:
         }
     if "forward" in results:
         flat |= {"mfu": results["forward"]["ours"]["mfu"], "mfu_plain_transformers": results["forward"]["plain"]["mfu"]}
+    if "scoring" in results:
+        flat |= {
+            "scoring_compiled_speedup": results["scoring"]["compiled_speedup"],
+            "scoring_flex_speedup": results["scoring"]["flex_speedup"],
+        }
+    if "gpu_scoring" in results:
+        g = results["gpu_scoring"]
+        flat |= {
+            "gpu_scoring_tokens_per_s": g["paths"]["compiled_flex"]["tokens_per_s"],
+            "gpu_scoring_mfu": g["paths"]["compiled_flex"]["mfu"],
+            "gpu_compiled_speedup": g["compiled_speedup"],
+            "gpu_flex_speedup": g["flex_speedup"],
+            "gpu_scoring_device": g["device"],
+            "gpu_scoring_date": g["date"],
+        }
     return flat
 
 
@@ -558,6 +682,24 @@ def markdown(results: dict) -> str:
             f"| forward: baseline and the middle block's removal step-wide vs each alone (states on {f['kept_on']}) "
             f"| | | {f['stepwide_speedup_baseline_and_middle_block']:.2f}x | | {samples} | {f['device']} | {f['date']} |"
         )
+    for key in ("scoring", "gpu_scoring"):
+        if key in results:
+            r = results[key]
+            paths = r["paths"]
+
+            def rate(p):
+                mfu = f", MFU {p['mfu']:.1%} ({p['matmul_fraction']:.0%} of matmul)" if p.get("mfu") is not None else ""
+                return f"{p['tokens_per_s']:,.0f} tok/s{mfu}, compiling {p['compile_seconds']:.0f} s"
+
+            model = "random Llama-3-8B shape, bf16" if key == "gpu_scoring" else f"{r['model']}, {r['dtype']}"
+            rows.append(
+                f"| scoring ({model}): compiled + flex_attention packed rows / compiled / eager "
+                f"| {rate(paths['compiled_flex'])} / {rate(paths['compiled'])} | {rate(paths['eager'])} "
+                f"| {r['total_speedup']:.2f}x (compiled {r['compiled_speedup']:.2f}x, flex {r['flex_speedup']:.2f}x; "
+                f"acc identical: {'yes' if r['acc_equal'] else 'NO'}, max ll diff "
+                f"{max(p['max_abs_ll_diff'] for p in paths.values()):.1g}) | 60% MFU on GPU, identical "
+                f"| {_samples(r)} | {r['device']} | {r['date']} |"
+            )
     versions = results.get("versions", {})
     return "\n".join(rows) + "\n\n" + ", ".join(f"{k} {v}" for k, v in versions.items()) + "\n"
 
@@ -568,7 +710,7 @@ class BenchmarkSettings:
 
     quick: bool = setting(False, "few samples (minutes on a CPU)")
     device: str = setting("auto", "auto, cpu, cuda, cuda:N (parts 1 and 2)")
-    gpu_only: bool = setting(False, "run only part 3 (needs CUDA)")
+    gpu_only: bool = setting(False, "run only the CUDA parts (forward, gpu_scoring)")
     data_dir: str = setting("", f"folder with piqa and arc_easy JSONL; empty: ${DATA_DIR_ENV}, ../shared/data, else generated")
     batch_size: int = setting(8, "requests per forward pass")
     peak_tflops: float = setting(0.0, "accelerator's dense bf16 peak, for MFU; 0: known GPUs only")
@@ -598,8 +740,8 @@ def main(argv=None) -> None:
         "lm_eval": importlib.metadata.version("lm_eval"),
     }
     if args.gpu_only:
-        parts = {"forward"}
-    if parts - {"forward"}:
+        parts &= set(GPU_PARTS)
+    if parts - set(GPU_PARTS):
         loaded = load_model("default", device=args.device, dtype="float32")
         results["device"] = machine(loaded.device)
         with tempfile.TemporaryDirectory() as scratch:
@@ -651,6 +793,16 @@ def main(argv=None) -> None:
                     "model": loaded.name,
                     "data": real or "builtin",
                 }
+            if "scoring" in parts:
+                scoring = [load_task(name, "validation", sizes["scoring_n"], seed=0, data_dir=folder) for name in MC_TASKS]
+                print("scoring paths: eager, compiled, compiled + flex_attention ...", flush=True)
+                results["scoring"] = {
+                    **bench_scoring(loaded, scoring, args.batch_size),
+                    **_stamp(loaded.device),
+                    "model": loaded.name,
+                    "data": source,
+                    "dtype": "float32",
+                }
             print(json.dumps(summary(results)), flush=True)
             if "mc" in parts:
                 print("multiple choice vs lm-eval ...", flush=True)
@@ -668,6 +820,13 @@ def main(argv=None) -> None:
         results["device"] = machine(device)
         results["forward"] = {
             **bench_forward(device, n_batches=sizes["gpu_batches"], repeats=3, peak_tflops=args.peak_tflops),
+            **_stamp(device),
+        }
+    if torch.cuda.is_available() and "gpu_scoring" in parts:
+        device = torch.device("cuda")
+        print("scoring paths, random Llama-3-8B shape ...", flush=True)
+        results["gpu_scoring"] = {
+            **bench_gpu_scoring(device, sizes["gpu_scoring_n"], args.data_dir or None, args.batch_size, args.peak_tflops),
             **_stamp(device),
         }
     results |= summary(results)

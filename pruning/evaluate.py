@@ -13,7 +13,9 @@ What makes it fast, with the same scores:
   so each choice is computed exactly as if it were alone; a row holds several examples, so
   there is little padding;
 - logits only at the scored positions; rows batched by length, longest first;
-- step-wide scoring of many removals (blocks, sublayers) at once, data chunk by data chunk (`Evaluator`).
+- step-wide scoring of many removals (blocks, sublayers) at once, data chunk by data chunk (`Evaluator`);
+- optionally (on by default on CUDA), the blocks compiled once and packed rows attending through
+  flex_attention block masks, in rows of thousands of tokens (`pruning.compile`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import inspect
+import logging
 import math
 import os
 import zlib
@@ -30,8 +33,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from pruning.compile import FLEX_ROW_TOKENS, attention, bucketed, compile_blocks, flex_reason, packed_block_mask
 from pruning.tasks import Task
 from pruning.units import check_config, first_block, removed_blocks
+
+logger = logging.getLogger(__name__)
 
 SCORER_VERSION = "3"  # part of every configuration hash: bump when scores would change
 DEFAULT_MAX_LENGTH = 2048
@@ -92,6 +98,7 @@ class PreparedTask:
     n_tokens: int  # tokens fed to the model per scoring pass, padding excluded
     unit_of: np.ndarray  # request -> scored unit (identical requests of an example are scored once)
     shared_context: bool
+    flex: bool = False  # packed rows attend through flex_attention block masks
 
 
 def max_length_of(model: nn.Module) -> int:
@@ -215,9 +222,10 @@ def _fill_rows(items: list[dict], capacity: int) -> list[list[int]]:
     return rows
 
 
-def _batch(rows: list[list[dict]], weights: np.ndarray, pad_id: int, packed: bool) -> Batch:
+def _batch(rows: list[list[dict]], weights: np.ndarray, pad_id: int, packed: bool, bucket: bool = False) -> Batch:
     widths = [sum(len(item["tokens"]) for item in row) for row in rows]
-    shape = (len(rows), max(widths))
+    shape = bucketed(len(rows), max(widths)) if bucket else (len(rows), max(widths))
+    rows = rows + [[]] * (shape[0] - len(rows))  # padding rows (bucketed batches)
     ids = torch.full(shape, pad_id, dtype=torch.long)
     mask = torch.zeros(shape, dtype=torch.long)
     scored = torch.zeros(shape, dtype=torch.bool)
@@ -256,13 +264,17 @@ def prepare(
     pad_id: int,
     shared_context: bool = True,
     tokenized: tuple | None = None,
+    flex: bool = False,
+    bucket: bool = False,
 ) -> PreparedTask:
     """Tokenize `task` and batch it by length, longest first, `batch_size` rows a batch.
 
     With `shared_context`, all requests of a multiple-choice example share their common prefix
-    (see `_item`), and rows hold several examples, up to ROW_TOKENS tokens (or the longest
-    example), so that there is little padding. Identical requests of an example are scored once.
-    `tokenized` is `_pairs_of(task, ...)` when the caller has it already.
+    (see `_item`), and rows hold several examples, up to ROW_TOKENS tokens (FLEX_ROW_TOKENS with
+    `flex`: block-sparse attention, see `pruning.compile`; or the longest example), so that
+    there is little padding. Identical requests of an example are scored once. With `bucket`,
+    batches are padded to few shapes (`pruning.compile.bucketed`, for compiled blocks). `tokenized` is
+    `_pairs_of(task, ...)` when the caller has it already.
     """
     pairs, groups = tokenized or _pairs_of(task, tokenizer, max_length)
     seqs = [(ctx + cont)[-(max_length + 1) :][:-1] for ctx, cont in pairs]
@@ -280,13 +292,13 @@ def prepare(
         members = list(units.values())
         items += [_item(members, True)] if packed else [_item([u], False) for u in members]
     if packed:
-        capacity = max(ROW_TOKENS, *(len(item["tokens"]) for item in items))
+        capacity = max(FLEX_ROW_TOKENS if flex else ROW_TOKENS, *(len(item["tokens"]) for item in items))
         rows = [[items[i] for i in row] for row in _fill_rows(items, capacity)]
     else:
         rows = [[item] for item in items]
     rows.sort(key=lambda row: -sum(len(item["tokens"]) for item in row))  # stable: ties keep task order
     weights = np.bincount(unit_of, minlength=n_units)
-    batches = [_batch(rows[s : s + batch_size], weights, pad_id, packed) for s in range(0, len(rows), batch_size)]
+    batches = [_batch(rows[s : s + batch_size], weights, pad_id, packed, bucket) for s in range(0, len(rows), batch_size)]
     return PreparedTask(
         task,
         batches,
@@ -296,6 +308,7 @@ def prepare(
         sum(len(item["tokens"]) for item in items),
         unit_of,
         packed,
+        packed and flex,
     )
 
 
@@ -324,17 +337,25 @@ def _target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
 def loglikelihoods(model: nn.Module, prepared: PreparedTask, progress=None, before_batch=None) -> np.ndarray:
     """Summed log-probability of every request's continuation given its context.
 
-    `before_batch(i)` is called before batch i runs (step-wide scoring uses it).
+    `before_batch(i)` is called before batch i runs (step-wide scoring uses it). Packed rows
+    attend through a dense 4D mask, or through flex_attention block masks (`prepared.flex`).
     """
     device = next(model.parameters()).device
     dtype = model.get_input_embeddings().weight.dtype
+    if prepared.flex and model.config._attn_implementation != "flex_attention":
+        with attention(model, "flex_attention"):
+            return loglikelihoods(model, prepared, progress, before_batch)
     sums = np.zeros(int(prepared.unit_of.max()) + 1, dtype=np.float64)
     for b, batch in enumerate(prepared.batches):
         if before_batch is not None:
             before_batch(b)
         inputs = {"input_ids": batch.input_ids.to(device), "attention_mask": batch.attention_mask.to(device)}
         if batch.segments is not None:
-            inputs["attention_mask"] = packed_attention_mask(batch.segments.to(device), batch.prefixes.to(device), dtype)
+            segments, prefixes = batch.segments.to(device), batch.prefixes.to(device)
+            if prepared.flex:
+                inputs["attention_mask"] = packed_block_mask(segments, prefixes)
+            else:
+                inputs["attention_mask"] = packed_attention_mask(segments, prefixes, dtype)
             inputs["position_ids"] = batch.position_ids.to(device)
         logits = model(**inputs, use_cache=False, logits_to_keep=batch.scored.to(device)).logits
         picked = _target_logprobs(logits, batch.targets.to(device))
@@ -441,7 +462,10 @@ class Evaluator:
     (the same batches, and the blocks below its first touched block are the unpruned model's).
     With a `Race`, configurations that are confidently out of the beam stop after a look.
     `shared_context` packs the choices of a multiple-choice example into one row where the model
-    allows it (`shares_context`).
+    allows it (`shares_context`). `compile` runs the model's blocks compiled (`pruning.compile`;
+    in place, until an Evaluator without it); `flex` (None: whenever compiled and the model
+    allows it, `flex_reason`) lets packed rows attend through flex_attention block masks instead
+    of dense 4D masks; the choice is logged.
     """
 
     def __init__(
@@ -452,10 +476,14 @@ class Evaluator:
         max_length: int | None = None,
         chunk_budget_gb: float = 4.0,
         shared_context: bool = True,
+        compile: bool = False,
+        flex: bool | None = None,
     ):
         self.loaded, self.tasks, self.batch_size = loaded, list(tasks), batch_size
         self.max_length = max_length = max_length or max_length_of(loaded.model)
         self.shared_context = shared_context and shares_context(loaded.model, max_length)
+        self.compiled = compile
+        self.flex = self._choose_attention(flex)
         self.chunk_budget = int(chunk_budget_gb * 2**30)
         width = loaded.model.get_input_embeddings().embedding_dim
         self._token_bytes = width * next(loaded.model.parameters()).element_size()
@@ -465,6 +493,17 @@ class Evaluator:
         for t, task in enumerate(self.tasks):
             self._cut(t, task, max_length)
         self.n_looks = max(c.look for c in self.chunks) + 1
+
+    def _choose_attention(self, flex: bool | None) -> bool:
+        """Compile the blocks (or not), and whether packed rows use flex_attention; logged."""
+        compile_blocks(self.loaded.blocks, self.compiled)
+        reason = flex_reason(self.loaded.model)
+        use = self.shared_context and reason is None and (self.compiled if flex is None else flex)
+        if self.shared_context:
+            why = f" ({reason})" if reason and self.compiled else ""
+            attention_path = "flex_attention block masks" if use else f"dense 4D masks{why}"
+            logger.info(f"scoring: blocks {'compiled' if self.compiled else 'eager'}, packed rows with {attention_path}")
+        return use
 
     @property
     def n_requests(self) -> int:
@@ -512,6 +551,8 @@ class Evaluator:
             self.loaded.tokenizer.pad_token_id,
             self.shared_context,
             (sub_pairs, sub_groups),
+            self.flex,
+            self.compiled,
         )
         numel = sum(b.input_ids.numel() for b in prepared.batches)
         return Chunk(t, look, examples, prepared, numel * self._token_bytes)

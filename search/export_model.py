@@ -39,6 +39,7 @@ import torch
 
 from contract import names, tracking
 from contract.records import BeamResults
+from pruning.compile import use_compile
 from pruning.evaluate import Evaluator, max_length_of
 from pruning.export_units import kv_cache_bytes_per_token, save_without_units, ships_code
 from pruning.families import units_removed
@@ -465,7 +466,8 @@ def rescore(exported: Exported, source: Source, args) -> dict[str, float]:
         load_task(n, source.split, source.n_samples or None, source.seed, args.data_dir or None, source.sample)
         for n in source.tasks
     ]
-    evaluator = Evaluator(exported.loaded, tasks, args.batch_size)
+    compiled = use_compile(args.compile, exported.loaded.device)
+    evaluator = Evaluator(exported.loaded, tasks, args.batch_size, compile=compiled)
     with progress.Progress(f"re-scoring the exported model on {', '.join(source.tasks)}", evaluator.n_tokens, "token") as bar:
         scores = evaluator.evaluate((), bar)
     return {f"{m}_{s.task}": v for s in scores.values() for m, v in s.metrics.items()}

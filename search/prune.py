@@ -26,6 +26,7 @@ import numpy as np
 
 from contract import names, tracking
 from pruning import taylor
+from pruning.compile import compile_blocks, use_compile
 from pruning.evaluate import Evaluator, max_length_of
 from pruning.models import load_model
 from pruning.tasks import load_task, parse_task_list
@@ -69,7 +70,7 @@ def prune_and_evaluate(client, run_id: str, exp_id: str, settings: PruneSettings
         settings.taylor_batch_size,
         max_length_of(loaded.model),
     )
-    evaluator = Evaluator(loaded, tasks, settings.batch_size)
+    evaluator = Evaluator(loaded, tasks, settings.batch_size, compile=use_compile(settings.compile, loaded.device))
     tracking.log(
         client,
         run_id,
@@ -99,6 +100,7 @@ def prune_and_evaluate(client, run_id: str, exp_id: str, settings: PruneSettings
         extreme_threshold=settings.extreme_threshold,
     )
     metrics["taylor_seconds"] = time.perf_counter() - start
+    compile_blocks(loaded.blocks, False)  # pruned blocks differ in width: one compilation each would cost more than it saves
 
     start = time.perf_counter()
     with progress.Progress("scoring the pruned model", evaluator.n_tokens, "token") as bar:

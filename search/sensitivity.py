@@ -23,6 +23,7 @@ import numpy as np
 
 from contract import names, tracking
 from contract.records import SensitivityReport
+from pruning.compile import use_compile
 from pruning.evaluate import Evaluator
 from pruning.families import branches_of
 from pruning.models import load_model
@@ -56,7 +57,8 @@ def open_context(settings: SensitivitySettings, client, parent_id: str, exp_id: 
         evaluator = GenerationEvaluator(loaded, tasks, settings.batch_size)
         identity["generation_scorer"] = GENERATION_SCORER
     else:
-        evaluator = Evaluator(loaded, tasks, settings.batch_size, chunk_budget_gb=settings.chunk_budget_gb)
+        compiled = use_compile(settings.compile, loaded.device)
+        evaluator = Evaluator(loaded, tasks, settings.batch_size, chunk_budget_gb=settings.chunk_budget_gb, compile=compiled)
     tracking.log(
         client,
         parent_id,

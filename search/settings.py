@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 
 from contract import cli
 from contract.cli import setting
+from pruning.compile import COMPILE_CHOICES
 from pruning.tasks import SAMPLES, TaskError
 
 REMOVAL_UNITS = ("block", "sublayer", "both")  # pruning.units.all_units
@@ -35,6 +36,9 @@ class EvalSettings:
     seed: int = setting(0, "sampling seed")
     device: str = setting("auto", "auto (CUDA if present, else CPU), cpu, cuda, cuda:N")
     dtype: str = setting("auto", "auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
+    compile: str = setting(
+        "auto", "compile the repeated block for scoring (and use flex_attention): auto (on CUDA), true, false", COMPILE_CHOICES
+    )
     blocks_path: str = setting("", "dotted path of the block list, for model families not known")
     data_dir: str = setting("", "folder with <task>/<split>.jsonl copies (offline; also $PRUNETRACK_DATA_DIR)")
     system_metrics: bool = setting(False, "log CPU and memory (and GPU, always on CUDA) as MLflow system metrics")
@@ -108,6 +112,7 @@ class PruneSettings:
     seed: int = _as_eval("seed")
     device: str = _as_eval("device")
     dtype: str = _as_eval("dtype")
+    compile: str = _as_eval("compile")
     data_dir: str = _as_eval("data_dir")
     baseline: bool = setting(
         True, "also evaluate the unpruned model (a configuration run found by hash: once per model and data)"
@@ -122,6 +127,8 @@ class PruneSettings:
         taylor.check_prune_options(self.pruning_ratio, self.normalization, self.max_layer_rate)
         if self.sample not in SAMPLES:
             raise TaskError(f"unknown sample {self.sample!r}; allowed: {', '.join(SAMPLES)}")
+        if self.compile not in COMPILE_CHOICES:
+            raise ModelError(f"unknown compile {self.compile!r}; allowed: {', '.join(COMPILE_CHOICES)}")
         if self.taylor_order not in ("first", "second"):
             raise ModelError(f"unknown taylor_order {self.taylor_order!r}; allowed: first, second")
         if not 0 < self.extreme_threshold <= 1:
