@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contract import cli, tracking
+from pruning.criteria import CriterionError
 from pruning.models import ModelError
 from pruning.tasks import TaskError
 
@@ -11,7 +12,7 @@ class SearchError(ValueError):
     """A search parameter, or the storage that workers share, cannot be used."""
 
 
-USER_ERRORS = (ModelError, TaskError, tracking.TrackingError, SearchError)
+USER_ERRORS = (ModelError, TaskError, tracking.TrackingError, SearchError, CriterionError)
 
 
 def run_main(main, argv=None) -> int:
