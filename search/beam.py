@@ -57,9 +57,25 @@ class Settings:
     max_removed: int
     min_active_blocks: int
     protect: tuple[int, ...]
-    criterion: str  # mean, all, or a task name
+    criterion: str  # mean, all, a task name (the drop criterion), or another criterion (pruning.criteria)
     racing: bool = True  # stop candidates that are confidently out of every beam (pruning.racing)
     racing_alpha: float = 0.05
+    procedure: str = "beam"  # search.procedures; not in the beam key while `beam`, so keys stay as they were
+
+    def key(self, identity: dict) -> str:
+        """The search's `beam_key`: its identity and settings (`procedure` only when not `beam`)."""
+        settings = asdict(self)
+        if self.procedure == "beam":
+            del settings["procedure"]
+        return tracking.config_hash({**identity, **settings})
+
+    @property
+    def ranks_drop(self) -> bool:
+        """Whether this is today's beam search over the task-metric drop (criterion mean, all or a task),
+        greedy being its width 1."""
+        from pruning.criteria import CRITERIA
+
+        return self.procedure in ("beam", "greedy") and self.criterion not in CRITERIA
 
     def steps(self, num_blocks: int) -> int:
         """How many blocks the search removes at most."""
@@ -89,20 +105,27 @@ def settings_of(args: BeamSearchSettings) -> Settings:
             raise SearchError(f"{name} must be at least 1, got {getattr(args, name)}")
     if args.retries < 0 or args.retry_delay < 0:
         raise SearchError(f"retries and retry_delay must be >= 0, got {args.retries} and {args.retry_delay}")
-    if args.criterion not in ("mean", "all", *tasks):
-        raise SearchError(f"unknown criterion {args.criterion!r}; allowed: mean, all, {', '.join(tasks)}")
+    from pruning.criteria import CRITERIA
+    from search.procedures import beam_width, check
+
+    criterion = "mean" if args.criterion == "drop" else args.criterion
+    if criterion not in ("mean", "all", *tasks, *CRITERIA):
+        allowed = ", ".join(["mean", "all", *tasks, *CRITERIA])
+        raise SearchError(f"unknown criterion {args.criterion!r}; allowed: {allowed}")
+    check("drop" if criterion in ("mean", "all", *tasks) else criterion, args.procedure)
     if not 0 < args.racing_alpha < 1:
         raise SearchError(f"racing_alpha must be between 0 and 1 (exclusive), got {args.racing_alpha}")
     if args.claim_size < 1:
         raise SearchError(f"claim_size must be at least 1, got {args.claim_size}")
     return Settings(
-        args.beam_width,
+        beam_width(args.procedure, args.beam_width),
         args.max_removed,
         args.min_active_blocks,
         parse_blocks(args.protect),
-        args.criterion,
+        criterion,
         args.racing,
         args.racing_alpha,
+        args.procedure,
     )
 
 
@@ -347,12 +370,17 @@ def main(argv=None) -> None:
         with tracking.study_run(client, names.BEAM_SEARCH, f"{names.BEAM_SEARCH}/{given.model}", params) as (run_id, exp_id):
             ctx = open_context(given, client, run_id, exp_id)
             check_blocks(settings, ctx.evaluator.loaded.num_blocks)
-            key = tracking.config_hash({**ctx.identity, **asdict(settings)})
+            key = settings.key(ctx.identity)
             tracking.log(client, run_id, tags={"beam_key": key})
             worker = Worker(
                 ctx, given.batch_size, given.chunk_budget_gb, given.retries, given.retry_delay, claims, given.claim_size
             )
-            results = run_beam_search(ctx, worker, settings, key)
+            if settings.ranks_drop:
+                results = run_beam_search(ctx, worker, settings, key)
+            else:
+                from search.procedures import run_procedure
+
+                results = run_procedure(ctx, worker, settings, key, given)
     print(summary(results))
     print(f"parent run: {run_id}\nsee it: {tracking.ui_hint(client.tracking_uri)}")
 

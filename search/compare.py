@@ -28,50 +28,30 @@ import math
 import random
 import time
 
-import numpy as np
-
 from contract import names, tracking
-from pruning import criteria
-from pruning.criteria import Inputs
-from pruning.criteria.states import BlockStates
 from pruning.evaluate import Evaluator
 from pruning.models import load_model
 from pruning.tasks import SPLITS, Task, load_task, parse_task_list, sample
-from pruning.units import Config, Unit, normalize, removed_blocks
+from pruning.units import removed_blocks
 from search import procedures
-from search.beam import Settings as BeamSettings
-from search.beam import run_beam_search
 from search.cli import SearchError, run_main
-from search.configs import StudyContext, drop, study_identity
+from search.configs import StudyContext, study_identity
 from search.work import Worker
 
 logger = logging.getLogger(__name__)
 HALVES = ("a", "b")
-LAST_N = "last_n"
 
 
-@dataclasses.dataclass(frozen=True)
-class Method:
-    """A criterion and a procedure; `last_n` has no criterion."""
-
-    criterion: str
-    procedure: str
-
-    @property
-    def name(self) -> str:
-        return LAST_N if self.procedure == LAST_N else f"{self.criterion}:{self.procedure}"
-
-
-def parse_methods(text: str) -> list[Method]:
+def parse_methods(text: str) -> list[procedures.Method]:
     """Methods from `drop:beam,block_influence:one_shot,last_n`, checked (one-line errors)."""
     methods = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         criterion, _, procedure = part.rpartition(":") if ":" in part else ("", "", part)
-        if procedure != LAST_N or criterion:
+        if procedure != procedures.LAST_N or criterion:
             if not criterion:
                 raise SearchError(f"method {part!r} is not criterion:procedure; allowed: e.g. drop:beam, taylor:one_shot, last_n")
             procedures.check(criterion, procedure)
-        methods.append(Method(criterion, procedure))
+        methods.append(procedures.Method(criterion, procedure))
     if not methods:
         raise SearchError("methods is empty; allowed: comma-separated criterion:procedure pairs, e.g. drop:beam,last_n")
     return list(dict.fromkeys(methods))
@@ -115,112 +95,10 @@ def check_disjoint(select: list[Task], score: list[Task]) -> None:
             )
 
 
-def _context(ctx: StudyContext, tasks: list[Task], loaded, settings, split: str) -> StudyContext:
+def _context(ctx: StudyContext, tasks: list[Task], loaded, settings, split: str, n_samples: int) -> StudyContext:
     evaluator = Evaluator(loaded, tasks, settings.batch_size, chunk_budget_gb=settings.chunk_budget_gb)
-    identity = study_identity(loaded, tasks, split, settings.n_samples, settings.seed, settings.sample)
+    identity = study_identity(loaded, tasks, split, n_samples, settings.seed, settings.sample)
     return StudyContext(ctx.client, ctx.experiment_id, ctx.parent_id, evaluator, identity)
-
-
-class Selection:
-    """The selection side: contexts on the selection split, the criteria's inputs, their costs."""
-
-    def __init__(self, ctx: StudyContext, ppl_ctx: StudyContext | None, settings: MethodSelectionSettings):
-        self.ctx, self.ppl_ctx, self.settings = ctx, ppl_ctx, settings
-        self.loaded = ctx.evaluator.loaded
-        self.cost: dict[str, dict] = {}  # criterion -> forward-pass equivalents and seconds
-        self.inputs = Inputs(self.loaded.num_blocks)
-
-    def worker(self, ctx: StudyContext) -> Worker:
-        return Worker(ctx, self.settings.batch_size, self.settings.chunk_budget_gb)
-
-    def measure_on(self, ctx: StudyContext, name: str):
-        """A `measure` for criteria: mean drop over `ctx`'s tasks of configurations (blocks only)."""
-        worker = self.worker(ctx)
-        base = worker.run([()])[()].metrics
-
-        def measure(configs: list[Config]) -> dict[Config, float]:
-            start, runs = time.perf_counter(), {c: removed_blocks(c) for c in configs}
-            before = dict(ctx.counts)
-            outcomes = worker.run(list(runs.values()))
-            self._spend(name, ctx.counts["evaluated"] - before["evaluated"], time.perf_counter() - start, ctx)
-            return {c: _mean_drop(ctx, base, outcomes[r].metrics) for c, r in runs.items()}
-
-        return measure
-
-    def _spend(self, name: str, configs: int, seconds: float, ctx: StudyContext) -> None:
-        spent = self.cost.setdefault(name, {"forward_passes": 0.0, "seconds": 0.0, "data": _data_of(ctx.tasks)})
-        spent["forward_passes"] += configs
-        spent["seconds"] += seconds
-
-    def prepare(self) -> None:
-        """Fill the criteria's inputs: the block states of the baseline pass, measuring on the selection
-        data and on the calibration text, Taylor scores from the calibration text."""
-        states = BlockStates(self.loaded.num_blocks)
-        self.ctx.evaluator.observer = states
-        start = time.perf_counter()
-        self.worker(self.ctx).run([()])
-        extra = 0
-        if states.tokens == 0:  # the baseline came from the store: observe one pass of it
-            logger.info("block states: one pass of the unpruned model over the selection data (baseline reused)")
-            self.ctx.evaluator.evaluate_many([()])
-            extra = 1
-        self.ctx.evaluator.observer = None
-        for name in ("block_influence", "angular_distance"):
-            seconds = time.perf_counter() - start if extra else 0.0
-            self.cost[name] = {"forward_passes": extra, "seconds": seconds, "data": _data_of(self.ctx.tasks)}
-        self.inputs.states = states
-        self.inputs.measure = self.measure_on(self.ctx, "drop")
-        if self.ppl_ctx is None:
-            return
-        from pruning.criteria import taylor
-
-        self.inputs.measure_ppl = self.measure_on(self.ppl_ctx, "ppl_drop")
-        start = time.perf_counter()
-        text = "\n\n".join(e.text for t in self.ppl_ctx.tasks for e in t.examples)
-        self.inputs.taylor = taylor.unit_scores(self.loaded, text, self.settings.seed)
-        windows = f"{taylor.NUM_SAMPLES} windows of {taylor.SEQ_LEN} tokens of {_data_of(self.ppl_ctx.tasks)}"
-        self.cost["taylor"] = {"forward_passes": 3.0, "seconds": time.perf_counter() - start, "data": windows}
-
-    def per_unit(self, names_: list[str]) -> dict[str, dict[str, list[float]]]:
-        """Every criterion's score of every block of the unpruned model, and of every sublayer where
-        the criterion reads the model (measured sublayer removals are the sublayer search's)."""
-        n, values = self.loaded.num_blocks, {}
-        for name in names_:
-            kinds = ("b",) if criteria.get(name).measures or not self.inputs.states.sublayers else ("b", "a", "m")
-            values[name] = {}
-            for kind in kinds:
-                units = tuple(Unit(b, kind) for b in range(n))
-                scores = criteria.score(name, self.inputs, (), units)
-                values[name][names.criterion_metric(name, kind)] = [scores[u] for u in units]
-        return values
-
-
-def _data_of(tasks: list[Task]) -> str:
-    return ", ".join(f"{t.name} ({len(t.examples)} of {t.split})" for t in tasks)
-
-
-def _mean_drop(ctx: StudyContext, base: dict, metrics: dict | None) -> float:
-    if metrics is None:
-        return math.inf
-    return float(np.mean([drop(t, base[t.name], metrics[t.name]) for t in ctx.tasks]))
-
-
-def select(selection: Selection, method: Method, max_k: int) -> list[Config]:
-    """The configuration `method` removes for k = 1..max_k, chosen on the selection split."""
-    s = selection.settings
-    n = selection.loaded.num_blocks
-    if method.procedure == LAST_N:
-        return procedures.last_n(n, max_k)
-    if method.procedure == "one_shot":
-        return procedures.one_shot(method.criterion, selection.inputs, tuple(Unit(b) for b in range(n)), max_k)
-    ctx = selection.ctx if method.criterion == "drop" else selection.ppl_ctx
-    width = procedures.beam_width(method.procedure, s.beam_width)
-    settings = BeamSettings(width, max_k, 1, (), "mean", s.racing, s.racing_alpha)
-    key = tracking.config_hash({**ctx.identity, **dataclasses.asdict(settings)})
-    start, before = time.perf_counter(), ctx.counts["evaluated"]
-    results = run_beam_search(ctx, selection.worker(ctx), settings, key)
-    selection._spend(method.name, ctx.counts["evaluated"] - before, time.perf_counter() - start, ctx)
-    return [normalize(e.removed_blocks) for e in results.recommendations]
 
 
 def main(argv=None) -> None:
@@ -233,7 +111,9 @@ def main(argv=None) -> None:
     if s.max_k < 1:
         raise SearchError(f"max_k must be at least 1, got {s.max_k}")
     names_ = parse_task_list(s.tasks)
-    select_tasks = [load_split(t, s.select_split, s.n_samples, s.ppl_docs, s.seed, s.data_dir, s.sample) for t in names_]
+    select_tasks = [
+        load_split(t, s.select_split, s.select_n_samples or s.n_samples, s.ppl_docs, s.seed, s.data_dir, s.sample) for t in names_
+    ]
     score_tasks = [load_split(t, s.score_split, s.n_samples, s.ppl_docs, s.seed, s.data_dir, s.sample) for t in names_]
     check_disjoint(select_tasks, score_tasks)
     ppl_tasks = [t for t in select_tasks if t.kind == "perplexity"]
@@ -252,11 +132,12 @@ def main(argv=None) -> None:
         if s.max_k > loaded.num_blocks - 1:
             raise SearchError(f"max_k {s.max_k} is beyond the units of this model; allowed: 1..{loaded.num_blocks - 1}")
         root = StudyContext(client, exp_id, run_id, None, {})
-        select_ctx = _context(root, select_tasks, loaded, s, s.select_split)
-        score_ctx = _context(root, score_tasks, loaded, s, s.score_split)
-        ppl_ctx = _context(root, ppl_tasks, loaded, s, s.select_split) if ppl_tasks else None
-        selection = Selection(select_ctx, ppl_ctx, s)
-        logger.info(f"selecting on {s.select_split}: {_data_of(select_tasks)}")
+        select_n = s.select_n_samples or s.n_samples
+        select_ctx = _context(root, select_tasks, loaded, s, s.select_split, select_n)
+        score_ctx = _context(root, score_tasks, loaded, s, s.score_split, s.n_samples)
+        ppl_ctx = _context(root, ppl_tasks, loaded, s, s.select_split, select_n) if ppl_tasks else None
+        selection = procedures.Selection(select_ctx, ppl_ctx, s)
+        logger.info(f"selecting on {s.select_split}: {procedures.data_of(select_tasks)}")
         selection.prepare()
         cheap = ["drop", "block_influence", "angular_distance"] + (["ppl_drop", "taylor"] if ppl_tasks else [])
         per_unit = selection.per_unit(cheap)
@@ -266,9 +147,9 @@ def main(argv=None) -> None:
         selected, started = {}, time.perf_counter()
         for i, method in enumerate(methods, 1):
             logger.info(f"method {i} of {len(methods)}: {method.name} (elapsed {time.perf_counter() - started:.0f} s)")
-            selected[method.name] = select(selection, method, s.max_k)
+            selected[method.name] = procedures.select(selection, method, s.max_k)
         configs = sorted({removed_blocks(c) for cs in selected.values() for c in cs} | {()})
-        logger.info(f"scoring {len(configs)} distinct configurations on {s.score_split}: {_data_of(score_tasks)}")
+        logger.info(f"scoring {len(configs)} distinct configurations on {s.score_split}: {procedures.data_of(score_tasks)}")
         outcomes = Worker(score_ctx, s.batch_size, s.chunk_budget_gb).run(configs)
         total = sum(p.numel() for p in loaded.model.parameters())
         from pruning.families import removed_parameters
@@ -280,8 +161,8 @@ def main(argv=None) -> None:
             "k": list(range(1, s.max_k + 1)),
             "select_split": s.select_split,
             "score_split": s.score_split,
-            "select_data": _data_of(select_tasks),
-            "score_data": _data_of(score_tasks),
+            "select_data": procedures.data_of(select_tasks),
+            "score_data": procedures.data_of(score_tasks),
             "selected": {m: [[str(u) for u in c] for c in cs] for m, cs in selected.items()},
             "fraction_removed": {m: [removed_parameters(loaded, c) / total for c in cs] for m, cs in selected.items()},
             "score_runs": {m: [outcomes[removed_blocks(c)].run_id for c in cs] for m, cs in selected.items()},

@@ -159,6 +159,9 @@ class MethodSelectionSettings:
     dtype: str = _as_eval("dtype")
     blocks_path: str = _as_eval("blocks_path")
     data_dir: str = _as_eval("data_dir")
+    select_n_samples: int = setting(
+        0, "examples per task on the selection split (0 = n_samples); n_samples is the scoring split's"
+    )
     ppl_docs: int = setting(2, "documents of each perplexity task per split (0 = all; a WikiText-2 page is ~6,000 tokens)")
     chunk_budget_gb: float = setting(4.0, "memory for the block outputs kept for one data chunk (sets the chunk size)")
     methods: str = setting(DEFAULT_METHODS, "comma-separated criterion:procedure pairs, and last_n (the baseline)")
