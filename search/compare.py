@@ -84,6 +84,16 @@ def load_split(name: str, text: str, n_samples: int, ppl_docs: int, seed: int, d
     return task
 
 
+def check_splits(select: str, score: str) -> None:
+    """Refuse a selection and a scoring split that overlap (the same file, unless its two halves)."""
+    (a, half_a), (b, half_b) = parse_split(select), parse_split(score)
+    if a == b and (half_a is None or half_b is None or half_a == half_b):
+        raise SearchError(
+            f"select_split {select!r} and score_split {score!r} overlap; allowed: disjoint splits, "
+            f"e.g. {a}/a and {a}/b, or train and validation"
+        )
+
+
 def check_disjoint(select: list[Task], score: list[Task]) -> None:
     """Refuse selection and scoring splits that share an example of any task."""
     for a, b in zip(select, score):
@@ -107,7 +117,7 @@ def main(argv=None) -> None:
     args = parser().parse_args(argv)
     s = cli.settings_from(MethodSelectionSettings, args)
     methods = parse_methods(s.methods)
-    parse_split(s.select_split), parse_split(s.score_split)
+    check_splits(s.select_split, s.score_split)
     if s.max_k < 1:
         raise SearchError(f"max_k must be at least 1, got {s.max_k}")
     names_ = parse_task_list(s.tasks)

@@ -178,3 +178,19 @@ def test_bad_input_is_one_line(model_dir, sqlite_store, capsys, extra, message):
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and errors[0].startswith(message), errors
     assert runs(client, names.CONFIG) == []
+
+
+def test_beam_search_takes_a_criterion_and_a_procedure(model_dir, sqlite_store, capsys):
+    uri, client = sqlite_store
+    common = ["--model", model_dir, "--tasks", "pydoc_ppl,pydoc_cloze", "--n_samples", "4", "--tracking_uri", uri]
+    extra = ["--criterion", "block_influence", "--procedure", "one_shot", "--max_removed", "2"]
+    assert run_main(beam.main, [*common, *extra]) == 0
+    (parent,) = runs(client, names.BEAM_SEARCH, "FINISHED")
+    results = tracking.load_json(client, parent.info.run_id, names.BEAM_RESULTS)
+    first, second = (e["removed_blocks"] for e in results["recommendations"])
+    influence = [
+        m.value for m in sorted(client.get_metric_history(parent.info.run_id, "criterion/block_influence"), key=lambda m: m.step)
+    ]
+    assert first == [int(np.argmin(influence))] and set(first) < set(second)
+    assert run_main(beam.main, [*common, "--criterion", "taylor", "--procedure", "greedy"]) == 2
+    assert "error: procedure greedy re-scores after each removal" in capsys.readouterr().err
