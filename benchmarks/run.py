@@ -7,7 +7,8 @@
    chunks; speedup and the largest difference of any metric or per-example value. Once with a
    budget for all the data's block states, once at user-scale proportions (`scale_sensitivity`:
    a budget holding 1/30 of them, as 4 GB does for Llama-3-8B on the seven tasks, on piqa,
-   arc_easy and hellaswag from ../shared/data).
+   arc_easy and hellaswag from ../shared/data). `sublayer`: the same with every attention and
+   MLP sublayer removed alone (`--parts sublayer`), 2L + 1 configurations.
 4. racing: the same beam search with and without racing, each in a fresh store: example-
    configurations scored, wall time, and whether the recommendations are identical.
 2. multiple choice: our scorer against lm-eval-harness's own HF model class (`HFLM`) scoring
@@ -49,6 +50,7 @@ from pruning.evaluate import Evaluator, look_sizes
 from pruning.models import LoadedModel, find_blocks_path, load_model
 from pruning.tasks import Document, Task, builtin, load_task
 from pruning.tasks.harness import DATA_DIR_ENV, build_lm_eval_task
+from pruning.units import all_units
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -67,7 +69,7 @@ LLAMA3_8B = dict(
 # dense bf16 datasheet peaks, TFLOP/s; the first name contained in the device name wins
 PEAK_TFLOPS = {"H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "H200": 989, "A100": 312}
 SCALE_TASKS = ("piqa", "arc_easy", "hellaswag")  # part 1 at user-scale proportions: real tasks, else builtin ones
-PARTS = ("sensitivity", "scale", "racing", "mc", "forward")
+PARTS = ("sensitivity", "scale", "sublayer", "racing", "mc", "forward")
 SIZES = {  # examples per task; racing: beam width and most blocks removed; GPU batches of 8 x 1024 tokens
     True: {
         "sensitivity_n": 2,
@@ -182,12 +184,15 @@ def _warm_up(loaded: LoadedModel, task: Task, batch_size: int) -> None:
     Evaluator(loaded, [dataclasses.replace(task, examples=task.examples[:2])], batch_size).evaluate(())
 
 
-def bench_sensitivity(loaded: LoadedModel, tasks: list[Task], batch_size: int, budget_share: float | None = None) -> dict:
-    """A sensitivity study (baseline + every single-block removal): step-wide, all configurations
-    together, against each configuration alone (from scratch), on the same chunks, so the
-    per-example results must be identical. `budget_share`: the chunk budget holds that share of
-    the dataset's block states (user-scale proportions), else all of them."""
-    configs = [()] + [(i,) for i in range(loaded.num_blocks)]
+def bench_sensitivity(
+    loaded: LoadedModel, tasks: list[Task], batch_size: int, budget_share: float | None = None, removal_unit: str = "block"
+) -> dict:
+    """A sensitivity study (baseline + every single-unit removal: blocks, or with `removal_unit`
+    `sublayer` every attention and MLP sublayer): step-wide, all configurations together, against
+    each configuration alone (from scratch), on the same chunks, so the per-example results must
+    be identical. `budget_share`: the chunk budget holds that share of the dataset's block states
+    (user-scale proportions), else all of them."""
+    configs = [()] + [(u,) for u in all_units(loaded.num_blocks, removal_unit)]
     _warm_up(loaded, tasks[0], batch_size)
     ample = Evaluator(loaded, tasks, batch_size, chunk_budget_gb=2**20)
     dataset_states = sum(c.state_bytes for c in ample.chunks) * ample.kept_blocks
@@ -198,6 +203,7 @@ def bench_sensitivity(loaded: LoadedModel, tasks: list[Task], batch_size: int, b
     diff = max(float(np.abs(_numbers(alone[c]) - _numbers(together[c].scores)).max()) for c in configs)
     return {
         "configs": len(configs),
+        "removal_unit": removal_unit,
         "tasks": {t.name: {"n": len(t.examples)} for t in tasks},
         "tokens_per_pass": sum(c.prepared.n_tokens for c in evaluator.chunks),
         "dataset_states_mb": dataset_states / 2**20,
@@ -463,6 +469,11 @@ def summary(results: dict) -> dict:
             "scale_sensitivity_speedup": results["scale_sensitivity"]["speedup"],
             "scale_max_abs_diff": results["scale_sensitivity"]["max_abs_diff"],
         }
+    if "sublayer_sensitivity" in results:
+        flat |= {
+            "sublayer_sensitivity_speedup": results["sublayer_sensitivity"]["speedup"],
+            "sublayer_sensitivity_max_abs_diff": results["sublayer_sensitivity"]["max_abs_diff"],
+        }
     if "racing" in results:
         flat |= {
             "racing_eval_ratio": results["racing"]["eval_ratio"],
@@ -492,12 +503,14 @@ def markdown(results: dict) -> str:
     for key, label, target in (
         ("sensitivity", "whole-data budget", ">= 1.5x, identical"),
         ("scale_sensitivity", "budget of 1/30 of the data's block states", ">= 1.5x, identical"),
+        ("sublayer_sensitivity", "whole-data budget", ">= 1.5x, identical"),
     ):
         if key in results:
             r = results[key]
             samples = _samples(r)
+            what = "sublayer sensitivity study (attention and MLP)" if key == "sublayer_sensitivity" else "sensitivity study"
             rows.append(
-                f"| sensitivity study, {r['configs']} configurations, step-wide vs each alone ({label}: "
+                f"| {what}, {r['configs']} configurations, step-wide vs each alone ({label}: "
                 f"{r['chunks']} chunks, kept states <= {r['kept_states_mb']:.0f} of {r['dataset_states_mb']:.0f} MB) "
                 f"| {r['seconds_stepwide']:.1f} s | {r['seconds_from_scratch']:.1f} s | {r['speedup']:.2f}x "
                 f"(max abs diff {r['max_abs_diff']:.1g}) | {target} | {samples} | {r['device']} | {r['date']} |"
@@ -596,6 +609,15 @@ def main(argv=None) -> None:
                 print(f"sensitivity: {loaded.name}, {loaded.num_blocks} blocks, tasks {[t.name for t in tasks]} ...", flush=True)
                 results["sensitivity"] = {
                     **bench_sensitivity(loaded, tasks, args.batch_size),
+                    **_stamp(loaded.device),
+                    "model": loaded.name,
+                    "data": source,
+                    "dtype": "float32",
+                }
+            if "sublayer" in parts:
+                print(f"sublayer sensitivity: {loaded.name}, {2 * loaded.num_blocks} sublayers ...", flush=True)
+                results["sublayer_sensitivity"] = {
+                    **bench_sensitivity(loaded, tasks, args.batch_size, removal_unit="sublayer"),
                     **_stamp(loaded.device),
                     "model": loaded.name,
                     "data": source,

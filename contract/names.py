@@ -9,7 +9,7 @@ from __future__ import annotations
 # Tag naming a run's kind, and its values.
 KIND = "prunetrack.kind"
 SENSITIVITY = "sensitivity"  # a sensitivity study's parent run
-CONFIG = "config"  # one configuration (removed blocks) evaluated: a child run
+CONFIG = "config"  # one configuration (removed blocks or sublayers) evaluated: a child run
 BEAM_SEARCH = "beam_search"  # a beam search worker's parent run
 PRUNE = "prune"  # a width pruning, also each trial of a Taylor study
 STUDY = "study"  # a Taylor study's parent run
@@ -25,7 +25,8 @@ ERROR = "prunetrack.error"  # why a run FAILED or was KILLED, one line
 
 # Tags of configuration runs.
 CONFIG_HASH = "config_hash"
-REMOVED_BLOCKS = "removed_blocks"  # comma-separated, sorted; empty for the baseline
+REMOVED_BLOCKS = "removed_blocks"  # the whole blocks removed, comma-separated, sorted; empty for the baseline
+REMOVED_UNITS = "removed_units"  # every unit removed, e.g. a4,m13,b20 (pruning.units.label); empty for the baseline
 NUM_REMOVED = "num_removed"
 STOPPED, STOPPED_REASON = "prunetrack.stopped", "prunetrack.stopped_reason"  # a candidate racing stopped
 
@@ -58,8 +59,19 @@ def metric(name: str, task: str) -> str:
     return f"{name}_{task}"
 
 
+def importance_attn(task: str) -> str:
+    """Metric of a sublayer sensitivity parent run: the importance of each block's attention on `task` (step = block)."""
+    return f"importance_attn/{task}"
+
+
+def importance_mlp(task: str) -> str:
+    """Metric of a sublayer sensitivity parent run: the importance of each block's MLP on `task` (step = block)."""
+    return f"importance_mlp/{task}"
+
+
 # Artifacts.
 SENSITIVITY_REPORT, IMPORTANCE_PLOT = "sensitivity.json", "importance.png"
+SUBLAYER_IMPORTANCE_PLOT = "sublayer_importance.png"  # sensitivity with removal_unit=sublayer
 BEAM_RESULTS, BEAM_TABLE, BEAM_DROPS_PLOT = "beam_search_results.json", "recommendations.md", "beam_drops.png"
 STUDY_RESULTS = "search_results.csv"
 PRUNE_REPORT = "prune_report.json"

@@ -3,6 +3,11 @@
 Each record turns into the exact JSON the tracking contract documents (`to_json`) and back
 (`from_json`); the files are `sensitivity.json`, `beam_step{k}.json` and
 `beam_search_results.json` (contract.names).
+
+A configuration is a set of removal units (`Unit`, from pruning.units: a whole block `b4`, the
+attention `a4` or the MLP `m4` of a block). Records carry `removed_blocks` (the whole blocks, as
+before sublayers) and `removed_units` (every unit's name); read a record's configuration through
+its `units` property, never by parsing the names. Records written before sublayers load unchanged.
 """
 
 from __future__ import annotations
@@ -10,7 +15,21 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from pruning.units import Config, normalize
+from pruning.units import Unit as Unit  # the unit type, for analyses
+
 Metrics = dict[str, dict[str, float]]  # task -> metric -> value
+
+
+def units_of(removed_units: list[str] | None, removed_blocks: list[int]) -> Config:
+    """The normalized configuration of a record: its unit names, or (records written before
+    sublayers) its whole blocks."""
+    return normalize(removed_units if removed_units is not None else removed_blocks)
+
+
+def unit_names(config: Config) -> list[str]:
+    """The `removed_units` list of a configuration (normal order)."""
+    return [str(u) for u in normalize(config)]
 
 
 class RecordError(ValueError):
@@ -56,7 +75,11 @@ def _plain(value):
 class SensitivityReport(Record):
     """`sensitivity.json`: the baseline, each single-block removal's metrics and importance per task
     (lists indexed by block), their mean over tasks, the child run ids (`baseline`, `0`, `1`, ...)
-    and how many configurations were evaluated and reused."""
+    and how many configurations were evaluated and reused. With removal_unit `sublayer`, also the
+    importance of each block's attention and MLP per task (`importance_attn`, `importance_mlp`,
+    indexed by block; child runs `a0`, `m0`, ...)."""
+
+    OPTIONAL = ("importance_attn", "importance_mlp")
 
     baseline: Metrics
     num_blocks: int
@@ -65,15 +88,18 @@ class SensitivityReport(Record):
     importance_mean: list[float]
     child_runs: dict[str, str]
     counts: dict[str, int]
+    importance_attn: dict[str, list[float]] | None = None
+    importance_mlp: dict[str, list[float]] | None = None
 
 
 @dataclass
 class Candidate(Record):
     """One configuration a beam search step scored. FINISHED: `drops` per task and their mean.
     STOPPED (racing): `drops` None, `partial_drops` on the `n_examples` per task it saw, and the reason
-    in `stopped`. FAILED: the reason in `error`. `step` is set in the results' list of failures."""
+    in `stopped`. FAILED: the reason in `error`. `step` is set in the results' list of failures.
+    `removed_blocks` are its whole blocks, `removed_units` all its units (`units`: the configuration)."""
 
-    OPTIONAL = ("partial_drops", "n_examples", "stopped", "step")
+    OPTIONAL = ("partial_drops", "n_examples", "stopped", "step", "removed_units")
 
     removed_blocks: list[int]
     config_hash: str
@@ -87,6 +113,12 @@ class Candidate(Record):
     n_examples: dict[str, int] | None = None
     stopped: str | None = None
     step: int | None = None
+    removed_units: list[str] | None = None
+
+    @property
+    def units(self) -> Config:
+        """The configuration this candidate removes."""
+        return units_of(self.removed_units, self.removed_blocks)
 
     @property
     def ranked(self) -> bool:
@@ -96,8 +128,11 @@ class Candidate(Record):
 
 @dataclass
 class Recommendation(Record):
-    """The best configuration of a beam for `num_removed` blocks: its drops, their mean and spread
-    over the tasks, the increment over the step before, and the blocks that stay."""
+    """The best configuration of a beam for `num_removed` units (blocks, or sublayers): its drops,
+    their mean and spread over the tasks, the increment over the step before, the blocks that stay
+    (whole or in part), and, for searches over sublayers, the parameters removed."""
+
+    OPTIONAL = ("removed_units", "params_removed")
 
     num_removed: int
     removed_blocks: list[int]
@@ -111,18 +146,30 @@ class Recommendation(Record):
     config_hash: str
     run_id: str | None
     complete: bool  # no candidate of this beam failed up to this step
+    removed_units: list[str] | None = None
+    params_removed: int | None = None
+
+    @property
+    def units(self) -> Config:
+        """The configuration recommended."""
+        return units_of(self.removed_units, self.removed_blocks)
 
 
 @dataclass
 class BeamStep(Record):
     """`beam_step{k}.json`: every candidate, each criterion's kept beam with its scores, the failures
-    and the block lists racing stopped."""
+    and the configurations racing stopped (block lists, or unit names with sublayers: pruning.units.identity)."""
 
     step: int
     candidates: list[Candidate]
-    beams: dict[str, list[dict]]  # criterion -> [{"removed_blocks": [...], "score": float}]
+    beams: dict[str, list[dict]]  # criterion -> [{"removed_blocks": [...], "removed_units": [...], "score": float}]
     failed: list[Candidate]
-    stopped: list[list[int]]
+    stopped: list[list]
+
+    @property
+    def stopped_units(self) -> list[Config]:
+        """The configurations racing stopped."""
+        return [normalize(c) for c in self.stopped]
 
     @classmethod
     def from_json(cls, data: dict) -> BeamStep:

@@ -13,7 +13,7 @@ What makes it fast, with the same scores:
   so each choice is computed exactly as if it were alone; a row holds several examples, so
   there is little padding;
 - logits only at the scored positions; rows batched by length, longest first;
-- step-wide scoring of many block removals at once, data chunk by data chunk (`Evaluator`).
+- step-wide scoring of many removals (blocks, sublayers) at once, data chunk by data chunk (`Evaluator`).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from pruning.tasks import Task
+from pruning.units import check_config, first_block, removed_blocks
 
 SCORER_VERSION = "3"  # part of every configuration hash: bump when scores would change
 DEFAULT_MAX_LENGTH = 2048
@@ -429,16 +430,16 @@ class _Replay(nn.Module):
 
 
 class Evaluator:
-    """Scores a fixed set of tasks with any sets of blocks removed, step-wide.
+    """Scores a fixed set of tasks with any sets of units (blocks, sublayers) removed, step-wide.
 
     The data is cut once into chunks (seeded order, see `look_sizes`), each small enough that the
     outputs of every block for it fit `chunk_budget_gb`. `evaluate_many(configs)` scores a set
     of configurations chunk by chunk: the unpruned model runs once on the chunk, up to the last
     block some configuration starts from, keeping those blocks' outputs for this chunk only; each
-    configuration then runs from the kept output of the block below its first removed block; the
+    configuration then runs from the kept output of the block below its first touched block; the
     states are dropped before the next chunk. Kept-state memory is bounded by one chunk whatever
     the data size, and every configuration's per-example scores are those of evaluating it alone
-    (the same batches, and the blocks below its first removed block are the unpruned model's).
+    (the same batches, and the blocks below its first touched block are the unpruned model's).
     With a `Race`, configurations that are confidently out of the beam stop after a look.
     `shared_context` packs the choices of a multiple-choice example into one row where the model
     allows it (`shares_context`).
@@ -522,22 +523,24 @@ class Evaluator:
         return device if self.max_state_bytes < free - total // 4 else torch.device("cpu")
 
     def evaluate(self, removed=(), progress=None) -> dict[str, TaskScore]:
-        """Scores per task with `removed` blocks taken out."""
+        """Scores per task with the units `removed` (pruning.units: blocks, sublayers) taken out."""
         (result,) = self.evaluate_many([removed], progress).values()
         if result.error is not None:
             raise result.error
         return result.scores
 
-    def evaluate_many(self, configs, progress=None, race=None) -> dict[tuple[int, ...], ConfigScores]:
-        """Score every configuration (a set of removed blocks) step-wide, chunk by chunk.
+    def evaluate_many(self, configs, progress=None, race=None) -> dict:
+        """Score every configuration (a set of removed units: Units, `a4`-style names or block
+        indices; pruning.units) step-wide, chunk by chunk; the results are keyed by the
+        configurations as given. A configuration is normalized and checked first
+        (pruning.units.check_config: UnitError), so `(a4, m4)` is `(b4,)` and scored once.
 
         A configuration whose scoring raises (other than out of memory, which ends the whole
         set) comes back with its error; with `race`, one that stops comes back with the scores
         of the examples it saw and the reason.
         """
-        from pruning.models import check_blocks
-
-        configs = list(dict.fromkeys(check_blocks(c, self.loaded.num_blocks) for c in configs))
+        given = {c: check_config(c, self.loaded.num_blocks) for c in configs}
+        configs = list(dict.fromkeys(given.values()))
         active = list(configs)
         lls = {c: [{} for _ in self.tasks] for c in configs}  # per task: example -> request log-likelihoods
         stopped, errors = {}, {}
@@ -550,10 +553,11 @@ class Evaluator:
                 for removed, reason in race.stop(self, {c: lls[c] for c in active}).items():
                     stopped[removed] = reason
                     active.remove(removed)
-        return {
+        results = {
             c: ConfigScores(None, error=errors[c]) if c in errors else ConfigScores(self.task_scores(lls[c]), stopped.get(c))
             for c in configs
         }
+        return {c: results[normal] for c, normal in given.items()}
 
     def task_scores(self, lls: list[dict]) -> dict[str, TaskScore]:
         """TaskScores from per-example request log-likelihoods (all examples, or those seen)."""
@@ -565,7 +569,7 @@ class Evaluator:
 
     def _score_chunk(self, chunk: Chunk, configs: list, lls: dict, progress) -> dict:
         """Score `configs` on one chunk into `lls`; returns the configurations that failed, with their error."""
-        starts = sorted({c[0] - 1 for c in configs if c and c[0] > 0})
+        starts = sorted({first_block(c) - 1 for c in configs if c and first_block(c) > 0})
         states, as_tuple = self._record(chunk, starts, lls[()] if () in configs else None, progress)
         errors = {}
         for removed in configs:
@@ -586,17 +590,19 @@ class Evaluator:
             into[chunk.task][e] = values[group]
 
     def _score_config(self, chunk: Chunk, removed: tuple, states: dict, as_tuple: bool, progress) -> np.ndarray:
-        """Request log-likelihoods of one configuration on a chunk, from the kept state below its first removed block."""
-        from pruning.models import blocks_removed, blocks_replaced
+        """Request log-likelihoods of one configuration on a chunk, from the kept state below its first touched block."""
+        from pruning.families import sublayers_removed, units_removed
+        from pruning.models import blocks_replaced
 
-        if removed[0] == 0:
-            with blocks_removed(self.loaded, removed):
+        start = first_block(removed)
+        if start == 0:
+            with units_removed(self.loaded, removed):
                 return loglikelihoods(self.loaded.model, chunk.prepared, progress)
-        start = removed[0] - 1
-        replay = _Replay(states, start, as_tuple)
-        origins = [start] + [i for i in range(start + 1, self.loaded.num_blocks) if i not in removed]
+        replay = _Replay(states, start - 1, as_tuple)
+        blocks = removed_blocks(removed)
+        origins = [start - 1] + [i for i in range(start, self.loaded.num_blocks) if i not in blocks]
         modules = [replay] + [self.loaded.blocks[i] for i in origins[1:]]
-        with blocks_replaced(self.loaded, modules, origins):
+        with sublayers_removed(self.loaded, removed), blocks_replaced(self.loaded, modules, origins):
             return loglikelihoods(self.loaded.model, chunk.prepared, progress, lambda b: setattr(replay, "batch", b))
 
     def _record(self, chunk: Chunk, blocks: list[int], baseline: list[dict] | None, progress) -> tuple[dict, bool]:

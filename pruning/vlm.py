@@ -1,4 +1,4 @@
-"""Generation-based scoring of vision-language models on VQA-style tasks, with any blocks removed.
+"""Generation-based scoring of vision-language models on VQA-style tasks, with any blocks or sublayers removed.
 
 Each example becomes one user turn (the image, then the task's prompt) rendered with the
 processor's chat template; answers are decoded greedily, `max_new_tokens` per metric, in
@@ -15,7 +15,8 @@ import torch
 
 from pruning import vqa_metrics
 from pruning.evaluate import ConfigScores, TaskScore
-from pruning.models import ModelError, blocks_removed
+from pruning.families import units_removed
+from pruning.models import ModelError
 from pruning.tasks import Task, TaskError
 from pruning.tasks.vqa import KIND, VQAExample, spec_of
 
@@ -98,8 +99,8 @@ class GenerationEvaluator:
         return sum(len(t.examples) for t in self.tasks)
 
     def evaluate(self, removed=(), progress=None) -> dict[str, TaskScore]:
-        """Scores per task with `removed` blocks taken out."""
-        with blocks_removed(self.loaded, removed):
+        """Scores per task with the units `removed` (pruning.units: blocks, sublayers) taken out."""
+        with units_removed(self.loaded, removed):
             return {p.task.name: self._score(p, progress) for p in self.prepared}
 
     def evaluate_many(self, configs, progress=None, race=None) -> dict[tuple[int, ...], ConfigScores]:

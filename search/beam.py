@@ -1,8 +1,12 @@
-"""Beam search over removed blocks, tracked in MLflow, resumable and shared by any number of workers.
+"""Beam search over removed units, tracked in MLflow, resumable and shared by any number of workers.
 
-Step 1 evaluates every single-block removal (reusing sensitivity runs already in the store); step k
-extends each kept configuration by one more block, removes duplicate sets, evaluates them and keeps
-the `beam_width` best. A configuration's score is its drop (search.configs.drop) averaged over the
+The units are whole blocks (removal_unit `block`), the attention and MLP sublayers of every block
+(`sublayer`: 2L units), or both together (`both`); see pruning.units. Step 1 evaluates every
+single-unit removal (reusing sensitivity runs already in the store); step k extends each kept
+configuration by one more unit (a block's second sublayer makes it the whole block), removes
+duplicate sets, evaluates them and keeps the `beam_width` best. `max_params_removed_frac` leaves
+out candidates that remove more of the blocks' parameters than that, so a search over sublayers
+can run to the parameter budget of k whole blocks. A configuration's score is its drop (search.configs.drop) averaged over the
 tasks (criterion `mean`) or on one task; ties go to the smaller sorted tuple. Criterion `all` runs
 one beam per task beside the mean beam: every configuration is evaluated on all tasks at once, so
 the beams share evaluations. The recommendations for removing 1..max_removed blocks are the mean
@@ -37,12 +41,13 @@ from pathlib import Path
 import numpy as np
 
 from contract import names, tracking
-from contract.records import BeamResults, BeamStep, Candidate, Recommendation
+from contract.records import BeamResults, BeamStep, Candidate, Recommendation, unit_names
 from pruning.evaluate import Evaluator
 from pruning.racing import Beam, Race
 from pruning.tasks import parse_task_list
+from pruning.units import Config, all_units, identity, is_blocks_only, normalize, removed_blocks
 from search.cli import SearchError, run_main
-from search.configs import Outcome, StudyContext, drop
+from search.configs import Outcome, StudyContext, config_text, drop
 from search.sensitivity import open_context, study_params
 from search.work import Worker, shared_claims
 
@@ -60,14 +65,9 @@ class Settings:
     criterion: str  # mean, all, a task name (the drop criterion), or another criterion (pruning.criteria)
     racing: bool = True  # stop candidates that are confidently out of every beam (pruning.racing)
     racing_alpha: float = 0.05
+    removal_unit: str = "block"  # block, sublayer or both (pruning.units.all_units)
+    max_params_removed_frac: float = 0.0  # 0: no parameter budget
     procedure: str = "beam"  # search.procedures; not in the beam key while `beam`, so keys stay as they were
-
-    def key(self, identity: dict) -> str:
-        """The search's `beam_key`: its identity and settings (`procedure` only when not `beam`)."""
-        settings = asdict(self)
-        if self.procedure == "beam":
-            del settings["procedure"]
-        return tracking.config_hash({**identity, **settings})
 
     @property
     def ranks_drop(self) -> bool:
@@ -78,8 +78,20 @@ class Settings:
         return self.procedure in ("beam", "greedy") and self.criterion not in CRITERIA
 
     def steps(self, num_blocks: int) -> int:
-        """How many blocks the search removes at most."""
-        return min(self.max_removed, num_blocks - self.min_active_blocks, num_blocks - len(self.protect))
+        """How many units the search removes at most."""
+        free = num_blocks - len(self.protect)
+        if self.removal_unit != "block":  # a block's two sublayers are two steps
+            return min(self.max_removed, 2 * free)
+        return min(self.max_removed, num_blocks - self.min_active_blocks, free)
+
+    def key(self) -> dict:
+        """What identifies the search (its beam key), the settings added with sublayers only when not
+        at their defaults: a block search keeps the key it had before them."""
+        key = asdict(self)
+        for name, default in (("removal_unit", "block"), ("max_params_removed_frac", 0.0), ("procedure", "beam")):
+            if key[name] == default:
+                del key[name]
+        return key
 
 
 def parse_blocks(text: str) -> tuple[int, ...]:
@@ -113,10 +125,17 @@ def settings_of(args: BeamSearchSettings) -> Settings:
         allowed = ", ".join(["mean", "all", *tasks, *CRITERIA])
         raise SearchError(f"unknown criterion {args.criterion!r}; allowed: {allowed}")
     check("drop" if criterion in ("mean", "all", *tasks) else criterion, args.procedure)
+    if args.removal_unit != "block" and (args.procedure not in ("beam", "greedy") or criterion in CRITERIA):
+        raise SearchError(
+            f"criterion {args.criterion} with procedure {args.procedure} chooses whole blocks; allowed: removal_unit block, "
+            "or criterion mean, all or a task with procedure beam or greedy"
+        )
     if not 0 < args.racing_alpha < 1:
         raise SearchError(f"racing_alpha must be between 0 and 1 (exclusive), got {args.racing_alpha}")
     if args.claim_size < 1:
         raise SearchError(f"claim_size must be at least 1, got {args.claim_size}")
+    if not 0 <= args.max_params_removed_frac < 1:
+        raise SearchError(f"max_params_removed_frac must be in [0, 1), got {args.max_params_removed_frac}")
     return Settings(
         beam_width(args.procedure, args.beam_width),
         args.max_removed,
@@ -125,6 +144,8 @@ def settings_of(args: BeamSearchSettings) -> Settings:
         criterion,
         args.racing,
         args.racing_alpha,
+        args.removal_unit,
+        args.max_params_removed_frac,
         args.procedure,
     )
 
@@ -147,9 +168,11 @@ def criteria(criterion: str, tasks: list[str]) -> list[str]:
     return ["mean", *tasks] if criterion == "all" else [criterion]
 
 
-def extend(beam: list[tuple[int, ...]], allowed: list[int]) -> list[tuple[int, ...]]:
-    """Every kept configuration plus one more allowed block, without duplicate sets, sorted."""
-    return sorted({tuple(sorted((*kept, b))) for kept in beam for b in allowed if b not in kept})
+def extend(beam: list[Config], allowed, fits=lambda config: True) -> list[Config]:
+    """Every kept configuration plus one more allowed unit (Units, or block indices), normalized,
+    without duplicate sets, sorted; only those that grew and that `fits` accepts."""
+    grown = {normalize((*kept, unit)) for kept in beam for unit in allowed}
+    return sorted(c for c in grown - set(beam) if fits(c))
 
 
 def score(row: Candidate, criterion: str) -> float:
@@ -169,7 +192,16 @@ def candidate_row(ctx: StudyContext, baseline: dict, outcome: Outcome) -> Candid
     candidate that racing stopped has `drops` None (it is never ranked), its `partial_drops` on
     the examples it saw (`n_examples` per task) and the reason in `stopped`."""
     status = "FAILED" if outcome.error else "STOPPED" if outcome.stopped else "FINISHED"
-    row = Candidate(list(outcome.removed), outcome.conf_hash, outcome.run_id, status, outcome.metrics, error=outcome.error)
+    removed = outcome.removed
+    row = Candidate(
+        list(removed_blocks(removed)),
+        outcome.conf_hash,
+        outcome.run_id,
+        status,
+        outcome.metrics,
+        error=outcome.error,
+        removed_units=unit_names(removed),
+    )
     if outcome.metrics is not None:
         drops = {t.name: drop(t, baseline[t.name], outcome.metrics[t.name]) for t in ctx.tasks}
         if outcome.stopped:
@@ -188,8 +220,8 @@ def race_of(ctx: StudyContext, settings: Settings, candidates: dict[str, list]) 
     return Race([Beam(weights[c], set(members)) for c, members in candidates.items()], settings.beam_width, settings.racing_alpha)
 
 
-def best_entry(row: Candidate, k: int, num_blocks: int, previous: float, complete: bool) -> Recommendation:
-    """One line of the recommendation table: removing `k` blocks."""
+def best_entry(row: Candidate, k: int, num_blocks: int, previous: float, complete: bool, params: int) -> Recommendation:
+    """One line of the recommendation table: removing `k` units (`params` parameters)."""
     drops = list(row.drops.values())
     return Recommendation(
         k,
@@ -198,31 +230,53 @@ def best_entry(row: Candidate, k: int, num_blocks: int, previous: float, complet
         float(np.std(drops)),
         len(drops),
         row.mean_drop - previous,
-        num_blocks - k,
+        num_blocks - len(row.removed_blocks),
         [b for b in range(num_blocks) if b not in row.removed_blocks],
         row.drops,
         row.config_hash,
         row.run_id,
         complete,
+        row.removed_units,
+        params,
     )
+
+
+def budget_check(loaded, settings: Settings):
+    """(parameters a configuration removes, whether a configuration fits the search's limits:
+    at least min_active_blocks blocks with something left, and within max_params_removed_frac)."""
+    from pruning.families import removed_parameters
+
+    n = loaded.num_blocks
+    total = sum(p.numel() for p in loaded.blocks.parameters())
+    budget = round(settings.max_params_removed_frac * total) if settings.max_params_removed_frac else None
+
+    def params(config: Config) -> int:
+        return removed_parameters(loaded, config)
+
+    def fits(config: Config) -> bool:
+        return len(removed_blocks(config)) <= n - settings.min_active_blocks and (budget is None or params(config) <= budget)
+
+    return params, fits
 
 
 def run_beam_search(ctx: StudyContext, worker: Worker, settings: Settings, key: str = "") -> BeamResults:
     """Run the search, logging each step and the results to the parent run; return the results.
     `key` identifies the search (its racing stops are recorded per step under it)."""
-    n = ctx.evaluator.loaded.num_blocks
+    loaded = ctx.evaluator.loaded
+    n = loaded.num_blocks
     tasks = [t.name for t in ctx.tasks]
     base = worker.run([()])[()]
     if base.error:
         raise RuntimeError(f"the baseline (no block removed) could not be evaluated: {base.error}")
-    allowed = [b for b in range(n) if b not in settings.protect]
+    allowed = [u for u in all_units(n, settings.removal_unit) if u.block not in settings.protect]
+    params, fits = budget_check(loaded, settings)
     criteria_names = criteria(settings.criterion, tasks)
     beams = {c: [()] for c in criteria_names}
     best = {c: [] for c in criteria_names}  # per step: the best kept entry of each beam
     complete = dict.fromkeys(criteria_names, True)  # no candidate of this beam has failed so far
     failed = []
     for k in range(1, settings.steps(n) + 1):
-        candidates = {c: extend(beams[c], allowed) for c in criteria_names}
+        candidates = {c: extend(beams[c], allowed, fits) for c in criteria_names}
         union = sorted(set().union(*candidates.values()))
         if not union:
             break
@@ -234,21 +288,24 @@ def run_beam_search(ctx: StudyContext, worker: Worker, settings: Settings, key: 
             [rows[r] for r in union],
             {},
             [rows[r] for r in union if rows[r].error],
-            [list(r) for r in union if rows[r].status == "STOPPED"],
+            [identity(r) for r in union if rows[r].status == "STOPPED"],
         )
         failed += [dataclasses.replace(row, step=k) for row in step.failed]
         for c in criteria_names:
             complete[c] &= all(rows[r].error is None for r in candidates[c])
             beams[c] = select(rows, candidates[c], c, settings.beam_width)
-            step.beams[c] = [{"removed_blocks": list(r), "score": score(rows[r], c)} for r in beams[c]]
+            step.beams[c] = [
+                {"removed_blocks": list(removed_blocks(r)), "removed_units": unit_names(r), "score": score(rows[r], c)}
+                for r in beams[c]
+            ]
             if beams[c]:
                 previous = best[c][-1].mean_drop if best[c] else 0.0
-                best[c].append(best_entry(rows[beams[c][0]], k, n, previous, complete[c]))
+                best[c].append(best_entry(rows[beams[c][0]], k, n, previous, complete[c], params(beams[c][0])))
         tracking.log_json(ctx.client, ctx.parent_id, names.beam_step(k), step.to_json())
         _log_step(ctx, criteria_names, best, k)
         logger.info(
             f"step {k}: {len(union)} candidates ({len(step.stopped)} stopped by racing), best {criteria_names[0]}: "
-            f"{best[criteria_names[0]][-1].removed_blocks if best[criteria_names[0]] else 'none'}"
+            f"{config_text(best[criteria_names[0]][-1].units) if best[criteria_names[0]] else 'none'}"
         )
     main = best[criteria_names[0]]
     results = BeamResults(
@@ -286,7 +343,7 @@ def _log_step(ctx: StudyContext, criteria_names: list[str], best: dict[str, list
 def _log_results(ctx: StudyContext, results: BeamResults) -> None:
     baseline = {f"baseline_{m}_{t}": v for t, ms in results.baseline.items() for m, v in ms.items()}
     counts = {f"configs_{k}": v for k, v in ctx.counts.items()}
-    recommended = {names.recommended_tag(e.num_removed): ",".join(map(str, e.removed_blocks)) for e in results.recommendations}
+    recommended = {names.recommended_tag(e.num_removed): config_text(e.units) for e in results.recommendations}
     tracking.log(
         ctx.client, ctx.parent_id, metrics={**baseline, **counts}, tags={names.FAILED_CONFIGS: len(results.failed), **recommended}
     )
@@ -314,7 +371,8 @@ def plot_drops(results: BeamResults, path: Path) -> None:
         ax.plot(k, [0.0] + [e.drops[task] for e in entries], marker=".", linewidth=1, alpha=0.7, label=task)
     ax.plot(k, mean, marker="o", color="black", linewidth=2, label="mean over tasks")
     ax.fill_between(k, mean - std, mean + std, color="grey", alpha=0.25, label="+- std over tasks")
-    ax.set_xlabel("blocks removed (recommended set)")
+    unit = results.settings.get("removal_unit", "block")
+    ax.set_xlabel("blocks removed (recommended set)" if unit == "block" else "units removed (recommended set)")
     ax.set_ylabel("drop vs the unpruned model")
     ax.set_xticks(k)
     ax.legend(fontsize=7)
@@ -322,13 +380,19 @@ def plot_drops(results: BeamResults, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def shown(config: Config) -> str:
+    """A configuration in the summary: `[3, 5]` (whole blocks, as before sublayers) or `a4,b5`."""
+    return str(list(removed_blocks(config))) if is_blocks_only(config) else config_text(config)
+
+
 def summary(results: BeamResults) -> str:
     """The recommendation table (markdown), per-task bests, and failures."""
     criterion = results.settings["criterion"]
     ranking = "mean drop over the tasks" if criterion in ("mean", "all") else f"drop on {criterion}"
+    unit = results.settings.get("removal_unit", "block")
+    what = f"of {results.num_blocks} blocks" if unit == "block" else f"units ({unit}s) of {results.num_blocks} blocks"
     lines = [
-        f"## Removing 1..{len(results.recommendations)} of {results.num_blocks} blocks "
-        f"(ranked by {ranking}; tasks: {', '.join(results.tasks)})",
+        f"## Removing 1..{len(results.recommendations)} {what} (ranked by {ranking}; tasks: {', '.join(results.tasks)})",
         "",
         "| removed | blocks | mean drop | std | datasets | increment | active blocks |",
         "| --- | --- | --- | --- | --- | --- | --- |",
@@ -336,17 +400,17 @@ def summary(results: BeamResults) -> str:
     for e in results.recommendations:
         flag = "" if e.complete else " (some candidates failed)"
         lines.append(
-            f"| {e.num_removed} | {e.removed_blocks}{flag} | {e.mean_drop:.4f} | {e.std_drop:.4f} "
+            f"| {e.num_removed} | {shown(e.units)}{flag} | {e.mean_drop:.4f} | {e.std_drop:.4f} "
             f"| {e.n_datasets} | {e.incremental_drop:+.4f} | {e.num_active_blocks} -> {e.active_blocks} |"
         )
     if results.per_task:
         lines.append("")
     for task, entries in results.per_task.items():
-        lines.append(f"best on {task}: " + ", ".join(f"{e.removed_blocks} ({e.drops[task]:.4f})" for e in entries))
+        lines.append(f"best on {task}: " + ", ".join(f"{shown(e.units)} ({e.drops[task]:.4f})" for e in entries))
     if results.failed:
         lines.append(
             f"\nFAILED configurations ({len(results.failed)}), not ranked: "
-            + "; ".join(f"{f.removed_blocks}: {f.error}" for f in results.failed)
+            + "; ".join(f"{shown(f.units)}: {f.error}" for f in results.failed)
         )
     return "\n".join(lines) + "\n"
 
@@ -370,7 +434,7 @@ def main(argv=None) -> None:
         with tracking.study_run(client, names.BEAM_SEARCH, f"{names.BEAM_SEARCH}/{given.model}", params) as (run_id, exp_id):
             ctx = open_context(given, client, run_id, exp_id)
             check_blocks(settings, ctx.evaluator.loaded.num_blocks)
-            key = settings.key(ctx.identity)
+            key = tracking.config_hash({**ctx.identity, **settings.key()})
             tracking.log(client, run_id, tags={"beam_key": key})
             worker = Worker(
                 ctx, given.batch_size, given.chunk_budget_gb, given.retries, given.retry_delay, claims, given.claim_size

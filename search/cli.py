@@ -6,13 +6,14 @@ from contract import cli, tracking
 from pruning.criteria import CriterionError
 from pruning.models import ModelError
 from pruning.tasks import TaskError
+from pruning.units import UnitError
 
 
 class SearchError(ValueError):
     """A search parameter, or the storage that workers share, cannot be used."""
 
 
-USER_ERRORS = (ModelError, TaskError, tracking.TrackingError, SearchError, CriterionError)
+USER_ERRORS = (ModelError, TaskError, tracking.TrackingError, SearchError, CriterionError, UnitError)
 
 
 def run_main(main, argv=None) -> int:

@@ -32,7 +32,6 @@ from contract import names, tracking
 from pruning.evaluate import Evaluator
 from pruning.models import load_model
 from pruning.tasks import SPLITS, Task, load_task, parse_task_list, sample
-from pruning.units import removed_blocks
 from search import procedures
 from search.cli import SearchError, run_main
 from search.configs import StudyContext, study_identity
@@ -158,7 +157,7 @@ def main(argv=None) -> None:
         for i, method in enumerate(methods, 1):
             logger.info(f"method {i} of {len(methods)}: {method.name} (elapsed {time.perf_counter() - started:.0f} s)")
             selected[method.name] = procedures.select(selection, method, s.max_k)
-        configs = sorted({removed_blocks(c) for cs in selected.values() for c in cs} | {()})
+        configs = sorted({c for cs in selected.values() for c in cs} | {()})
         logger.info(f"scoring {len(configs)} distinct configurations on {s.score_split}: {procedures.data_of(score_tasks)}")
         outcomes = Worker(score_ctx, s.batch_size, s.chunk_budget_gb).run(configs)
         total = sum(p.numel() for p in loaded.model.parameters())
@@ -175,7 +174,7 @@ def main(argv=None) -> None:
             "score_data": procedures.data_of(score_tasks),
             "selected": {m: [[str(u) for u in c] for c in cs] for m, cs in selected.items()},
             "fraction_removed": {m: [removed_parameters(loaded, c) / total for c in cs] for m, cs in selected.items()},
-            "score_runs": {m: [outcomes[removed_blocks(c)].run_id for c in cs] for m, cs in selected.items()},
+            "score_runs": {m: [outcomes[c].run_id for c in cs] for m, cs in selected.items()},
             "baseline_run": outcomes[()].run_id,
             "criteria": per_unit,
             "cost": {
@@ -184,7 +183,7 @@ def main(argv=None) -> None:
             },
             "tasks": [{"name": t.name, "kind": t.kind, "headline": t.headline} for t in score_tasks],
         }
-        failed = [m for m, runs in report["score_runs"].items() if any(outcomes[removed_blocks(c)].error for c in selected[m])]
+        failed = [m for m, runs in report["score_runs"].items() if any(outcomes[c].error for c in selected[m])]
         if failed:
             raise RuntimeError(f"scoring the selections of {', '.join(failed)} failed; rerun to retry (the rest is reused)")
         tracking.log_json(client, run_id, names.METHOD_SELECTION_REPORT, report)

@@ -1,4 +1,5 @@
-"""Evaluate configurations (sets of removed blocks) together as child runs, or reuse them from the store."""
+"""Evaluate configurations (sets of removed units: blocks, sublayers; pruning.units) together as child runs,
+or reuse them from the store."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from tqdm import tqdm
 from contract import names, tracking
 from pruning.evaluate import SCORER_VERSION, Evaluator
 from pruning.tasks import Task
+from pruning.units import Config, identity, is_blocks_only, label, removed_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -43,11 +45,12 @@ class StudyContext:
     def tasks(self) -> list[Task]:
         return self.evaluator.tasks
 
-    def hash_of(self, removed: tuple[int, ...], stopped_in: str | None = None) -> str:
-        """The configuration hash of `removed`; with `stopped_in` (a step's race key), the hash
-        of the record of racing having stopped it there, never equal to a full result's."""
-        identity = {**self.identity, "removed": list(removed), "scorer": SCORER_VERSION}
-        return tracking.config_hash({**identity, "stopped_in": stopped_in} if stopped_in else identity)
+    def hash_of(self, removed: Config, stopped_in: str | None = None) -> str:
+        """The configuration hash of `removed` (a normalized configuration: whole-block ones hash as
+        they did before sublayers, pruning.units.identity); with `stopped_in` (a step's race key), the
+        hash of the record of racing having stopped it there, never equal to a full result's."""
+        config = {**self.identity, "removed": identity(removed), "scorer": SCORER_VERSION}
+        return tracking.config_hash({**config, "stopped_in": stopped_in} if stopped_in else config)
 
 
 def task_identity(task: Task) -> dict:
@@ -93,9 +96,19 @@ def ppl_window(evaluator, tasks: list[Task]) -> dict[str, int]:
     return {"ppl_window": int(evaluator.max_length)}
 
 
-def removed_tag(removed) -> str:
-    """The `removed_blocks` tag: comma-separated, sorted, empty for the baseline."""
-    return ",".join(str(b) for b in sorted(removed))
+def removed_tag(removed: Config) -> str:
+    """The `removed_blocks` tag: the whole blocks removed, comma-separated, sorted, empty for the baseline."""
+    return ",".join(map(str, removed_blocks(removed)))
+
+
+def config_text(removed: Config) -> str:
+    """A configuration for people: `3,5` (whole blocks, as before sublayers) or `a4,b5` (with sublayers)."""
+    return removed_tag(removed) if is_blocks_only(removed) else label(removed)
+
+
+def run_name(removed: Config) -> str:
+    """A configuration run's name: `remove[3,5]`, `remove[a4,b5]`, or `baseline`."""
+    return f"remove[{config_text(removed)}]" if removed else "baseline"
 
 
 @dataclass
@@ -104,7 +117,7 @@ class Outcome:
     configuration that racing stopped has the metrics of the examples it saw (`seen` per task)
     and `stopped`, the reason; its run has its own hash and is never taken for a full result."""
 
-    removed: tuple[int, ...]
+    removed: Config
     conf_hash: str
     metrics: dict[str, dict[str, float]] | None = None
     run_id: str | None = None
@@ -118,7 +131,7 @@ def _metrics_from(run, tasks: list[Task]) -> dict[str, dict[str, float]]:
     return {t.name: {m: values[names.metric(m, t.name)] for m in t.metrics} for t in tasks}
 
 
-def lookup(ctx: StudyContext, removed: tuple[int, ...], race_key: str | None = None) -> Outcome | None:
+def lookup(ctx: StudyContext, removed: Config, race_key: str | None = None) -> Outcome | None:
     """The first FINISHED run of `removed` in the store, or None: a full result, else (with
     `race_key`) the record of racing having stopped it in that step."""
     for conf_hash in [ctx.hash_of(removed)] + ([ctx.hash_of(removed, race_key)] if race_key else []):
@@ -132,8 +145,8 @@ def lookup(ctx: StudyContext, removed: tuple[int, ...], race_key: str | None = N
 
 
 def evaluate_configs(
-    ctx: StudyContext, configs: list[tuple[int, ...]], race=None, race_key: str | None = None, desc: str = "evaluating"
-) -> dict[tuple[int, ...], Outcome]:
+    ctx: StudyContext, configs: list[Config], race=None, race_key: str | None = None, desc: str = "evaluating"
+) -> dict[Config, Outcome]:
     """Outcomes of `configs`: each FINISHED run with the same hash (or, with `race_key`, the
     record of its stop in that step) is reused; the rest are scored together, step-wide (with
     `race`: racing), each as a child run. A configuration whose scoring fails comes back with
@@ -166,11 +179,11 @@ def evaluate_configs(
     return {removed: outcomes[removed] for removed in configs}
 
 
-def _open_run(ctx: StudyContext, removed: tuple[int, ...]) -> str:
-    name = f"remove[{removed_tag(removed)}]" if removed else "baseline"
+def _open_run(ctx: StudyContext, removed: Config) -> str:
     tags = {
         names.KIND: names.CONFIG,
         names.REMOVED_BLOCKS: removed_tag(removed),
+        names.REMOVED_UNITS: label(removed),
         names.NUM_REMOVED: str(len(removed)),
         **convention_tags(ctx.tasks),
     }
@@ -181,7 +194,9 @@ def _open_run(ctx: StudyContext, removed: tuple[int, ...]) -> str:
         "scorer_version": SCORER_VERSION,
         **ppl_window(ctx.evaluator, ctx.tasks),
     }
-    return tracking.open_child(ctx.client, ctx.experiment_id, ctx.parent_id, ctx.hash_of(removed), name, tags, params)
+    return tracking.open_child(
+        ctx.client, ctx.experiment_id, ctx.parent_id, ctx.hash_of(removed), run_name(removed), tags, params
+    )
 
 
 def _record(ctx: StudyContext, removed, run_id: str, result, race_key: str | None, seconds: float) -> Outcome:

@@ -31,7 +31,7 @@ from pruning.criteria import Inputs
 from pruning.criteria.states import BlockStates
 from pruning.evaluate import Evaluator
 from pruning.tasks import Task
-from pruning.units import Config, Unit, normalize, removed_blocks
+from pruning.units import Config, Unit, normalize
 from search.beam import Settings as BeamSettings
 from search.beam import run_beam_search
 from search.cli import SearchError
@@ -124,7 +124,7 @@ class Selection:
         base = worker.run([()])[()].metrics
 
         def measure(configs: list[Config]) -> dict[Config, float]:
-            start, runs = time.perf_counter(), {c: removed_blocks(c) for c in configs}
+            start, runs = time.perf_counter(), {c: normalize(c) for c in configs}
             before = dict(ctx.counts)
             outcomes = worker.run(list(runs.values()))
             self.spend(name, ctx.counts["evaluated"] - before["evaluated"], time.perf_counter() - start, ctx)
@@ -202,7 +202,7 @@ def select(selection: Selection, method: Method, max_k: int, protect: tuple[int,
         return one_shot(method.criterion, selection.inputs, units, max_k)
     ctx = selection.ctx if method.criterion == "drop" else selection.ppl_ctx
     settings = BeamSettings(beam_width(method.procedure, s.beam_width), max_k, 1, protect, "mean", s.racing, s.racing_alpha)
-    key = settings.key(ctx.identity)
+    key = tracking.config_hash({**ctx.identity, **settings.key()})
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
     tags = {MLFLOW_PARENT_RUN_ID: ctx.parent_id, names.KIND: names.BEAM_SEARCH, names.BEAM_KEY: key}
@@ -240,11 +240,11 @@ def run_procedure(ctx: StudyContext, worker: Worker, settings: BeamSettings, key
     for metric, series in selection.per_unit([criterion])[criterion].items():
         tracking.log_series(ctx.client, ctx.parent_id, metric, [v if math.isfinite(v) else float("nan") for v in series])
     configs = select(selection, Method(criterion, settings.procedure), settings.steps(n), settings.protect)
-    outcomes = worker.run([()] + [removed_blocks(c) for c in configs])
+    outcomes = worker.run([()] + configs)
     base = outcomes[()]
     entries, failed, previous = [], [], 0.0
     for k, config in enumerate(configs, 1):
-        row = candidate_row(ctx, base.metrics, outcomes[removed_blocks(config)])
+        row = candidate_row(ctx, base.metrics, outcomes[config])
         if row.error:
             failed.append(dataclasses.replace(row, step=k))
             continue

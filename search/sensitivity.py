@@ -2,7 +2,9 @@
 
 importance[i] = baseline accuracy - accuracy without block i (multiple choice), or
 log(perplexity without block i) - log(baseline perplexity) (perplexity tasks).
-The study's `importance` metric is the mean of the per-task importances.
+The study's `importance` metric is the mean of the per-task importances. With removal_unit
+`sublayer` (or `both`), each block's attention and MLP sublayers are removed alone too, and
+their importances are logged beside the blocks' (`importance_attn/<task>`, `importance_mlp/<task>`).
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ import numpy as np
 from contract import names, tracking
 from contract.records import SensitivityReport
 from pruning.evaluate import Evaluator
+from pruning.families import branches_of
 from pruning.models import load_model
 from pruning.tasks import load_task, parse_task_list
+from pruning.units import ATTENTION, MLP, Unit
 from pruning.vlm import SCORER_VERSION as GENERATION_SCORER
 from pruning.vlm import GenerationEvaluator
 from search.cli import run_main
-from search.configs import StudyContext, drop, evaluate_configs, removed_tag, study_identity
+from search.configs import StudyContext, config_text, drop, evaluate_configs, run_name, study_identity
 
 
 def open_context(settings: SensitivitySettings, client, parent_id: str, exp_id: str) -> StudyContext:
@@ -43,6 +47,8 @@ def open_context(settings: SensitivitySettings, client, parent_id: str, exp_id: 
         revision=settings.revision or None,
         blocks_path=settings.blocks_path or None,
     )
+    if settings.removal_unit != "block":
+        branches_of(loaded.model)  # a family without an adapter fails here, before any configuration run
     identity = study_identity(loaded, tasks, settings.split, settings.n_samples, settings.seed, settings.sample)
     if any(t.kind == "generation" for t in tasks):  # VQA tasks: scored by generation
         evaluator = GenerationEvaluator(loaded, tasks, settings.batch_size)
@@ -60,29 +66,39 @@ def open_context(settings: SensitivitySettings, client, parent_id: str, exp_id: 
 
 def study_params(settings: SensitivitySettings) -> dict:
     """The parent run's params (the MLproject parameters)."""
-    keys = ("model", "tasks", "split", "n_samples", "sample", "batch_size", "seed", "device", "dtype")
+    keys = ("model", "tasks", "split", "n_samples", "sample", "batch_size", "seed", "device", "dtype", "removal_unit")
     return {k: getattr(settings, k) for k in keys}
 
 
-def run_sensitivity(ctx: StudyContext) -> SensitivityReport:
-    """Evaluate the baseline and each single-block removal; log importances to the parent run."""
+def run_sensitivity(ctx: StudyContext, removal_unit: str = "block") -> SensitivityReport:
+    """Evaluate the baseline and each single-block removal (with removal_unit `sublayer` or `both`,
+    each single sublayer too); log importances to the parent run."""
     n = ctx.evaluator.loaded.num_blocks
-    configs = [()] + [(i,) for i in range(n)]
+    kinds = ("b",) if removal_unit == "block" else ("b", ATTENTION, MLP)
+    configs = [()] + [(Unit(i, kind),) for kind in kinds for i in range(n)]
     outcomes = evaluate_configs(ctx, configs, desc="sensitivity")
     failed = [o for o in outcomes.values() if o.error]
     if failed:
-        raise RuntimeError(f"remove[{removed_tag(failed[0].removed)}] could not be evaluated: {failed[0].error}")
+        raise RuntimeError(f"{run_name(failed[0].removed)} could not be evaluated: {failed[0].error}")
     baseline = outcomes[()].metrics
-    importance = {t.name: [drop(t, baseline[t.name], outcomes[(i,)].metrics[t.name]) for i in range(n)] for t in ctx.tasks}
+
+    def importance(kind: str) -> dict[str, list[float]]:
+        return {
+            t.name: [drop(t, baseline[t.name], outcomes[(Unit(i, kind),)].metrics[t.name]) for i in range(n)] for t in ctx.tasks
+        }
+
+    blocks = importance("b")
     report = SensitivityReport(
         baseline,
         n,
-        importance,
-        {t.name: [outcomes[(i,)].metrics[t.name] for i in range(n)] for t in ctx.tasks},
-        np.mean(list(importance.values()), axis=0).tolist(),
-        {",".join(map(str, r)) or "baseline": outcomes[r].run_id for r in configs},
+        blocks,
+        {t.name: [outcomes[(Unit(i),)].metrics[t.name] for i in range(n)] for t in ctx.tasks},
+        np.mean(list(blocks.values()), axis=0).tolist(),
+        {config_text(r) or "baseline": outcomes[r].run_id for r in configs},
         dict(ctx.counts),
     )
+    if removal_unit != "block":
+        report.importance_attn, report.importance_mlp = importance(ATTENTION), importance(MLP)
     _log_report(ctx, report)
     return report
 
@@ -106,6 +122,43 @@ def _log_report(ctx: StudyContext, report: SensitivityReport) -> None:
         path = Path(tmp) / names.IMPORTANCE_PLOT
         plot_importance(report, path)
         client.log_artifact(run_id, str(path))
+        if report.importance_attn is not None:
+            for task in report.importance:
+                tracking.log_series(client, run_id, names.importance_attn(task), report.importance_attn[task])
+                tracking.log_series(client, run_id, names.importance_mlp(task), report.importance_mlp[task])
+            path = Path(tmp) / names.SUBLAYER_IMPORTANCE_PLOT
+            plot_sublayer_importance(report, path, _plot_title(ctx))
+            client.log_artifact(run_id, str(path))
+
+
+def _plot_title(ctx: StudyContext) -> str:
+    sizes = sorted({t["n"] for t in ctx.identity["tasks"]})
+    n = f"n={sizes[0]} per task" if len(sizes) == 1 else f"n={sizes[0]}-{sizes[-1]} per task"
+    return f"{ctx.identity['model']}: attention vs MLP importance per block\n{', '.join(t.name for t in ctx.tasks)} ({n})"
+
+
+def plot_sublayer_importance(report: SensitivityReport, path: Path, title: str) -> None:
+    """Each block's attention and MLP importance (mean over the tasks) side by side, the whole
+    block's as a line."""
+    from matplotlib.figure import Figure  # no pyplot: no backend or global figure state
+
+    blocks = np.arange(report.num_blocks)
+    attn = np.mean(list(report.importance_attn.values()), axis=0)
+    mlp = np.mean(list(report.importance_mlp.values()), axis=0)
+    fig = Figure(figsize=(max(7, report.num_blocks * 0.35), 4))
+    ax = fig.subplots()
+    ax.bar(blocks - 0.2, attn, width=0.4, color="tab:blue", label="attention removed")
+    ax.bar(blocks + 0.2, mlp, width=0.4, color="tab:orange", label="MLP removed")
+    ax.plot(blocks, report.importance_mean, color="black", marker=".", linewidth=1, label="whole block removed")
+    ax.axhline(0, color="grey", linewidth=0.5)
+    ax.set_xlabel("block")
+    ax.set_ylabel("importance: drop vs the unpruned model (mean over tasks)")
+    ax.set_xticks(blocks)
+    ax.tick_params(labelsize=7)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def plot_importance(report: SensitivityReport, path: Path) -> None:
@@ -146,7 +199,7 @@ def main(argv=None) -> None:
     experiment = f"{names.SENSITIVITY}/{settings.model}"
     with tracking.study_run(client, names.SENSITIVITY, experiment, study_params(settings)) as (run_id, exp_id):
         ctx = open_context(settings, client, run_id, exp_id)
-        report = run_sensitivity(ctx)
+        report = run_sensitivity(ctx, settings.removal_unit)
     print(summary(report))
     print(f"parent run: {run_id}\nsee it: {tracking.ui_hint(client.tracking_uri)}")
 

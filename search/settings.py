@@ -13,6 +13,8 @@ from contract import cli
 from contract.cli import setting
 from pruning.tasks import SAMPLES, TaskError
 
+REMOVAL_UNITS = ("block", "sublayer", "both")  # pruning.units.all_units
+
 
 @dataclass
 class EvalSettings:
@@ -42,6 +44,12 @@ class SensitivitySettings(EvalSettings):
     """The `sensitivity` entry point's settings, shared by `beam_search`."""
 
     chunk_budget_gb: float = setting(4.0, "memory for the block outputs kept for one data chunk (sets the chunk size)")
+    removal_unit: str = setting(
+        "block",
+        "what a configuration removes: block (whole blocks), sublayer (attention and MLP sublayers; sensitivity "
+        "scores each block and both its sublayers), both (beam_search: blocks and sublayers together)",
+        REMOVAL_UNITS,
+    )
 
 
 @dataclass
@@ -66,6 +74,11 @@ class BeamSearchSettings(SensitivitySettings):
     racing: bool = setting(True, "stop candidates confidently out of every beam early (false: exhaustive)")
     racing_alpha: float = setting(0.05, "error level of racing's stops, per step")
     claim_size: int = setting(32, "configurations a worker claims and scores together when workers share storage")
+    max_params_removed_frac: float = setting(
+        0.0,
+        "never remove more than this fraction of the blocks' parameters (0: no limit); e.g. 0.1334 with "
+        "removal_unit=sublayer matches removing 4 of 30 equal blocks",
+    )
 
 
 DEFAULT_METHODS = (

@@ -29,7 +29,7 @@ import torch
 from contract import names, tracking
 from pruning.evaluate import Evaluator
 from search.cli import SearchError
-from search.configs import Outcome, StudyContext, evaluate_configs, lookup, removed_tag
+from search.configs import Outcome, StudyContext, evaluate_configs, lookup, run_name
 
 logger = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ class Worker:
             retry = []
             for removed in pending:
                 outcome = outcomes[removed]
-                name = f"remove[{removed_tag(removed)}]"
+                name = run_name(removed)
                 if outcome.error is None:
                     done[removed] = outcome
                     continue

@@ -27,8 +27,9 @@ SHAPES = {
     "gpt2": dict(n_embd=32, n_head=4),
     "gpt_neox": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4),
     "opt": dict(hidden_size=32, ffn_dim=64, num_attention_heads=4, word_embed_proj_dim=32),
+    "bloom": dict(hidden_size=32, n_head=4),  # a family without sublayer adapters (pruning.families)
 }
-LAYERS_FIELD = {"gpt2": "n_layer"}
+LAYERS_FIELD = {"gpt2": "n_layer", "bloom": "n_layer"}
 
 
 def tiny_lm(family: str = "llama", layers: int = 4, vocab_size: int = 128, seed: int = 0, **config) -> torch.nn.Module:

@@ -111,8 +111,8 @@ def test_todays_beam_key_is_unchanged():
             "racing_alpha": 0.05,
         }
     )
-    assert settings.key(identity) == old
-    assert beam.Settings(3, 4, 1, (), "taylor", procedure="one_shot").key(identity) != old
+    assert tracking.config_hash({**identity, **settings.key()}) == old
+    assert tracking.config_hash({**identity, **beam.Settings(3, 4, 1, (), "taylor", procedure="one_shot").key()}) != old
 
 
 def select_args(model_dir, uri, *extra):

@@ -16,6 +16,7 @@ from benchmarks.run import bench_forward, bench_sensitivity, markdown, summary, 
 from pruning.evaluate import SHARED_CONTEXT_FAMILIES, Evaluator, look_sizes, packed_attention_mask, shares_context  # noqa: E402
 from pruning.models import LoadedModel, find_blocks_path, load_model  # noqa: E402
 from pruning.tasks import Document, MultipleChoice, Task, load_task  # noqa: E402
+from pruning.units import Unit, UnitError  # noqa: E402
 
 VOCAB = 128
 
@@ -119,15 +120,19 @@ def ppl_task(n: int = 30, seed: int = 0) -> Task:
     )
 
 
-@pytest.mark.parametrize("family,shared", [("llama", True), ("qwen2", True), ("mistral", False)])
+@pytest.mark.parametrize(
+    "family,shared", [("llama", True), ("qwen2", True), ("mistral", False), ("gpt_neox", True), ("opt", False), ("gemma2", False)]
+)
 def test_step_wide_scores_equal_each_configuration_alone(family, shared):
     loaded = tiny(family, layers=6)
     tasks = [mc_task(70, seed=1), ppl_task()]
     budget = 2e-5  # GiB: chunks of one or two examples
     many = Evaluator(loaded, tasks, 3, max_length=32, chunk_budget_gb=budget, shared_context=shared)
     assert many.shared_context == shared and len(many.chunks) > 2 * many.n_looks
-    configs = [(), (0,), (2,), (1, 4), (3, 5), (5,)]
+    sublayers = [("a0",), ("m2",), (Unit(1, "a"), Unit(1, "m")), ("a2", "b4"), ("m3", "a5"), ("a4",)]
+    configs = [(), (0,), (2,), (1, 4), (3, 5), (5,), *sublayers]
     together = many.evaluate_many(configs)
+    assert len({id(v) for v in together.values()}) == len(configs)
     whole = Evaluator(loaded, tasks, 3, max_length=32, chunk_budget_gb=64, shared_context=shared)
     assert len(whole.chunks) == sum(len(look_sizes(len(t.examples))) for t in tasks)  # cut at the looks only
     for removed in configs:
@@ -137,6 +142,13 @@ def test_step_wide_scores_equal_each_configuration_alone(family, shared):
         assert_same_scores(together[removed].scores, unchunked, 1e-4)  # other batches: float noise
         nll = [np.array(s["synthetic_ppl"].per_example["nll"]) for s in (alone, unchunked)]
         assert np.abs(nll[0] - nll[1]).max() < 1e-3
+
+
+def test_bad_unit_configurations_are_rejected_before_scoring():
+    ev = Evaluator(tiny("llama", layers=2), [mc_task(4)], 4, max_length=64)
+    for bad, message in (("x1",), "cannot parse"), (("m2",), "out of range"), (("a0", "m0", "b1"), "every block"):
+        with pytest.raises(UnitError, match=message):
+            ev.evaluate_many([(0,), bad])
 
 
 def test_kept_states_are_bounded_by_one_chunk():
@@ -189,6 +201,13 @@ def test_sensitivity_benchmark_on_a_tiny_model():
     assert out["speedup"] == out["seconds_from_scratch"] / out["seconds_stepwide"]
     whole = Evaluator(loaded, tasks, 4, chunk_budget_gb=64)  # the same examples in one chunk: contexts shared alike
     assert out["tokens_per_pass"] == sum(c.prepared.n_tokens for c in whole.chunks)
+
+
+def test_sublayer_sensitivity_benchmark_on_a_tiny_model():
+    loaded, tasks = tiny("llama"), [mc_task(40)]
+    out = bench_sensitivity(loaded, tasks, 4, removal_unit="sublayer")
+    assert out["configs"] == 1 + 2 * 4 and out["max_abs_diff"] == 0.0 and out["removal_unit"] == "sublayer"
+    assert out["speedup"] == out["seconds_from_scratch"] / out["seconds_stepwide"]
 
 
 def test_forward_benchmark_on_a_tiny_model():
