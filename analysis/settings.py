@@ -1,4 +1,4 @@
-"""The settings of the analysis entry points (consistency, correlation, beam_summary, export), each declared once
+"""The settings of the analysis entry points (consistency, correlation, beam_summary, export, compare_methods), each declared once
 as a dataclass (contract.cli) whose fields are the MLproject parameters (tests/test_settings.py checks it).
 
 Light to import: an entry point answers `--help` and rejects a bad argument before it loads MLflow or SciPy.
@@ -53,6 +53,17 @@ class BeamSummarySettings:
 
 
 @dataclass
+class CompareMethodsSettings:
+    """The `compare_methods` entry point's settings."""
+
+    run_id: str = setting("", "the method_selection run (search.compare); empty: the latest FINISHED one")
+    experiment: str = setting("", "look for method selections in this experiment only")
+    n_resamples: int = setting(1000, "paired bootstrap resamples (examples within each task; units for correlations)")
+    ci_level: float = setting(0.95, "confidence interval level")
+    seed: int = setting(0, "bootstrap seed")
+
+
+@dataclass
 class ExportSettings:
     """The `export` entry point's settings."""
 
@@ -82,6 +93,13 @@ def correlation_parser() -> argparse.ArgumentParser:
 def beam_summary_parser() -> argparse.ArgumentParser:
     """The `beam_summary` entry point's command line."""
     return _parser(BeamSummarySettings, "Cross-dataset recommendation table of a beam search")
+
+
+def compare_methods_parser() -> argparse.ArgumentParser:
+    """The `compare_methods` entry point's command line."""
+    return _parser(
+        CompareMethodsSettings, "Held-out comparison of pruning methods (criterion x procedure) from a method selection"
+    )
 
 
 def export_parser() -> argparse.ArgumentParser:

@@ -16,6 +16,8 @@ STUDY = "study"  # a Taylor study's parent run
 STUDY_WORKER = "study_worker"  # a worker of a Taylor study
 EXPORT = "export"  # a pruned model exported (search.export_model) or results pushed to S3 (analysis.export)
 CONSISTENCY, CORRELATION, BEAM_SUMMARY = "consistency", "correlation", "beam_summary"  # analysis runs
+METHOD_SELECTION = "method_selection"  # pruning methods' selections on one split, scored on another (search.compare)
+COMPARE_METHODS = "compare_methods"  # the analysis of a method selection (analysis.compare_methods)
 
 # Tags every run of a study carries, and on failure.
 HOST, PID = "prunetrack.host", "prunetrack.pid"  # the process that owns a RUNNING run
@@ -79,6 +81,14 @@ SUBLAYER_IMPORTANCE_PLOT = "sublayer_importance.png"  # sensitivity with removal
 BEAM_RESULTS, BEAM_TABLE, BEAM_DROPS_PLOT = "beam_search_results.json", "recommendations.md", "beam_drops.png"
 STUDY_RESULTS = "search_results.csv"
 PRUNE_REPORT = "prune_report.json"
+METHOD_SELECTION_REPORT = "method_selection.json"
+COMPARE_JSON, COMPARE_TABLE, COMPARE_PLOT = "compare_methods.json", "compare_methods.tex", "compare_methods.png"
+
+
+def criterion_metric(criterion: str, kind: str = "b") -> str:
+    """The per-unit metric of an importance criterion (step = block index): `criterion/<name>` for
+    blocks, `criterion/<name>_attn` and `criterion/<name>_mlp` for attention and MLP sublayers."""
+    return f"criterion/{criterion}" + {"b": "", "a": "_attn", "m": "_mlp"}[kind]
 
 
 def beam_step(k: int) -> str:

@@ -21,6 +21,7 @@ What makes it fast, with the same scores:
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import inspect
 import logging
@@ -488,6 +489,7 @@ class Evaluator:
         width = loaded.model.get_input_embeddings().embedding_dim
         self._token_bytes = width * next(loaded.model.parameters()).element_size()
         self.kept_blocks = max(1, loaded.num_blocks - 1)  # the most block outputs a chunk may keep
+        self.observer = None  # e.g. pruning.criteria.states.BlockStates: watches every baseline pass
         self.chunks: list[Chunk] = []
         self.tokens: list[list[int]] = []  # scored tokens per example, per task
         for t, task in enumerate(self.tasks):
@@ -673,8 +675,11 @@ class Evaluator:
 
         handles = [self.loaded.blocks[j].register_forward_hook(keep(j)) for j in blocks]
         last = self.loaded.num_blocks if baseline is not None else blocks[-1] + 1
+        observing = contextlib.nullcontext()
+        if baseline is not None and self.observer is not None:
+            observing = self.observer.observing(self.loaded, lambda: chunk.prepared.batches[current["batch"]].attention_mask)
         try:
-            with blocks_replaced(self.loaded, list(self.loaded.blocks)[:last], list(range(last))):
+            with blocks_replaced(self.loaded, list(self.loaded.blocks)[:last], list(range(last))), observing:
                 values = loglikelihoods(
                     self.loaded.model,
                     chunk.prepared,

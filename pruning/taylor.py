@@ -96,8 +96,10 @@ def calibration_batches(
     seed: int = 0,
     batch_size: int = 8,
     max_len: int | None = None,
+    text: str | None = None,
 ) -> list[torch.Tensor]:
-    """`num_samples` windows of `seq_len` tokens at seeded random offsets of the tokenized corpus.
+    """`num_samples` windows of `seq_len` tokens at seeded random offsets of the tokenized corpus
+    (`source`, or `text` itself when given).
 
     Returns LongTensor batches of shape [<= batch_size, seq_len]. `max_len` is the model's
     context length (`max_position_embeddings`); longer windows are refused.
@@ -109,7 +111,7 @@ def calibration_batches(
     if seq_len < 1 or (max_len is not None and seq_len > max_len):
         limit = f"1..{max_len} (the model's context)" if max_len is not None else ">= 1"
         raise ModelError(f"seq_len {seq_len} out of range; allowed: {limit}")
-    ids = tokenizer(calibration_text(source), add_special_tokens=False, verbose=False)["input_ids"]
+    ids = tokenizer(calibration_text(source) if text is None else text, add_special_tokens=False, verbose=False)["input_ids"]
     if len(ids) < seq_len + 1:
         raise ModelError(f"calibration corpus {source!r} has {len(ids)} tokens; seq_len {seq_len} needs at least {seq_len + 1}")
     tokens = torch.tensor(ids, dtype=torch.long)

@@ -64,11 +64,20 @@ class Settings:
     max_removed: int
     min_active_blocks: int
     protect: tuple[int, ...]
-    criterion: str  # mean, all, or a task name
+    criterion: str  # mean, all, a task name (the drop criterion), or another criterion (pruning.criteria)
     racing: bool = True  # stop candidates that are confidently out of every beam (pruning.racing)
     racing_alpha: float = 0.05
     removal_unit: str = "block"  # block, sublayer or both (pruning.units.all_units)
     max_params_removed_frac: float = 0.0  # 0: no parameter budget
+    procedure: str = "beam"  # search.procedures; not in the beam key while `beam`, so keys stay as they were
+
+    @property
+    def ranks_drop(self) -> bool:
+        """Whether this is today's beam search over the task-metric drop (criterion mean, all or a task),
+        greedy being its width 1."""
+        from pruning.criteria import CRITERIA
+
+        return self.procedure in ("beam", "greedy") and self.criterion not in CRITERIA
 
     def steps(self, num_blocks: int) -> int:
         """How many units the search removes at most."""
@@ -81,7 +90,7 @@ class Settings:
         """What identifies the search (its beam key), the settings added with sublayers only when not
         at their defaults: a block search keeps the key it had before them."""
         key = asdict(self)
-        for name, default in (("removal_unit", "block"), ("max_params_removed_frac", 0.0)):
+        for name, default in (("removal_unit", "block"), ("max_params_removed_frac", 0.0), ("procedure", "beam")):
             if key[name] == default:
                 del key[name]
         return key
@@ -110,8 +119,19 @@ def settings_of(args: BeamSearchSettings) -> Settings:
             raise SearchError(f"{name} must be at least 1, got {getattr(args, name)}")
     if args.retries < 0 or args.retry_delay < 0:
         raise SearchError(f"retries and retry_delay must be >= 0, got {args.retries} and {args.retry_delay}")
-    if args.criterion not in ("mean", "all", *tasks):
-        raise SearchError(f"unknown criterion {args.criterion!r}; allowed: mean, all, {', '.join(tasks)}")
+    from pruning.criteria import CRITERIA
+    from search.procedures import beam_width, check
+
+    criterion = "mean" if args.criterion == "drop" else args.criterion
+    if criterion not in ("mean", "all", *tasks, *CRITERIA):
+        allowed = ", ".join(["mean", "all", *tasks, *CRITERIA])
+        raise SearchError(f"unknown criterion {args.criterion!r}; allowed: {allowed}")
+    check("drop" if criterion in ("mean", "all", *tasks) else criterion, args.procedure)
+    if args.removal_unit != "block" and (args.procedure not in ("beam", "greedy") or criterion in CRITERIA):
+        raise SearchError(
+            f"criterion {args.criterion} with procedure {args.procedure} chooses whole blocks; allowed: removal_unit block, "
+            "or criterion mean, all or a task with procedure beam or greedy"
+        )
     if not 0 < args.racing_alpha < 1:
         raise SearchError(f"racing_alpha must be between 0 and 1 (exclusive), got {args.racing_alpha}")
     if args.claim_size < 1:
@@ -119,15 +139,16 @@ def settings_of(args: BeamSearchSettings) -> Settings:
     if not 0 <= args.max_params_removed_frac < 1:
         raise SearchError(f"max_params_removed_frac must be in [0, 1), got {args.max_params_removed_frac}")
     return Settings(
-        args.beam_width,
+        beam_width(args.procedure, args.beam_width),
         args.max_removed,
         args.min_active_blocks,
         parse_blocks(args.protect),
-        args.criterion,
+        criterion,
         args.racing,
         args.racing_alpha,
         args.removal_unit,
         args.max_params_removed_frac,
+        args.procedure,
     )
 
 
@@ -414,7 +435,12 @@ def main(argv=None) -> None:
             worker = Worker(
                 ctx, given.batch_size, given.chunk_budget_gb, given.retries, given.retry_delay, claims, given.claim_size
             )
-            results = run_beam_search(ctx, worker, settings, key)
+            if settings.ranks_drop:
+                results = run_beam_search(ctx, worker, settings, key)
+            else:
+                from search.procedures import run_procedure
+
+                results = run_procedure(ctx, worker, settings, key, given)
     print(summary(results))
     print(f"parent run: {run_id}\nsee it: {tracking.ui_hint(client.tracking_uri)}")
 

@@ -1,4 +1,4 @@
-"""The settings of the search entry points (sensitivity, beam_search, prune, export_model), each declared once
+"""The settings of the search entry points (sensitivity, beam_search, prune, export_model, select_methods), each declared once
 as a dataclass (contract.cli) whose fields are the MLproject parameters (tests/test_settings.py checks it).
 
 Light to import: an entry point answers `--help` and rejects a bad argument before it loads torch.
@@ -65,7 +65,12 @@ class BeamSearchSettings(SensitivitySettings):
     max_removed: int = setting(4, "most blocks removed")
     min_active_blocks: int = setting(1, "never keep fewer blocks than this")
     protect: str = setting("", "blocks never removed, e.g. 0,29 or 0-3,29")
-    criterion: str = setting("all", "mean (mean drop over the tasks), a task name, or all (mean beam plus one beam per task)")
+    criterion: str = setting(
+        "all",
+        "the drop criterion ranked by mean (mean drop over the tasks), a task name, or all (mean beam plus one beam per "
+        "task); or another criterion: drop (= mean), ppl_drop, block_influence, angular_distance, taylor",
+    )
+    procedure: str = setting("beam", "how units are chosen: beam, greedy (beam_width 1), one_shot, last_n")
     retries: int = setting(3, "retries of a failing evaluation")
     retry_delay: float = setting(60.0, "seconds between retries")
     storage: str = setting(
@@ -79,6 +84,12 @@ class BeamSearchSettings(SensitivitySettings):
         "never remove more than this fraction of the blocks' parameters (0: no limit); e.g. 0.1334 with "
         "removal_unit=sublayer matches removing 4 of 30 equal blocks",
     )
+
+
+DEFAULT_METHODS = (
+    "drop:beam,drop:greedy,drop:one_shot,ppl_drop:greedy,ppl_drop:one_shot,"
+    "block_influence:one_shot,angular_distance:one_shot,taylor:one_shot,last_n"
+)
 
 
 def _as_eval(name: str, default=None):
@@ -157,6 +168,38 @@ class ExportModelSettings(EvalSettings):
     )
 
 
+@dataclass
+class MethodSelectionSettings:
+    """The `select_methods` entry point's settings: which criterion/procedure pairs select configurations
+    of k = 1..max_k blocks on one split, and the split their selections are scored on."""
+
+    model: str = _as_eval("model")
+    revision: str = _as_eval("revision")
+    tasks: str = _as_eval("tasks")
+    n_samples: int = _as_eval("n_samples")
+    sample: str = _as_eval("sample")
+    batch_size: int = _as_eval("batch_size")
+    seed: int = _as_eval("seed")
+    device: str = _as_eval("device")
+    dtype: str = _as_eval("dtype")
+    blocks_path: str = _as_eval("blocks_path")
+    data_dir: str = _as_eval("data_dir")
+    select_n_samples: int = setting(
+        0, "examples per task on the selection split (0 = n_samples); n_samples is the scoring split's"
+    )
+    ppl_docs: int = setting(2, "documents of each perplexity task per split (0 = all; a WikiText-2 page is ~6,000 tokens)")
+    chunk_budget_gb: float = setting(4.0, "memory for the block outputs kept for one data chunk (sets the chunk size)")
+    methods: str = setting(DEFAULT_METHODS, "comma-separated criterion:procedure pairs, and last_n (the baseline)")
+    max_k: int = setting(6, "select configurations of 1..max_k blocks")
+    select_split: str = setting(
+        "validation/a", "where methods select: train, validation, or a seeded half of one (validation/a, validation/b)"
+    )
+    score_split: str = setting("validation/b", "where selections are scored; no example may be shared with select_split")
+    beam_width: int = setting(3, "configurations kept per step by the beam procedure")
+    racing: bool = setting(True, "greedy and beam stop candidates confidently out of every beam early")
+    racing_alpha: float = setting(0.05, "error level of racing's stops, per step")
+
+
 def sensitivity_parser() -> argparse.ArgumentParser:
     """The `sensitivity` entry point's command line."""
     return cli.parser_for(SensitivitySettings, cli.TrackingSettings, description="Block sensitivity study")
@@ -171,6 +214,15 @@ def prune_parser() -> argparse.ArgumentParser:
     """The `prune` entry point's command line."""
     return cli.parser_for(
         PruneSettings, cli.TrackingSettings, description="Taylor-importance global width pruning, tracked in MLflow"
+    )
+
+
+def method_selection_parser() -> argparse.ArgumentParser:
+    """The `select_methods` entry point's command line."""
+    return cli.parser_for(
+        MethodSelectionSettings,
+        cli.TrackingSettings,
+        description="Select configurations with each pruning method on one split and score them on another",
     )
 
 
