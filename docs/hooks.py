@@ -116,7 +116,7 @@ def names(module: str) -> str:
     for name, function in inspect.getmembers(contract_names, inspect.isfunction):
         if function.__module__ != contract_names.__name__:
             continue
-        params = list(inspect.signature(function).parameters)
+        params = [n for n, p in inspect.signature(function).parameters.items() if p.default is inspect.Parameter.empty]
         doc = " ".join(inspect.getdoc(function).split())
         rows.append(f"| `{name}({', '.join(params)})` | `{function(*(f'<{p}>' for p in params))}` | {_cell(doc)} |")
     return "\n".join(rows)
