@@ -747,24 +747,16 @@ def main(argv=None) -> None:
         with tempfile.TemporaryDirectory() as scratch:
             folder, source = data_dir(args.data_dir, sizes["mc_n"], Path(scratch))
             tasks = [load_task(name, "validation", sizes["sensitivity_n"], seed=0, data_dir=folder) for name in MC_TASKS]
-            if "sensitivity" in parts:
-                print(f"sensitivity: {loaded.name}, {loaded.num_blocks} blocks, tasks {[t.name for t in tasks]} ...", flush=True)
-                results["sensitivity"] = {
-                    **bench_sensitivity(loaded, tasks, args.batch_size),
-                    **_stamp(loaded.device),
-                    "model": loaded.name,
-                    "data": source,
-                    "dtype": "float32",
-                }
-            if "sublayer" in parts:
-                print(f"sublayer sensitivity: {loaded.name}, {2 * loaded.num_blocks} sublayers ...", flush=True)
-                results["sublayer_sensitivity"] = {
-                    **bench_sensitivity(loaded, tasks, args.batch_size, removal_unit="sublayer"),
-                    **_stamp(loaded.device),
-                    "model": loaded.name,
-                    "data": source,
-                    "dtype": "float32",
-                }
+            for part, key, unit in (("sensitivity", "sensitivity", "block"), ("sublayer", "sublayer_sensitivity", "sublayer")):
+                if part in parts:
+                    print(f"{key}: {loaded.name}, {loaded.num_blocks} blocks, tasks {[t.name for t in tasks]} ...", flush=True)
+                    results[key] = {
+                        **bench_sensitivity(loaded, tasks, args.batch_size, removal_unit=unit),
+                        **_stamp(loaded.device),
+                        "model": loaded.name,
+                        "data": source,
+                        "dtype": "float32",
+                    }
             if "scale" in parts:
                 names, real = real_tasks(SCALE_TASKS, args.data_dir)
                 scale = [load_task(name, "validation", sizes["scale_n"], seed=0, data_dir=real) for name in names]

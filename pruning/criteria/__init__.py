@@ -76,6 +76,16 @@ class Inputs:
     taylor: dict[Unit, float] | None = None  # criteria.taylor.unit_scores of the unpruned model
 
 
+def baseline_states(name: str, inputs: Inputs, removed: Config):
+    """The unpruned model's block states for a static criterion `name`, or a one-line error when none
+    were recorded or when it is asked to re-score after a removal (it reads the unpruned model only)."""
+    if inputs.states is None:
+        raise CriterionError(f"criterion {name} needs the block states of a baseline pass; none recorded")
+    if removed:
+        raise CriterionError(f"criterion {name} scores the unpruned model only; procedures allowed: one_shot, last_n")
+    return inputs.states
+
+
 def score(name: str, inputs: Inputs, removed: Config, units: Config, n: int = 1) -> dict[Unit, float]:
     """Criterion `name`'s score of each of `units`, with `removed` already removed."""
     import importlib

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 
-from pruning.criteria import CriterionError, Inputs
+from pruning.criteria import CriterionError, Inputs, baseline_states
 from pruning.units import ATTENTION, Config, Unit
 
 WINDOW = True  # a unit's score is that of the window of n blocks starting at it
@@ -21,11 +21,7 @@ WINDOW = True  # a unit's score is that of the window of n blocks starting at it
 
 def score(inputs: Inputs, removed: Config, units: Config, n: int = 1) -> dict[Unit, float]:
     """Angular distance of each unit (window of `n` blocks from a block unit) in the unpruned model."""
-    states = inputs.states
-    if states is None:
-        raise CriterionError("criterion angular_distance needs the block states of a baseline pass; none recorded")
-    if removed:
-        raise CriterionError("criterion angular_distance scores the unpruned model only; procedures allowed: one_shot, last_n")
+    states = baseline_states("angular_distance", inputs, removed)
     scores = {}
     for u in units:
         if u.is_block:

@@ -9,17 +9,13 @@ Read from the block states of the unpruned model's pass (criteria.states): 0 ext
 
 from __future__ import annotations
 
-from pruning.criteria import CriterionError, Inputs
+from pruning.criteria import CriterionError, Inputs, baseline_states
 from pruning.units import Config, Unit
 
 
 def score(inputs: Inputs, removed: Config, units: Config, n: int = 1) -> dict[Unit, float]:
     """BI of each unit in the unpruned model (`removed` must be empty: the criterion is static)."""
-    states = inputs.states
-    if states is None:
-        raise CriterionError("criterion block_influence needs the block states of a baseline pass; none recorded")
-    if removed:
-        raise CriterionError("criterion block_influence scores the unpruned model only; procedures allowed: one_shot, last_n")
+    states = baseline_states("block_influence", inputs, removed)
     if any(not u.is_block for u in units) and not states.sublayers:
         raise CriterionError("criterion block_influence: sublayer values need a sequential pre-norm family")
     values = {kind: states.influence(kind) for kind in {u.kind for u in units}}
