@@ -7,7 +7,8 @@ from pathlib import Path
 
 from contract import tracking
 from contract.records import BeamResults
-from search.summaries import drop_unit, shown
+from search.configs import config_text
+from search.summaries import drop_unit
 
 UNIT_TITLES = {"Δ acc": "accuracy lost (fraction)", "Δ log-ppl": "log-perplexity increase", "Δ score": "score lost"}
 
@@ -20,7 +21,7 @@ def plot_beam_drops(results: BeamResults, identity: dict, path: Path):
 
     entries = results.recommendations
     k = [0] + [e.num_removed for e in entries]
-    ticks = ["0\nnone"] + [f"{e.num_removed}\n{shown(e.units)}" for e in entries]
+    ticks = ["0\nnone"] + [f"{e.num_removed}\n[{config_text(e.units)}]" for e in entries]
     by_unit: dict[str, list[str]] = {}
     for task in results.tasks:
         by_unit.setdefault(drop_unit(results.baseline[task]), []).append(task)

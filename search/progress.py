@@ -16,6 +16,8 @@ import sys
 import threading
 import time
 
+from pruning.units import first_block, normalize, removed_blocks
+
 logger = logging.getLogger(__name__)
 
 EVERY = 30.0  # seconds between progress lines when no bar is shown
@@ -123,9 +125,11 @@ def work_of(evaluator) -> tuple[int, str]:
 
 
 def blocks_run(removed, num_blocks: int) -> int:
-    """Blocks a configuration runs itself in step-wide scoring: those after its first removed block
-    that it keeps (the blocks below come from the kept states of the shared pass); all for the baseline."""
-    return num_blocks - (min(removed) if removed else 0) - len(removed)
+    """Blocks a configuration runs itself in step-wide scoring: those from its first touched block on
+    that it keeps whole or in part (the blocks below come from the kept states of the shared pass); all
+    for the baseline."""
+    config = normalize(removed)
+    return num_blocks - (first_block(config) or 0) - len(removed_blocks(config))
 
 
 def shares(results: dict, tasks, num_blocks: int) -> dict:
