@@ -49,7 +49,7 @@ from pruning.units import Config, UnitError, is_blocks_only, label, normalize, p
 from search import monitoring, progress, speedup, summaries
 from search.cli import SearchError, run_main
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(__spec__.name)  # `python -m search.export_model` runs it as __main__: log under its own name
 
 PROMPTS = ("The quick brown fox jumps over the lazy dog.", "def main():\n    return 0", "In 1905, Albert Einstein")
 # Largest |logit difference| between the exported model and the project's pruned model, by dtype.
