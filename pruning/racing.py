@@ -32,6 +32,7 @@ import numpy as np
 from scipy.stats import norm
 
 from pruning.evaluate import MIN_LOOK_EXAMPLES
+from pruning.units import label, normalize
 
 
 @dataclass
@@ -39,7 +40,10 @@ class Beam:
     """One beam of a step: how it ranks (weight per task) and the configurations competing in it."""
 
     weights: dict[str, float]  # task name -> weight in the ranking value (mean: 1/T each)
-    members: set[tuple[int, ...]]
+    members: set  # configurations, in any form pruning.units.normalize takes; kept normalized
+
+    def __post_init__(self):
+        self.members = {normalize(c) for c in self.members}
 
 
 @dataclass
@@ -50,12 +54,12 @@ class Race:
     width: int
     alpha: float = 0.05
 
-    def stop(self, evaluator, lls: dict) -> dict[tuple[int, ...], str]:
+    def stop(self, evaluator, lls: dict) -> dict[tuple, str]:
         """Configurations (keys of `lls`: per task, example -> request log-likelihoods) to stop now,
         with the reason: out of every beam they compete in."""
         out, kept = {}, set()
         for beam in self.beams:
-            members = [c for c in lls if c in beam.members]
+            members = [c for c in lls if normalize(c) in beam.members]
             out_here = self._out_of(beam, members, evaluator, lls) if len(members) > self.width else {}
             kept.update(c for c in members if c not in out_here)
             for c, reason in out_here.items():
@@ -96,7 +100,7 @@ class Race:
             if len(better) >= self.width:
                 closest = min(better, key=lambda j: diff[i, j])
                 out[c] = (
-                    f"worse than {len(better)} others (closest {list(members[closest])} by "
+                    f"worse than {len(better)} others (closest {label(members[closest])} by "
                     f"{diff[i, closest]:.4f} +- {z * np.sqrt(var[i, closest]):.4f}) after {', '.join(seen_text)} "
                     f"examples; normal bound, alpha {self.alpha} / {tests} (beams x width x (candidates - width) x looks)"
                 )

@@ -37,7 +37,7 @@ from search.cli import SearchError, run_main
 from search.configs import StudyContext, study_identity
 from search.work import Worker
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(__spec__.name)
 HALVES = ("a", "b")
 
 

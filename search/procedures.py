@@ -23,17 +23,19 @@ import math
 import time
 
 import numpy as np
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from contract import names, tracking
 from contract.records import BeamResults
 from pruning import criteria
-from pruning.criteria import Inputs
+from pruning.criteria import CRITERIA, Inputs
 from pruning.criteria.states import BlockStates
 from pruning.evaluate import Evaluator
+from pruning.families import removed_parameters
 from pruning.tasks import Task
 from pruning.units import Config, Unit, normalize
 from search.beam import Settings as BeamSettings
-from search.beam import run_beam_search
+from search.beam import _log_results, best_entry, candidate_row, run_beam_search
 from search.cli import SearchError
 from search.configs import StudyContext, drop, study_identity
 from search.work import Worker
@@ -203,8 +205,6 @@ def select(selection: Selection, method: Method, max_k: int, protect: tuple[int,
     ctx = selection.ctx if method.criterion == "drop" else selection.ppl_ctx
     settings = BeamSettings(beam_width(method.procedure, s.beam_width), max_k, 1, protect, "mean", s.racing, s.racing_alpha)
     key = tracking.config_hash({**ctx.identity, **settings.key()})
-    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
-
     tags = {MLFLOW_PARENT_RUN_ID: ctx.parent_id, names.KIND: names.BEAM_SEARCH, names.BEAM_KEY: key}
     run_id = ctx.client.create_run(ctx.experiment_id, run_name=f"{method.name} on {ctx.tasks[0].split}", tags=tags).info.run_id
     tracking.log(ctx.client, run_id, params=dataclasses.asdict(settings))
@@ -220,9 +220,6 @@ def run_procedure(ctx: StudyContext, worker: Worker, settings: BeamSettings, key
     """beam_search with another criterion or procedure than today's beam over the drop: the criterion's
     per-unit scores logged (`criterion/<name>`), the configurations of 1..max_removed blocks chosen by
     the procedure on the study's data, then scored on it like beam search recommendations."""
-    from pruning.criteria import CRITERIA
-    from search.beam import _log_results, best_entry, candidate_row
-
     loaded, n = ctx.evaluator.loaded, ctx.evaluator.loaded.num_blocks
     ppl_tasks = [t for t in ctx.tasks if t.kind == "perplexity"]
     criterion = settings.criterion if settings.criterion in CRITERIA else "drop"
@@ -248,7 +245,7 @@ def run_procedure(ctx: StudyContext, worker: Worker, settings: BeamSettings, key
         if row.error:
             failed.append(dataclasses.replace(row, step=k))
             continue
-        entries.append(best_entry(row, k, n, previous, True))
+        entries.append(best_entry(row, k, n, previous, True, removed_parameters(loaded, normalize(config))))
         previous = row.mean_drop
     results = BeamResults(
         loaded.name,

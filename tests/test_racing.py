@@ -124,7 +124,7 @@ def test_beam_search_records_stops_apart_and_reuses_them(one_block_matters, sqli
                 exp_id,
                 run_id,
                 Evaluator(loaded, [task], 8, max_length=64),
-                {"model": "one-block-matters", "tasks": [task_identity(task)]},
+                {"model": "one-block-matters", "tasks": [task_identity(task)], "split": task.split, "n_samples": None},
             )
             settings = beam.Settings(2, 1, 1, (), "mean", racing)
             results = beam.run_beam_search(
