@@ -183,12 +183,25 @@ class _Format(logging.Formatter):
         return text if record.levelno == logging.INFO else f"{record.levelname.lower()}: {text}"
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """A handler writing to sys.stderr as it is when a record comes, not as it was at set-up:
+    entry points run in-process (tests, notebooks) may swap and close sys.stderr in between."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
 def show_logs(packages: tuple = ("pruning", "contract", "search", "analysis", "benchmarks")) -> None:
     """Send the project's log records (INFO and up) to stderr, once; libraries keep their own settings."""
     for name in packages:
         package = logging.getLogger(name)
         if not package.handlers:
-            handler = logging.StreamHandler(sys.stderr)
+            handler = _CurrentStderr()
             handler.setFormatter(_Format("%(message)s"))
             package.addHandler(handler)
             package.setLevel(logging.INFO)

@@ -89,14 +89,15 @@ def sensitivity_description(report: SensitivityReport, identity: dict, reuse: st
 def beam_table(results: BeamResults) -> list[str]:
     """The recommendation table per number removed: blocks, mean drop ± std over the tasks, each task's drop."""
     units = {t: drop_unit(results.baseline[t]) for t in results.tasks}
+    what = "blocks" if all(is_blocks_only(e.units) for e in results.recommendations) else "units"
     lines = [
-        "| k | removed | mean drop ± std | " + " | ".join(f"{t} ({units[t]})" for t in results.tasks) + " |",
+        f"| k | removed {what} | mean drop ± std | " + " | ".join(f"{t} ({units[t]})" for t in results.tasks) + " |",
         "| --- | --- | --- |" + " --- |" * len(results.tasks),
     ]
     for e in results.recommendations:
         flag = "" if e.complete else " (some candidates failed)"
         drops = " | ".join(f"{e.drops[t]:.4f}" for t in results.tasks)
-        lines.append(f"| {e.num_removed} | {shown(e.units)}{flag} | {e.mean_drop:.4f} ± {e.std_drop:.4f} | {drops} |")
+        lines.append(f"| {e.num_removed} | {config_text(e.units)}{flag} | {e.mean_drop:.4f} ± {e.std_drop:.4f} | {drops} |")
     return lines
 
 

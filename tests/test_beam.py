@@ -24,6 +24,7 @@ from contract import names, tracking
 from pruning.evaluate import Evaluator
 from pruning.models import load_model
 from pruning.tasks import load_task
+from pruning.units import Unit
 from search import beam, sensitivity, work
 from search.cli import SearchError, run_main
 from search.configs import drop
@@ -254,7 +255,8 @@ def test_three_workers_on_postgresql_evaluate_each_configuration_once(model_dir,
     for proc, log in zip(workers, logs):
         assert proc.wait(timeout=400) == 0, log.read_text()[-3000:]
         shown = log.read_text().splitlines()  # every step's progress line, logged under search.beam
-        assert [line.split(":")[0] for line in shown if line.startswith("step ")] == ["step 1 of 2", "step 2 of 2"], shown
+        steps = {" ".join(line.split()[:5]).rstrip(":") for line in shown if line.startswith("beam step ")}
+        assert sorted(steps) == ["beam step 1 of 2", "beam step 2 of 2"], shown
 
     statuses = assert_each_config_once(client)
     assert set(statuses) == {"FINISHED"}
@@ -280,14 +282,14 @@ def test_out_of_memory_retries_with_half_the_batch_size(model_dir, reference, sq
 
     def flaky(self, chunk, removed, *args):
         calls.append((removed, self.batch_size))
-        if removed == (2,) and [c for c, _ in calls].count((2,)) == 1:
+        if removed == (Unit(2),) and [c for c, _ in calls].count((Unit(2),)) == 1:  # configurations arrive normalized
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return plain(self, chunk, removed, *args)
 
     monkeypatch.setattr(pruning.evaluate.Evaluator, "_score_config", flaky)
     assert run_main(beam.main, argv(model_dir, uri, "--max_removed", "1", "--criterion", "mean")) == 0
-    first = calls.index(((2,), 16))
-    assert ((2,), 8) in calls[first + 1 :]  # the whole set again, at half the batch size
+    first = calls.index(((Unit(2),), 16))
+    assert ((Unit(2),), 8) in calls[first + 1 :]  # the whole set again, at half the batch size
     assert {size for _, size in calls[: first + 1]} == {16} and {size for _, size in calls[first + 1 :]} == {8}
     (results,) = finished_results(client)  # the same scores as without the failure
     assert_close(comparable(results, 1)["recommendations"], comparable(reference[0], 1)["recommendations"])
@@ -303,7 +305,7 @@ def test_configuration_that_keeps_failing_is_recorded_and_reported(model_dir, sq
     plain = Evaluator._score_config
 
     def broken(self, chunk, removed, *args):
-        if removed == (1,):
+        if removed == (Unit(1),):
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return plain(self, chunk, removed, *args)
 

@@ -406,12 +406,12 @@ def test_mlflow_run_stopped_leaves_nothing_running(tmp_path, sqlite_store, tiny_
     assert wait_gone(search, 30) < 30
     log = (tmp_path / "launcher.log").read_text()
     assert runs(client, status="RUNNING") == [], log[-3000:]
-    killed = runs(client, status="KILLED")
-    assert {r.info.run_id for r in in_flight} < {r.info.run_id for r in killed}
     deadline = time.time() + 60  # mlflow run writes FAILED over it on its way out; prunetrack's helper then KILLED
     while runs(client, "beam_search")[0].info.status != "KILLED":
         assert time.time() < deadline, runs(client, "beam_search")[0].info.status
         time.sleep(0.2)
+    killed = runs(client, status="KILLED")
+    assert {r.info.run_id for r in in_flight} < {r.info.run_id for r in killed}  # the parent too
     for run in killed:
         assert reason in run.data.tags[names.ERROR]
     ours = [line for line in log.splitlines() if line.startswith("error: ")]
