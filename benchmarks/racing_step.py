@@ -26,11 +26,11 @@ from scipy.stats import norm
 from benchmarks.run import SCALE_TASKS, _stamp, racing_ceiling, real_tasks
 from contract import cli
 from contract.cli import setting
+from pruning.drop import drop
 from pruning.evaluate import Evaluator
 from pruning.models import load_model
 from pruning.racing import Beam, Race
 from pruning.tasks import load_task
-from search.configs import drop
 
 
 class Uncorrected(Race):

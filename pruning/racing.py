@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import norm
 
+from pruning.drop import example_terms
 from pruning.evaluate import MIN_LOOK_EXAMPLES
 from pruning.units import label, normalize
 
@@ -108,9 +109,8 @@ class Race:
 
 
 def _losses(task, lls: list[np.ndarray], examples: list[int], tokens: list[int]) -> np.ndarray:
-    """Each example's term of the task's drop, up to the baseline's (which cancels in a
-    difference): minus correct for multiple choice; for perplexity its NLL scaled so that the
-    terms of all documents average to log-perplexity (n_docs * nll / all scored tokens)."""
+    """Each example's term of the task's drop (pruning.drop.example_terms) from its request
+    log-likelihoods: correct or not for multiple choice, its NLL for perplexity."""
     if task.kind == "multiple_choice":
-        return -np.array([np.argmax(ll) == task.examples[e].gold for ll, e in zip(lls, examples)], dtype=float)
-    return -np.array([ll.sum() for ll in lls]) * len(tokens) / sum(tokens)
+        return example_terms(task.kind, [np.argmax(ll) == task.examples[e].gold for ll, e in zip(lls, examples)])
+    return example_terms(task.kind, [-ll.sum() for ll in lls], tokens)

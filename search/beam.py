@@ -6,7 +6,7 @@ single-unit removal (reusing sensitivity runs already in the store); step k exte
 configuration by one more unit (a block's second sublayer makes it the whole block), removes
 duplicate sets, evaluates them and keeps the `beam_width` best. `max_params_removed_frac` leaves
 out candidates that remove more of the blocks' parameters than that, so a search over sublayers
-can run to the parameter budget of k whole blocks. A configuration's score is its drop (search.configs.drop) averaged over the
+can run to the parameter budget of k whole blocks. A configuration's score is its drop (pruning.drop.drop) averaged over the
 tasks (criterion `mean`) or on one task; ties go to the smaller sorted tuple. Criterion `all` runs
 one beam per task beside the mean beam: every configuration is evaluated on all tasks at once, so
 the beams share evaluations. The recommendations for removing 1..max_removed blocks are the mean
@@ -43,13 +43,14 @@ import numpy as np
 
 from contract import names, tracking
 from contract.records import BeamResults, BeamStep, Candidate, Recommendation, unit_names
+from pruning.drop import drop
 from pruning.evaluate import Evaluator
 from pruning.racing import Beam, Race
 from pruning.tasks import parse_task_list
 from pruning.units import Config, all_units, identity, normalize, removed_blocks
 from search import figures, monitoring, summaries
 from search.cli import SearchError, run_main
-from search.configs import Outcome, StudyContext, config_text, drop, run_label
+from search.configs import Outcome, StudyContext, config_text, run_label
 from search.sensitivity import open_context, study_params
 from search.work import Worker, shared_claims
 

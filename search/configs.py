@@ -4,7 +4,6 @@ or reuse them from the store."""
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -17,17 +16,6 @@ from pruning.units import Config, identity, is_blocks_only, label, removed_block
 from search import progress
 
 logger = logging.getLogger(__name__)
-
-
-def drop(task: Task, baseline: dict[str, float], value: dict[str, float]) -> float:
-    """How much worse a configuration is than the baseline on `task`'s primary metric:
-    accuracy points lost for multiple choice, score lost for generation (VQA) tasks, increase in
-    log-perplexity for perplexity."""
-    if task.kind == "multiple_choice":
-        return baseline["acc"] - value["acc"]
-    if task.kind == "generation":
-        return baseline["score"] - value["score"]
-    return math.log(value["ppl"]) - math.log(baseline["ppl"])
 
 
 @dataclass

@@ -30,6 +30,7 @@ from contract.records import BeamResults
 from pruning import criteria
 from pruning.criteria import CRITERIA, Inputs
 from pruning.criteria.states import BlockStates
+from pruning.drop import drop
 from pruning.evaluate import Evaluator
 from pruning.families import removed_parameters
 from pruning.tasks import Task
@@ -37,7 +38,7 @@ from pruning.units import Config, Unit, normalize
 from search.beam import Settings as BeamSettings
 from search.beam import _log_results, best_entry, candidate_row, run_beam_search
 from search.cli import SearchError
-from search.configs import StudyContext, drop, study_identity
+from search.configs import StudyContext, study_identity
 from search.work import Worker
 
 logger = logging.getLogger(__name__)

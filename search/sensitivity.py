@@ -24,6 +24,7 @@ import numpy as np
 from contract import names, tracking
 from contract.records import SensitivityReport
 from pruning.compile import use_compile
+from pruning.drop import drop
 from pruning.evaluate import Evaluator
 from pruning.families import branches_of
 from pruning.models import load_model
@@ -33,7 +34,7 @@ from pruning.vlm import SCORER_VERSION as GENERATION_SCORER
 from pruning.vlm import GenerationEvaluator
 from search import monitoring, progress, summaries
 from search.cli import run_main
-from search.configs import StudyContext, config_text, drop, evaluate_configs, run_label, study_identity
+from search.configs import StudyContext, config_text, evaluate_configs, run_label, study_identity
 
 
 def open_context(settings: SensitivitySettings, client, parent_id: str, exp_id: str) -> StudyContext:

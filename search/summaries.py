@@ -24,7 +24,7 @@ def shown(config: Config) -> str:
 
 
 def drop_unit(baseline: dict[str, float]) -> str:
-    """The unit of a task's drop (search.configs.drop), from the task's metrics."""
+    """The unit of a task's drop (pruning.drop.drop), from the task's metrics."""
     if "ppl" in baseline:
         return "Δ log-ppl"
     if "acc" in baseline:

@@ -21,13 +21,13 @@ from mlflow.tracking import MlflowClient
 
 import pruning.evaluate
 from contract import names, tracking
+from pruning.drop import drop
 from pruning.evaluate import Evaluator
 from pruning.models import load_model
 from pruning.tasks import load_task
 from pruning.units import Unit
 from search import beam, sensitivity, work
 from search.cli import SearchError, run_main
-from search.configs import drop
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["pydoc_ppl", "pydoc_cloze"]

@@ -15,12 +15,12 @@ from transformers import AutoModelForCausalLM
 from contract import names, tracking
 from contract.records import BeamResults, Recommendation
 from pruning import taylor
+from pruning.drop import drop
 from pruning.evaluate import Evaluator
 from pruning.models import LoadedModel, blocks_removed, find_blocks_path, load_model, save_without_blocks
 from pruning.tasks import load_task
 from search import export_model
 from search.cli import run_main
-from search.configs import drop
 
 TASKS = ["pydoc_ppl", "pydoc_cloze"]
 N_BLOCKS = 6

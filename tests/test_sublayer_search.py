@@ -8,6 +8,7 @@ from mlflow.tracking import MlflowClient
 
 from contract import names, tracking
 from contract.records import BeamStep, Candidate, Recommendation, SensitivityReport
+from pruning.drop import drop
 from pruning.evaluate import Evaluator
 from pruning.families import removed_parameters
 from pruning.models import load_model
@@ -15,7 +16,7 @@ from pruning.tasks import load_task
 from pruning.units import Unit, all_units, label, normalize
 from search import beam, sensitivity
 from search.cli import run_main
-from search.configs import StudyContext, drop
+from search.configs import StudyContext
 
 pytestmark = pytest.mark.usefixtures("one_thread", "scratch_cwd")  # tests/conftest.py
 

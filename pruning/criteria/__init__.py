@@ -8,7 +8,7 @@ of n blocks). What each criterion reads, and what it costs in forward-pass equiv
 (F: one forward pass of the unpruned model over that data), is in CRITERIA:
 
 - `drop` (criteria.drop): the task-metric drop of the configuration with the unit removed, mean
-  over the tasks, on the selection data (search.configs.drop); 1 F per unit scored (step-wide
+  over the tasks, on the selection data (pruning.drop.drop); 1 F per unit scored (step-wide
   scoring shares the blocks below the first removed one, so less in practice);
 - `ppl_drop` (criteria.ppl_drop): the increase of log-perplexity on calibration text (the perplexity
   tasks of the selection data), SLEB's criterion; 1 F of the calibration text per unit scored;

@@ -1,4 +1,4 @@
-"""Criterion `drop`: the measured task-metric drop (search.configs.drop) of the configuration with the
+"""Criterion `drop`: the measured task-metric drop (pruning.drop.drop) of the configuration with the
 unit removed, averaged over the selection tasks: prunetrack's own criterion. It measures, so it can
 re-score after every removal (greedy, beam)."""
 
