@@ -66,9 +66,9 @@ def summarize(results: BeamResults, task_types: dict[str, str], level: float = 0
         half = float(stats.t.ppf(0.5 + level / 2, n - 1) * std / math.sqrt(n - 1)) if n > 1 else None
         rows.append(
             {
-                "num_removed": e.num_removed,
-                "removed_blocks": e.removed_blocks,
-                "removed_units": [str(u) for u in e.units],
+                names.NUM_REMOVED: e.num_removed,
+                names.REMOVED_BLOCKS: e.removed_blocks,
+                names.REMOVED_UNITS: [str(u) for u in e.units],
                 "mean_drop": e.mean_drop,
                 "std_drop": std,
                 "ci_low": e.mean_drop - half if half is not None else None,
@@ -113,7 +113,7 @@ def markdown(summary: dict) -> str:
     for r in summary["rows"]:
         ci = "n/a" if r["ci_low"] is None else f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}]"
         lines.append(
-            f"| {r['num_removed']} | {', '.join(_removed(r))} | {r['mean_drop']:.4f} ± "
+            f"| {r[names.NUM_REMOVED]} | {', '.join(_removed(r))} | {r['mean_drop']:.4f} ± "
             f"{r['std_drop']:.4f} | {ci} | {r['n_datasets']} | {r['incremental_drop']:+.4f} | "
             f"{len(r['active_blocks'])} |"
         )
@@ -129,15 +129,15 @@ def markdown(summary: dict) -> str:
 
 def _removed(row: dict) -> list[str]:
     """What a row removes: its block indices, or its unit names when it removes sublayers."""
-    whole = len(row["removed_units"]) == len(row["removed_blocks"])
-    return [str(b) for b in row["removed_blocks"]] if whole else row["removed_units"]
+    whole = len(row[names.REMOVED_UNITS]) == len(row[names.REMOVED_BLOCKS])
+    return [str(b) for b in row[names.REMOVED_BLOCKS]] if whole else row[names.REMOVED_UNITS]
 
 
 def latex(summary: dict) -> str:
     """beam_table.tex."""
     rows = [
         [
-            str(r["num_removed"]),
+            str(r[names.NUM_REMOVED]),
             ", ".join(_removed(r)),
             f"{r['mean_drop']:.4f} $\\pm$ {r['std_drop']:.4f}",
             "--" if r["ci_low"] is None else f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}]",
@@ -160,7 +160,7 @@ def plot(summary: dict, path: Path) -> None:
     rows = summary["rows"]
     fig = Figure(figsize=(5, 3.5))
     ax = fig.subplots()
-    k = [r["num_removed"] for r in rows]
+    k = [r[names.NUM_REMOVED] for r in rows]
     mean = [r["mean_drop"] for r in rows]
     err = [
         [m - (r["ci_low"] if r["ci_low"] is not None else m) for m, r in zip(mean, rows)],
@@ -182,7 +182,7 @@ def write(summary: dict, folder: Path) -> None:
     (folder / "beam_summary.json").write_text(json.dumps(summary, indent=1))
     (folder / "beam_summary.md").write_text(markdown(summary))
     (folder / "beam_table.tex").write_text(latex(summary))
-    plot(summary, folder / "beam_drops.png")
+    plot(summary, folder / names.BEAM_DROPS_PLOT)
 
 
 def main(argv=None) -> None:

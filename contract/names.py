@@ -61,6 +61,19 @@ def metric(name: str, task: str) -> str:
     return f"{name}_{task}"
 
 
+def importance(task: str) -> str:
+    """Metric of a sensitivity parent run: the importance of each block on `task` (step = block)."""
+    return f"{IMPORTANCE_PREFIX}{task}"
+
+
+IMPORTANCE_PREFIX = "importance/"
+
+
+def baseline_metric(metric_name: str) -> str:
+    """The unpruned model's value of a metric, logged on study parents: `baseline_acc_piqa`."""
+    return f"baseline_{metric_name}"
+
+
 def importance_attn(task: str) -> str:
     """Metric of a sublayer sensitivity parent run: the importance of each block's attention on `task` (step = block)."""
     return f"importance_attn/{task}"

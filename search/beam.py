@@ -51,7 +51,7 @@ from pruning.units import Config, all_units, identity, normalize, removed_blocks
 from search import figures, monitoring, summaries
 from search.cli import SearchError, run_main
 from search.configs import Outcome, StudyContext, config_text, run_label
-from search.sensitivity import open_context, study_params
+from search.context import open_context, study_params
 from search.work import Worker, shared_claims
 
 logger = logging.getLogger(__spec__.name)  # `python -m search.beam` runs it as __main__: log under its own name
@@ -310,7 +310,7 @@ def run_beam_search(ctx: StudyContext, worker: Worker, settings: Settings, key: 
             complete[c] &= all(rows[r].error is None for r in candidates[c])
             beams[c] = select(rows, candidates[c], c, settings.beam_width)
             step.beams[c] = [
-                {"removed_blocks": list(removed_blocks(r)), "removed_units": unit_names(r), "score": score(rows[r], c)}
+                {names.REMOVED_BLOCKS: list(removed_blocks(r)), names.REMOVED_UNITS: unit_names(r), "score": score(rows[r], c)}
                 for r in beams[c]
             ]
             if beams[c]:
@@ -361,7 +361,7 @@ def _log_step(ctx: StudyContext, criteria_names: list[str], best: dict[str, list
 
 
 def _log_results(ctx: StudyContext, results: BeamResults) -> None:
-    baseline = {f"baseline_{m}_{t}": v for t, ms in results.baseline.items() for m, v in ms.items()}
+    baseline = {names.baseline_metric(names.metric(m, t)): v for t, ms in results.baseline.items() for m, v in ms.items()}
     counts = {f"configs_{k}": v for k, v in ctx.counts.items()}
     recommended = {names.recommended_tag(e.num_removed): config_text(e.units) for e in results.recommendations}
     tracking.log(
@@ -432,7 +432,7 @@ def main(argv=None) -> None:
             ctx = open_context(given, client, run_id, exp_id)
             check_blocks(settings, ctx.evaluator.loaded.num_blocks)
             key = tracking.config_hash({**ctx.identity, **settings.key()})
-            tracking.log(client, run_id, tags={"beam_key": key})
+            tracking.log(client, run_id, tags={names.BEAM_KEY: key})
             worker = Worker(
                 ctx, given.batch_size, given.chunk_budget_gb, given.retries, given.retry_delay, claims, given.claim_size
             )

@@ -135,7 +135,7 @@ def lookup(ctx: StudyContext, removed: Config, race_key: str | None = None) -> O
         if finished:
             run = finished[0]
             stopped = run.data.tags.get(names.STOPPED_REASON)
-            seen = {t.name: int(run.data.metrics[f"n_{t.name}"]) for t in ctx.tasks} if stopped else None
+            seen = {t.name: int(run.data.metrics[names.metric("n", t.name)]) for t in ctx.tasks} if stopped else None
             metrics = _metrics_from(run, ctx.tasks)
             return Outcome(removed, conf_hash, metrics, run.info.run_id, stopped=stopped, seen=seen, reused=True)
     return None
@@ -191,7 +191,7 @@ def _open_run(ctx: StudyContext, removed: Config) -> str:
     params = {
         **{k: v for k, v in ctx.identity.items() if k != "tasks"},
         "tasks": ",".join(t.name for t in ctx.tasks),
-        "removed_blocks": removed_tag(removed),
+        names.REMOVED_BLOCKS: removed_tag(removed),
         "scorer_version": SCORER_VERSION,
         **ppl_window(ctx.evaluator, ctx.tasks),
     }
@@ -214,7 +214,7 @@ def _record(ctx: StudyContext, removed, run_id: str, result, race_key: str | Non
         return Outcome(removed, conf_hash, run_id=run_id, error=tracking.error_tag(result.error))
     scores = result.scores
     metrics = {names.metric(m, s.task): v for s in scores.values() for m, v in s.metrics.items()}
-    metrics.update({f"n_{s.task}": s.n for s in scores.values()})
+    metrics.update({names.metric("n", s.task): s.n for s in scores.values()})
     tags = {}
     if result.stopped:
         conf_hash = ctx.hash_of(removed, race_key)

@@ -23,56 +23,12 @@ import numpy as np
 
 from contract import names, tracking
 from contract.records import SensitivityReport
-from pruning.compile import use_compile
 from pruning.drop import drop
-from pruning.evaluate import Evaluator
-from pruning.families import branches_of
-from pruning.models import load_model
-from pruning.tasks import load_task, parse_task_list
 from pruning.units import ATTENTION, MLP, Unit
-from pruning.vlm import SCORER_VERSION as GENERATION_SCORER
-from pruning.vlm import GenerationEvaluator
-from search import monitoring, progress, summaries
+from search import monitoring, summaries
 from search.cli import run_main
-from search.configs import StudyContext, config_text, evaluate_configs, run_label, study_identity
-
-
-def open_context(settings: SensitivitySettings, client, parent_id: str, exp_id: str) -> StudyContext:
-    """Load the model and tasks named by the common parameters and build the study context."""
-    tasks = [
-        load_task(name, settings.split, settings.n_samples or None, settings.seed, settings.data_dir or None, settings.sample)
-        for name in parse_task_list(settings.tasks)
-    ]
-    with progress.phase(f"loading model {settings.model}"):
-        loaded = load_model(
-            settings.model,
-            device=settings.device,
-            dtype=settings.dtype,
-            revision=settings.revision or None,
-            blocks_path=settings.blocks_path or None,
-        )
-    if settings.removal_unit != "block":
-        branches_of(loaded.model)  # a family without an adapter fails here, before any configuration run
-    identity = study_identity(loaded, tasks, settings.split, settings.n_samples, settings.seed, settings.sample)
-    if any(t.kind == "generation" for t in tasks):  # VQA tasks: scored by generation
-        evaluator = GenerationEvaluator(loaded, tasks, settings.batch_size)
-        identity["generation_scorer"] = GENERATION_SCORER
-    else:
-        compiled = use_compile(settings.compile, loaded.device)
-        evaluator = Evaluator(loaded, tasks, settings.batch_size, chunk_budget_gb=settings.chunk_budget_gb, compile=compiled)
-    tracking.log(
-        client,
-        parent_id,
-        params={"num_blocks": loaded.num_blocks, "model_revision": loaded.revision, "model_blocks_path": loaded.blocks_path},
-        tags={names.task_type_tag(t.name): t.task_type for t in tasks if t.task_type},
-    )
-    return StudyContext(client, exp_id, parent_id, evaluator, identity)
-
-
-def study_params(settings: SensitivitySettings) -> dict:
-    """The parent run's params (the MLproject parameters)."""
-    keys = ("model", "tasks", "split", "n_samples", "sample", "batch_size", "seed", "device", "dtype", "removal_unit")
-    return {k: getattr(settings, k) for k in keys}
+from search.configs import StudyContext, config_text, evaluate_configs, run_label
+from search.context import open_context, study_params
 
 
 def run_sensitivity(ctx: StudyContext, removal_unit: str = "block") -> SensitivityReport:
@@ -81,7 +37,7 @@ def run_sensitivity(ctx: StudyContext, removal_unit: str = "block") -> Sensitivi
     n = ctx.evaluator.loaded.num_blocks
     kinds = ("b",) if removal_unit == "block" else ("b", ATTENTION, MLP)
     configs = [()] + [(Unit(i, kind),) for kind in kinds for i in range(n)]
-    outcomes = evaluate_configs(ctx, configs, desc="sensitivity")
+    outcomes = evaluate_configs(ctx, configs, desc=names.SENSITIVITY)
     failed = [o for o in outcomes.values() if o.error]
     if failed:
         raise RuntimeError(f"{run_label(failed[0].removed)} could not be evaluated: {failed[0].error}")
@@ -111,9 +67,9 @@ def run_sensitivity(ctx: StudyContext, removal_unit: str = "block") -> Sensitivi
 def _log_report(ctx: StudyContext, report: SensitivityReport) -> None:
     client, run_id = ctx.client, ctx.parent_id
     for task, values in report.importance.items():
-        tracking.log_series(client, run_id, f"importance/{task}", values)
+        tracking.log_series(client, run_id, names.importance(task), values)
     tracking.log_series(client, run_id, "importance", report.importance_mean)
-    baseline = {f"baseline_{m}_{t}": v for t, ms in report.baseline.items() for m, v in ms.items()}
+    baseline = {names.baseline_metric(names.metric(m, t)): v for t, ms in report.baseline.items() for m, v in ms.items()}
     order = [int(i) for i in np.argsort(-np.array(report.importance_mean), kind="stable")]
     tags = {names.MOST_IMPORTANT: ",".join(map(str, order[:5])), names.LEAST_IMPORTANT: ",".join(map(str, order[::-1][:5]))}
     tracking.log(

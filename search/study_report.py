@@ -47,7 +47,7 @@ def results_table(client, study: optuna.Study, setup: dict) -> pd.DataFrame:
     runs = runs[~runs.index.duplicated(keep="last")]
     base, space = setup["settings"], setup["space"]
     params = [*PARAM_COLUMNS, *(p for p in space if p not in PARAM_COLUMNS)]
-    accs = [f"acc_{t}" for t in parse_task_list(base["tasks"]) if f"acc_{t}" in runs.columns]
+    accs = [names.metric("acc", t) for t in parse_task_list(base["tasks"]) if names.metric("acc", t) in runs.columns]
     metrics = [*accs, *SUMMARY_COLUMNS]
     metrics += [o for o in setup["objectives"] if o not in metrics]
     rows = []

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import optuna
 
-from contract import profiles
+from contract import names, profiles
 from pruning import taylor
 from pruning.models import ModelError
 from pruning.tasks import METRICS, parse_task_list
@@ -261,6 +261,7 @@ def _default_direction(metric: str, where: str) -> str:
 def known_metrics(settings: PruneSettings) -> set[str]:
     """Every metric a prune run with these settings can log (the possible objectives)."""
     tasks = parse_task_list(settings.tasks) + ([settings.ppl_task] if settings.ppl_task else [])
-    scores = {f"{m}_{t}" for t in tasks for names in METRICS.values() for m in names} | {"acc_mean", "headline_mean"}
+    scores = {names.metric(m, t) for t in tasks for kind in METRICS.values() for m in kind} | {"acc_mean", "headline_mean"}
     scores |= {"ppl"} if settings.ppl_task else set()
-    return scores | {f"baseline_{s}" for s in scores} | {f"n_{t}" for t in tasks} | set(GRAD_COLUMNS) | set(RUN_METRICS)
+    counts = {names.metric("n", t) for t in tasks}
+    return scores | {names.baseline_metric(s) for s in scores} | counts | set(GRAD_COLUMNS) | set(RUN_METRICS)

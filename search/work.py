@@ -83,7 +83,7 @@ class Claims:
         self.table = sa.Table(
             TABLE,
             sa.MetaData(),
-            sa.Column("config_hash", sa.String(64), primary_key=True),
+            sa.Column(names.CONFIG_HASH, sa.String(64), primary_key=True),
             sa.Column("owner", sa.String(300), nullable=False),
             sa.Column("status", sa.String(16), nullable=False),
             sa.Column("version", sa.Integer, nullable=False),

@@ -271,3 +271,42 @@ def test_entry_points_log_under_their_module_name():
         text = path.read_text()
         if 'if __name__ == "__main__"' in text:
             assert "getLogger(__name__)" not in text, path
+
+
+def _contract_literals() -> tuple[dict[str, str], dict[str, str]]:
+    """contract.names' string values, and the literal prefixes of its name builders (`importance/`)."""
+    import inspect
+
+    values = {v: k for k, v in vars(names).items() if k.isupper() and isinstance(v, str)}
+    prefixes = {}
+    for name, builder in inspect.getmembers(names, inspect.isfunction):
+        if builder.__module__ == names.__name__:
+            required = [p for p in inspect.signature(builder).parameters.values() if p.default is p.empty]
+            built = builder(*["\0"] * len(required))
+            prefix = built.split("\0")[0]
+            if len(prefix) > 3:
+                prefixes[prefix] = name
+    return values, prefixes
+
+
+def test_contract_names_are_never_spelled_as_literals_in_search_or_analysis():
+    """A tag, metric, artifact or run-kind name of the tracking contract is written once, in
+    contract/names.py: search/ and analysis/ use its constants and builders, so renaming one cannot
+    leave a stale copy that writes or reads another name."""
+    import ast
+
+    values, prefixes = _contract_literals()
+    assert "removed_blocks" in values and "importance/" in prefixes and "baseline_" in prefixes  # the check itself works
+    root, found = Path(__file__).resolve().parents[1], []
+    for path in [p for package in ("search", "analysis") for p in sorted((root / package).rglob("*.py"))]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and node.value in values:
+                found.append(f"{path.relative_to(root)}:{node.lineno} {node.value!r} (names.{values[node.value]})")
+            elif isinstance(node, ast.JoinedStr) and node.values and isinstance(node.values[0], ast.Constant):
+                start = str(node.values[0].value)
+                found += [
+                    f"{path.relative_to(root)}:{node.lineno} f{start!r}... (names.{builder})"
+                    for prefix, builder in prefixes.items()
+                    if start == prefix
+                ]
+    assert not found, "\n".join(found)
