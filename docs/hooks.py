@@ -4,8 +4,7 @@ A marker is an HTML comment on a line of its own:
 
 - `<!-- parameters: beam_search -->`: the entry point's parameters (name, default, allowed values, help),
   read from the command line of the module MLproject's `command` runs, which `contract.cli` builds from
-  the settings dataclasses; so a parameter is declared once, in search/settings.py, analysis/settings.py
-  or search/study.py.
+  the settings dataclasses; so a parameter is declared once, in search/settings.py or analysis/settings.py.
 - `<!-- names: contract -->`: every constant of contract/names.py with its value and comment, and every
   name pattern (the functions) with its docstring.
 - `<!-- include: benchmarks/results/latest.md -->`: a file of the repository, as it is.

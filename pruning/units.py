@@ -87,6 +87,18 @@ def parse_units(text: str, what: str = "units") -> Config:
     return tuple(units)
 
 
+def parse_blocks(text: str, what: str = "blocks") -> tuple[int, ...]:
+    """Sorted whole-block indices from `0,3,5-7` (parse_units' syntax, ranges inclusive, whole
+    blocks only); empty for ''."""
+    try:
+        units = parse_units(text, what)
+    except UnitError:
+        units = None
+    if units is None or not all(u.is_block for u in units):
+        raise UnitError(f"{what} {text!r} is not a list of block indices; allowed: e.g. 0,29 or 0-3,29")
+    return tuple(sorted({u.block for u in units}))
+
+
 def check_config(units, num_blocks: int, what: str = "units") -> Config:
     """The normal form of `units`, checked against a model of `num_blocks` blocks: every index in
     range, and at least one block left with something in it."""

@@ -47,7 +47,7 @@ from pruning.drop import drop
 from pruning.evaluate import Evaluator
 from pruning.racing import Beam, Race
 from pruning.tasks import parse_task_list
-from pruning.units import Config, all_units, identity, normalize, removed_blocks
+from pruning.units import Config, all_units, identity, normalize, parse_blocks, removed_blocks
 from search import figures, monitoring, summaries
 from search.cli import SearchError, run_main
 from search.configs import Outcome, StudyContext, config_text, run_label
@@ -97,21 +97,6 @@ class Settings:
         return key
 
 
-def parse_blocks(text: str) -> tuple[int, ...]:
-    """Sorted block indices from `0,3,5-7` (ranges inclusive); empty for ''."""
-    blocks = set()
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        first, dash, last = part.partition("-")
-        try:
-            span = range(int(first), int(last if dash else first) + 1)
-        except ValueError:
-            span = range(0)
-        if not span:
-            raise SearchError(f"protect {text!r} is not a list of block indices; allowed: e.g. 0,29 or 0-3,29")
-        blocks.update(span)
-    return tuple(sorted(blocks))
-
-
 def settings_of(args: BeamSearchSettings) -> Settings:
     """The search parameters, checked before any compute."""
     tasks = parse_task_list(args.tasks)
@@ -143,7 +128,7 @@ def settings_of(args: BeamSearchSettings) -> Settings:
         beam_width(args.procedure, args.beam_width),
         args.max_removed,
         args.min_active_blocks,
-        parse_blocks(args.protect),
+        parse_blocks(args.protect, "protect"),
         criterion,
         args.racing,
         args.racing_alpha,

@@ -1,5 +1,6 @@
-"""The settings of the search entry points (sensitivity, beam_search, prune, export_model, select_methods), each declared once
-as a dataclass (contract.cli) whose fields are the MLproject parameters (tests/test_settings.py checks it).
+"""The settings of the search entry points (sensitivity, beam_search, prune, export_model, select_methods,
+taylor_study), each declared once as a dataclass (contract.cli) whose fields are the MLproject parameters
+(tests/test_settings.py checks it).
 
 Light to import: an entry point answers `--help` and rejects a bad argument before it loads torch.
 """
@@ -233,3 +234,28 @@ def export_model_parser() -> argparse.ArgumentParser:
         cli.TrackingSettings,
         description="Export a pruned model as a plain Hugging Face model and an MLflow model, with its measured speedup",
     )
+
+
+@dataclass
+class StudySettings:
+    """The `taylor_study` entry point's settings (the MLproject parameters) plus the tracking URI."""
+
+    config: str = setting("quick", "study config: a name in mlruns_config/studies or a .yaml path")
+    storage: str = setting(
+        "",
+        "Optuna storage: a database URL, file path or profile name (mlruns_config/profiles), "
+        "else the config's, else sqlite:///optuna.db; for a password use a profile, PGPASSWORD "
+        "or ~/.pgpass",
+    )
+    study_name: str = setting("", "the study's name, else the config's, else the config file's name")
+    n_trials: int | None = setting(
+        None, "trials the study holds, however many workers share it, else the config's (a grid: its size)"
+    )
+    report_only: bool = setting(False, "true: only (re)build search_results.csv and the plots of an existing study")
+    system_metrics: bool = setting(False, "log CPU and memory (and GPU, always on CUDA) as MLflow system metrics")
+    tracking_uri: str = setting("", "tracking URI or profile; overrides $PRUNETRACK_PROFILE, then $MLFLOW_TRACKING_URI")
+
+
+def study_parser() -> argparse.ArgumentParser:
+    """The `taylor_study` entry point's arguments, one per StudySettings field."""
+    return cli.parser_for(StudySettings, description="Optuna study of Taylor pruning parameters, every trial an MLflow run")

@@ -11,42 +11,17 @@ do, the parent run gets `search_results.csv` and Optuna's plots.
 
 The study's parts: search.study_spec (the config and its checks), search.study_storage (the Optuna
 storage, creating or joining the study and its parent run), search.trial_runner (the trials and the
-workers' coordination), search.study_report (the results table, plots and summary). This module only
-declares the settings and runs them; it loads neither torch nor Optuna before the arguments are read.
+workers' coordination), search.study_report (the results table, plots and summary). This module runs the
+settings (search.settings.StudySettings); it loads neither torch nor Optuna before the arguments are read.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-from dataclasses import dataclass
 
 from contract import cli, names, tracking
-
-
-@dataclass
-class StudySettings:
-    """The `taylor_study` entry point's settings (the MLproject parameters) plus the tracking URI."""
-
-    config: str = cli.setting("quick", "study config: a name in mlruns_config/studies or a .yaml path")
-    storage: str = cli.setting(
-        "",
-        "Optuna storage: a database URL, file path or profile name (mlruns_config/profiles), "
-        "else the config's, else sqlite:///optuna.db; for a password use a profile, PGPASSWORD "
-        "or ~/.pgpass",
-    )
-    study_name: str = cli.setting("", "the study's name, else the config's, else the config file's name")
-    n_trials: int | None = cli.setting(
-        None, "trials the study holds, however many workers share it, else the config's (a grid: its size)"
-    )
-    report_only: bool = cli.setting(False, "true: only (re)build search_results.csv and the plots of an existing study")
-    system_metrics: bool = cli.setting(False, "log CPU and memory (and GPU, always on CUDA) as MLflow system metrics")
-    tracking_uri: str = cli.setting("", "tracking URI or profile; overrides $PRUNETRACK_PROFILE, then $MLFLOW_TRACKING_URI")
-
-
-def parser() -> argparse.ArgumentParser:
-    """The `taylor_study` entry point's arguments, one per StudySettings field."""
-    return cli.parser_for(StudySettings, description="Optuna study of Taylor pruning parameters, every trial an MLflow run")
+from search.settings import StudySettings
+from search.settings import study_parser as parser
 
 
 def main(argv=None) -> None:
