@@ -27,7 +27,8 @@ import numpy as np
 from contract import names, tracking
 from pruning import taylor
 from pruning.compile import compile_blocks, use_compile
-from pruning.evaluate import Evaluator, max_length_of
+from pruning.encoding import max_length_of
+from pruning.evaluate import Evaluator
 from pruning.models import load_model
 from pruning.tasks import load_task, parse_task_list
 from search import progress
