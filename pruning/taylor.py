@@ -9,12 +9,12 @@ Structural groups, per transformer block:
   down_proj column (plus gate/up bias entries where present).
 
 The prunable parameters of a block are the parameters that belong to some group.
-Whole KV groups are removed, so `head_dim` and `num_key_value_groups` never change.
+Whole KV groups are removed, so `head_dim` and `num_key_value_groups` never change. The
+calibration windows come from `pruning.calibration`, the slicing of the layers from `pruning.slicing`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -24,101 +24,11 @@ import torch
 from torch import nn
 
 from pruning.models import ModelError, find_blocks_path
+from pruning.slicing import _layer_shape, _slice_block
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
 NORMALIZATIONS = ("none", "max", "sum", "mean", "standardize")
 _EPS = 1e-12  # floor for denominators in ratios and normalisations
-
-
-# --------------------------------------------------------------------------- calibration
-
-
-def calibration_text(source: str = "pydoc") -> str:
-    """The calibration corpus: `pydoc` (Python's own topic docs), a .txt file, a .jsonl file,
-    or a hub dataset `hf:<name>[:<config>]` (its train split).
-
-    A .jsonl record or dataset row contributes its "text" field, or else its first string field.
-    """
-    if source == "pydoc":
-        from pydoc_data.topics import topics
-
-        return "\n\n".join(topics[key] for key in sorted(topics))
-    if source.startswith("hf:"):
-        return _hub_text(source)
-    path = Path(source)
-    if path.suffix not in (".txt", ".jsonl"):
-        raise ModelError(
-            f"unknown calibration source {source!r}; allowed: pydoc, a .txt file, a .jsonl file, hf:<dataset>[:<config>]"
-        )
-    if not path.is_file():
-        raise ModelError(f"calibration file not found: {source!r}")
-    if path.suffix == ".txt":
-        return path.read_text(encoding="utf-8")
-    texts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise ModelError(f"{source}:{number}: not a JSON line") from None
-        strings = [v for v in record.values() if isinstance(v, str)] if isinstance(record, dict) else []
-        if not strings:
-            raise ModelError(f"{source}:{number}: no string field")
-        texts.append(record["text"] if isinstance(record.get("text"), str) else strings[0])
-    return "\n\n".join(texts)
-
-
-def _hub_text(source: str) -> str:
-    import datasets
-
-    name, _, config = source.removeprefix("hf:").partition(":")
-    try:
-        rows = datasets.load_dataset(name, config or None, split="train")
-    except Exception as err:  # offline, unknown name, missing config
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise ModelError(f"cannot load calibration dataset {source!r}: {first}") from None
-    column = (
-        "text"
-        if "text" in rows.column_names
-        else next((c for c, f in rows.features.items() if getattr(f, "dtype", None) == "string"), None)
-    )
-    if column is None:
-        raise ModelError(f"calibration dataset {source!r} has no text column")
-    return "\n\n".join(t for t in rows[column] if t and t.strip())
-
-
-def calibration_batches(
-    tokenizer,
-    source: str = "pydoc",
-    seq_len: int = 64,
-    num_samples: int = 128,
-    seed: int = 0,
-    batch_size: int = 8,
-    max_len: int | None = None,
-    text: str | None = None,
-) -> list[torch.Tensor]:
-    """`num_samples` windows of `seq_len` tokens at seeded random offsets of the tokenized corpus
-    (`source`, or `text` itself when given).
-
-    Returns LongTensor batches of shape [<= batch_size, seq_len]. `max_len` is the model's
-    context length (`max_position_embeddings`); longer windows are refused.
-    """
-    if num_samples < 1:
-        raise ModelError(f"num_samples {num_samples} out of range; allowed: >= 1")
-    if batch_size < 1:
-        raise ModelError(f"batch_size {batch_size} out of range; allowed: >= 1")
-    if seq_len < 1 or (max_len is not None and seq_len > max_len):
-        limit = f"1..{max_len} (the model's context)" if max_len is not None else ">= 1"
-        raise ModelError(f"seq_len {seq_len} out of range; allowed: {limit}")
-    ids = tokenizer(calibration_text(source) if text is None else text, add_special_tokens=False, verbose=False)["input_ids"]
-    if len(ids) < seq_len + 1:
-        raise ModelError(f"calibration corpus {source!r} has {len(ids)} tokens; seq_len {seq_len} needs at least {seq_len + 1}")
-    tokens = torch.tensor(ids, dtype=torch.long)
-    generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(ids) - seq_len + 1, (num_samples,), generator=generator)
-    windows = torch.stack([tokens[s : s + seq_len] for s in starts.tolist()])
-    return list(windows.split(batch_size))
 
 
 # --------------------------------------------------------------------------- importance
@@ -385,33 +295,12 @@ def global_prune(
     n_before = count_parameters(model)
     sizes = [_group_sizes(block) for block in blocks]
     prunable = [n_kv * hp + ch * cp for n_kv, hp, ch, cp in sizes]
-    candidates = []  # (score, block, is_head, index, params)
-    for b, (layer, (n_kv, hp, ch, cp)) in enumerate(zip(groups, sizes)):
-        if layer.head_importance.numel() != n_kv or layer.channel_importance.numel() != ch:
-            raise ModelError(f"block {b}: importances do not match its {n_kv} KV groups and {ch} channels")
-        if protect_first_last and b in (0, len(blocks) - 1):
-            continue
-        heads = _normalize(layer.head_importance.double() / hp, normalization)
-        channels = _normalize(layer.channel_importance.double() / cp, normalization)
-        candidates += [(s, b, True, i, hp) for i, s in enumerate(heads.tolist())]
-        candidates += [(s, b, False, i, cp) for i, s in enumerate(channels.tolist())]
-    candidates.sort(key=lambda c: c[0])
-
-    target = ratio * sum(prunable)
-    removed, total_removed = [0] * len(blocks), 0
-    drop_heads: list[set[int]] = [set() for _ in blocks]
-    drop_channels: list[set[int]] = [set() for _ in blocks]
-    for _, b, is_head, index, params in candidates:
-        if total_removed >= target:
-            break
-        dropped, keep_min, total = (
-            (drop_heads[b], min_heads, sizes[b][0]) if is_head else (drop_channels[b], min_channels, sizes[b][2])
-        )
-        if total - len(dropped) - 1 < keep_min or removed[b] + params > max_layer_rate * prunable[b]:
-            continue
-        dropped.add(index)
-        removed[b] += params
-        total_removed += params
+    protected = (0, len(blocks) - 1) if protect_first_last else ()
+    candidates = _candidates(groups, sizes, normalization, protected)
+    removed, drop_heads, drop_channels = _drops(
+        candidates, sizes, prunable, ratio * sum(prunable), max_layer_rate, min_heads, min_channels
+    )
+    total_removed = sum(removed)
 
     for b, block in enumerate(blocks):
         keep_heads = [i for i in range(sizes[b][0]) if i not in drop_heads[b]]
@@ -431,51 +320,48 @@ def global_prune(
     )
 
 
-def _sliced_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
-    """A new Linear keeping the given output rows / input columns (bias follows the rows)."""
-    weight, bias = linear.weight.detach(), linear.bias
-    if rows is not None:
-        weight = weight[rows]
-        bias = bias[rows] if bias is not None else None
-    if cols is not None:
-        weight = weight[:, cols]
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(weight)
-        if bias is not None:
-            new.bias.copy_(bias.detach())
-    for new_param, old_param in zip(new.parameters(), linear.parameters()):
-        new_param.requires_grad_(old_param.requires_grad)
-    return new
+def _candidates(groups: list[LayerGroups], sizes: list[tuple], normalization: str, protected: tuple) -> list[tuple]:
+    """Every group of the blocks not `protected`, as (score, block, is_head, index, params), lowest score first."""
+    candidates = []
+    for b, (layer, (n_kv, hp, ch, cp)) in enumerate(zip(groups, sizes)):
+        if layer.head_importance.numel() != n_kv or layer.channel_importance.numel() != ch:
+            raise ModelError(f"block {b}: importances do not match its {n_kv} KV groups and {ch} channels")
+        if b in protected:
+            continue
+        heads = _normalize(layer.head_importance.double() / hp, normalization)
+        channels = _normalize(layer.channel_importance.double() / cp, normalization)
+        candidates += [(s, b, True, i, hp) for i, s in enumerate(heads.tolist())]
+        candidates += [(s, b, False, i, cp) for i, s in enumerate(channels.tolist())]
+    candidates.sort(key=lambda c: c[0])
+    return candidates
 
 
-def _slice_block(block: nn.Module, keep_heads: list[int], keep_channels: list[int]) -> None:
-    """Keep only the given KV groups and MLP channels of a block (new Linear modules)."""
-    attn, mlp = block.self_attn, block.mlp
-    d, rep = attn.head_dim, attn.num_key_value_groups
-    device = attn.q_proj.weight.device
-    kv_rows = torch.tensor([j * d + i for j in keep_heads for i in range(d)], dtype=torch.long, device=device)
-    q_rows = [j * rep * d + i for j in keep_heads for i in range(rep * d)]
-    q_rows = torch.tensor(q_rows, dtype=torch.long, device=device)
-    channels = torch.tensor(keep_channels, dtype=torch.long, device=device)
-    attn.q_proj = _sliced_linear(attn.q_proj, rows=q_rows)
-    attn.k_proj = _sliced_linear(attn.k_proj, rows=kv_rows)
-    attn.v_proj = _sliced_linear(attn.v_proj, rows=kv_rows)
-    attn.o_proj = _sliced_linear(attn.o_proj, cols=q_rows)
-    mlp.gate_proj = _sliced_linear(mlp.gate_proj, rows=channels)
-    mlp.up_proj = _sliced_linear(mlp.up_proj, rows=channels)
-    mlp.down_proj = _sliced_linear(mlp.down_proj, cols=channels)
-    mlp.intermediate_size = len(keep_channels)
-
-
-def _layer_shape(block: nn.Module) -> dict[str, int]:
-    attn = block.self_attn
-    n_kv = attn.k_proj.out_features // attn.head_dim
-    return {
-        "num_attention_heads": n_kv * attn.num_key_value_groups,
-        "num_key_value_heads": n_kv,
-        "intermediate_size": block.mlp.gate_proj.out_features,
-    }
+def _drops(
+    candidates: list[tuple],
+    sizes: list[tuple],
+    prunable: list[int],
+    target: float,
+    max_layer_rate: float,
+    min_heads: int,
+    min_channels: int,
+) -> tuple[list[int], list[set[int]], list[set[int]]]:
+    """Groups removed greedily from the lowest score until `target` params are gone: per block,
+    the params removed, and the KV groups and channels dropped."""
+    removed, total_removed = [0] * len(sizes), 0
+    drop_heads: list[set[int]] = [set() for _ in sizes]
+    drop_channels: list[set[int]] = [set() for _ in sizes]
+    for _, b, is_head, index, params in candidates:
+        if total_removed >= target:
+            break
+        dropped, keep_min, total = (
+            (drop_heads[b], min_heads, sizes[b][0]) if is_head else (drop_channels[b], min_channels, sizes[b][2])
+        )
+        if total - len(dropped) - 1 < keep_min or removed[b] + params > max_layer_rate * prunable[b]:
+            continue
+        dropped.add(index)
+        removed[b] += params
+        total_removed += params
+    return removed, drop_heads, drop_channels
 
 
 # --------------------------------------------------------------------------- save / load

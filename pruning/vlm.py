@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from pruning import vqa_metrics
-from pruning.evaluate import ConfigScores, TaskScore
+from pruning.evaluate import ConfigScores
 from pruning.families import units_removed
+from pruning.metrics import TaskScore
 from pruning.models import ModelError
 from pruning.tasks import Task, TaskError
 from pruning.tasks.vqa import KIND, VQAExample, spec_of

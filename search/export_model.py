@@ -40,7 +40,8 @@ import torch
 from contract import names, tracking
 from contract.records import BeamResults
 from pruning.compile import use_compile
-from pruning.evaluate import Evaluator, max_length_of
+from pruning.encoding import max_length_of
+from pruning.evaluate import Evaluator
 from pruning.export_units import kv_cache_bytes_per_token, save_without_units, ships_code
 from pruning.families import units_removed
 from pruning.models import LoadedModel, check_blocks, load_model

@@ -26,8 +26,10 @@ import numpy as np
 
 from contract import names, tracking
 from pruning import taylor
+from pruning.calibration import calibration_batches
 from pruning.compile import compile_blocks, use_compile
-from pruning.evaluate import Evaluator, max_length_of
+from pruning.encoding import max_length_of
+from pruning.evaluate import Evaluator
 from pruning.models import load_model
 from pruning.tasks import load_task, parse_task_list
 from search import progress
@@ -52,16 +54,10 @@ def prune_and_evaluate(client, run_id: str, exp_id: str, settings: PruneSettings
     sequence length against the model's context) runs before the first forward pass.
     """
     settings.check()
-    task_names = parse_task_list(settings.tasks)
-    if settings.ppl_task and settings.ppl_task not in task_names:
-        task_names.append(settings.ppl_task)
-    tasks = [
-        load_task(n, settings.split, settings.n_samples or None, settings.seed, settings.data_dir or None, settings.sample)
-        for n in task_names
-    ]
+    tasks = _load_tasks(settings)
     loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype, revision=settings.revision or None)
     taylor.check_family(loaded.model)
-    batches = taylor.calibration_batches(
+    batches = calibration_batches(
         loaded.tokenizer,
         settings.calibration,
         settings.taylor_seq_len,
@@ -79,26 +75,11 @@ def prune_and_evaluate(client, run_id: str, exp_id: str, settings: PruneSettings
     )
 
     metrics: dict[str, float] = {}
-    if settings.baseline:  # the unpruned model, a configuration run shared with every study on the same data
-        identity = study_identity(loaded, tasks, settings.split, settings.n_samples, settings.seed, settings.sample)
-        ctx = StudyContext(client, exp_id, run_id, evaluator, identity)
-        base = evaluate_configs(ctx, [()], desc="baseline")[()]
-        if base.error:
-            raise RuntimeError(f"the baseline (no block removed) could not be evaluated: {base.error}")
-        metrics.update(_task_metrics(base.metrics, tasks, settings.ppl_task, prefix="baseline_"))
+    if settings.baseline:
+        metrics.update(_baseline_metrics(client, run_id, exp_id, evaluator, tasks, settings))
 
     start = time.perf_counter()
-    with progress.phase(f"Taylor importance ({settings.taylor_order} order, {settings.taylor_num_samples} sequences)"):
-        groups, stats = taylor.taylor_importance(loaded.model, batches, order=settings.taylor_order)
-    report = taylor.global_prune(
-        loaded.model,
-        groups,
-        settings.pruning_ratio,
-        normalization=settings.normalization,
-        protect_first_last=settings.protect_first_last,
-        max_layer_rate=settings.max_layer_rate,
-        extreme_threshold=settings.extreme_threshold,
-    )
+    groups, stats, report = _prune(loaded.model, batches, settings)
     metrics["taylor_seconds"] = time.perf_counter() - start
     compile_blocks(loaded.blocks, False)  # pruned blocks differ in width: one compilation each would cost more than it saves
 
@@ -118,6 +99,45 @@ def prune_and_evaluate(client, run_id: str, exp_id: str, settings: PruneSettings
     )
     _log(client, run_id, loaded, metrics, report, groups, stats, scores, settings)
     return metrics
+
+
+def _load_tasks(settings: PruneSettings) -> list:
+    """The tasks of `settings`, with `ppl_task` among them."""
+    task_names = parse_task_list(settings.tasks)
+    if settings.ppl_task and settings.ppl_task not in task_names:
+        task_names.append(settings.ppl_task)
+    return [
+        load_task(n, settings.split, settings.n_samples or None, settings.seed, settings.data_dir or None, settings.sample)
+        for n in task_names
+    ]
+
+
+def _baseline_metrics(client, run_id: str, exp_id: str, evaluator, tasks, settings: PruneSettings) -> dict[str, float]:
+    """`baseline_` metrics of the unpruned model, a configuration run shared with every study on the same data."""
+    loaded = evaluator.loaded
+    identity = study_identity(loaded, tasks, settings.split, settings.n_samples, settings.seed, settings.sample)
+    ctx = StudyContext(client, exp_id, run_id, evaluator, identity)
+    base = evaluate_configs(ctx, [()], desc="baseline")[()]
+    if base.error:
+        raise RuntimeError(f"the baseline (no block removed) could not be evaluated: {base.error}")
+    return _task_metrics(base.metrics, tasks, settings.ppl_task, prefix="baseline_")
+
+
+def _prune(model, batches, settings: PruneSettings) -> tuple:
+    """Taylor importance of every group from the calibration batches, then global pruning as `settings` say:
+    (groups, gradient statistics, taylor.PruneReport)."""
+    with progress.phase(f"Taylor importance ({settings.taylor_order} order, {settings.taylor_num_samples} sequences)"):
+        groups, stats = taylor.taylor_importance(model, batches, order=settings.taylor_order)
+    report = taylor.global_prune(
+        model,
+        groups,
+        settings.pruning_ratio,
+        normalization=settings.normalization,
+        protect_first_last=settings.protect_first_last,
+        max_layer_rate=settings.max_layer_rate,
+        extreme_threshold=settings.extreme_threshold,
+    )
+    return groups, stats, report
 
 
 def _task_metrics(by_task: dict[str, dict[str, float]], tasks, ppl_task: str, prefix: str = "") -> dict[str, float]:

@@ -10,7 +10,8 @@ from torch._dynamo.utils import counters
 from torch.nn.attention.flex_attention import create_mask
 
 from pruning.compile import bucketed, flex_reason, is_compiled, packed_block_mask, use_compile
-from pruning.evaluate import ROW_TOKENS, Evaluator, packed_attention_mask
+from pruning.evaluate import Evaluator
+from pruning.packing import ROW_TOKENS, packed_attention_mask
 
 CONFIGS = [(), (0,), (2,), (1, 3)]  # the baseline, removals from the first block and after it (replayed states)
 # compiling is slow on a CPU: the compiled tests meet one shape bucket each

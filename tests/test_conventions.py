@@ -14,7 +14,9 @@ import yaml
 from helpers import tiny_lm
 
 from contract import names
-from pruning.evaluate import SCORER_VERSION, Evaluator, _pairs_of, prefix_token_id, task_score
+from pruning.encoding import _pairs_of, prefix_token_id
+from pruning.evaluate import SCORER_VERSION, Evaluator
+from pruning.metrics import task_score
 from pruning.models import LoadedModel, find_blocks_path
 from pruning.tasks import METRICS, Document, Task, TaskError, load_task, sample
 from pruning.tasks.harness import build_lm_eval_task

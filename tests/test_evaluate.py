@@ -13,8 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmarks/ is not an installed package
 
 from benchmarks.run import bench_forward, bench_sensitivity, markdown, summary, word_tokenizer  # noqa: E402
-from pruning.evaluate import SHARED_CONTEXT_FAMILIES, Evaluator, look_sizes, packed_attention_mask, shares_context  # noqa: E402
+from pruning.evaluate import Evaluator, look_sizes  # noqa: E402
 from pruning.models import LoadedModel, find_blocks_path, load_model  # noqa: E402
+from pruning.packing import SHARED_CONTEXT_FAMILIES, packed_attention_mask, shares_context  # noqa: E402
 from pruning.tasks import Document, MultipleChoice, Task, load_task  # noqa: E402
 from pruning.units import Unit, UnitError  # noqa: E402
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from helpers import mlflow_run, runs, tiny_lm
 
-from pruning.evaluate import Evaluator, encode_request, rolling_windows
+from pruning.encoding import encode_request, rolling_windows
+from pruning.evaluate import Evaluator
 from pruning.models import LoadedModel, ModelError, blocks_removed, find_blocks_path, load_model
 from pruning.tasks import TaskError, load_task, parse_task_list
 

@@ -7,12 +7,11 @@ import pytest
 import torch
 from helpers import char_tokenizer, tiny_lm
 
+from pruning.calibration import calibration_batches, calibration_text
 from pruning.models import ModelError
 from pruning.taylor import (
     GradStats,
     LayerGroups,
-    calibration_batches,
-    calibration_text,
     count_parameters,
     global_prune,
     gradient_summary,

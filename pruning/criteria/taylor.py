@@ -31,8 +31,8 @@ def score(inputs: Inputs, removed: Config, units: Config, n: int = 1) -> dict[Un
 def unit_scores(loaded, text: str, seed: int = 0) -> dict[Unit, float]:
     """Taylor scores of every block and (where the family is known) every sublayer of `loaded`,
     from NUM_SAMPLES seeded windows of SEQ_LEN tokens of `text`."""
+    from pruning.calibration import calibration_batches
     from pruning.families import FamilyError, branches_of
-    from pruning.taylor import calibration_batches
 
     model = loaded.model
     seq_len = min(SEQ_LEN, len(loaded.tokenizer(text, add_special_tokens=False)["input_ids"]) - 1)
