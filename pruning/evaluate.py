@@ -133,6 +133,23 @@ class Evaluator:
             self._cut(t, task, max_length)
         self.n_looks = max(c.look for c in self.chunks) + 1
 
+    races = True  # pruning.scoring.ConfigEvaluator: evaluate_many takes a Race
+
+    def with_batch_size(self, batch_size: int) -> Evaluator:
+        """The same evaluator with `batch_size` rows per batch (pruning.scoring.ConfigEvaluator)."""
+        other = Evaluator(
+            self.loaded,
+            self.tasks,
+            batch_size,
+            self.max_length,
+            self.chunk_budget / 2**30,
+            self.shared_context,
+            self.compiled,
+            self.flex,
+        )
+        other.observer = self.observer
+        return other
+
     def _choose_attention(self, flex: bool | None) -> bool:
         """Compile the blocks (or not), and whether packed rows use flex_attention; logged."""
         compile_blocks(self.loaded.blocks, self.compiled)

@@ -95,6 +95,12 @@ class GenerationEvaluator:
             prompts = [render(loaded.processor, prompt_of(ex, metric)) for ex in task.examples]
             self.prepared.append(PreparedGeneration(task, metric, prompts, MAX_NEW_TOKENS[metric]))
 
+    races = False  # pruning.scoring.ConfigEvaluator: no racing for generation
+
+    def with_batch_size(self, batch_size: int) -> GenerationEvaluator:
+        """The same evaluator generating `batch_size` answers at a time (pruning.scoring.ConfigEvaluator)."""
+        return GenerationEvaluator(self.loaded, self.tasks, batch_size)
+
     @property
     def n_requests(self) -> int:
         return sum(len(t.examples) for t in self.tasks)

@@ -44,7 +44,6 @@ import numpy as np
 from contract import names, tracking
 from contract.records import BeamResults, BeamStep, Candidate, Recommendation, unit_names
 from pruning.drop import drop
-from pruning.evaluate import Evaluator
 from pruning.racing import Beam, Race
 from pruning.tasks import parse_task_list
 from pruning.units import Config, all_units, identity, normalize, parse_blocks, removed_blocks
@@ -212,7 +211,7 @@ def candidate_row(ctx: StudyContext, baseline: dict, outcome: Outcome) -> Candid
 
 def race_of(ctx: StudyContext, settings: Settings, candidates: dict[str, list]) -> Race | None:
     """The step's race: one beam per criterion (mean: every task weighs 1/T), or None without racing."""
-    if not settings.racing or not isinstance(ctx.evaluator, Evaluator):
+    if not settings.racing or not ctx.evaluator.races:
         return None
     tasks = [t.name for t in ctx.tasks]
     weights = {c: {t: 1 / len(tasks) for t in tasks} if c == "mean" else {c: 1.0} for c in candidates}
@@ -418,9 +417,7 @@ def main(argv=None) -> None:
             check_blocks(settings, ctx.evaluator.loaded.num_blocks)
             key = tracking.config_hash({**ctx.identity, **settings.key()})
             tracking.log(client, run_id, tags={names.BEAM_KEY: key})
-            worker = Worker(
-                ctx, given.batch_size, given.chunk_budget_gb, given.retries, given.retry_delay, claims, given.claim_size
-            )
+            worker = Worker(ctx, given.retries, given.retry_delay, claims, given.claim_size)
             if settings.ranks_drop:
                 results = run_beam_search(ctx, worker, settings, key)
             else:

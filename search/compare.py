@@ -159,7 +159,7 @@ def main(argv=None) -> None:
             selected[method.name] = procedures.select(selection, method, s.max_k)
         configs = sorted({c for cs in selected.values() for c in cs} | {()})
         logger.info(f"scoring {len(configs)} distinct configurations on {s.score_split}: {procedures.data_of(score_tasks)}")
-        outcomes = Worker(score_ctx, s.batch_size, s.chunk_budget_gb).run(configs)
+        outcomes = Worker(score_ctx).run(configs)
         total = sum(p.numel() for p in loaded.model.parameters())
         from pruning.families import removed_parameters
 

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from mlflow.tracking import MlflowClient
 
 from contract import names, tracking
-from pruning.evaluate import SCORER_VERSION, Evaluator
+from pruning.evaluate import SCORER_VERSION
+from pruning.scoring import ConfigEvaluator
 from pruning.tasks import Task
 from pruning.units import Config, identity, is_blocks_only, label, removed_blocks
 from search import progress
@@ -25,7 +26,7 @@ class StudyContext:
     client: MlflowClient
     experiment_id: str
     parent_id: str
-    evaluator: Evaluator
+    evaluator: ConfigEvaluator  # pruning.evaluate.Evaluator or pruning.vlm.GenerationEvaluator
     identity: dict  # model, revision, dtype, tasks (with data fingerprints), split, n_samples, seed
     counts: dict = field(default_factory=lambda: dict.fromkeys(("evaluated", "reused", "stopped", "examples_scored"), 0))
     stage: str = "evaluating"  # what the progress of the next evaluations is labelled with

@@ -119,7 +119,7 @@ class Selection:
         self.inputs = Inputs(self.loaded.num_blocks)
 
     def worker(self, ctx: StudyContext) -> Worker:
-        return Worker(ctx, self.settings.batch_size, self.settings.chunk_budget_gb)
+        return Worker(ctx)
 
     def measure_on(self, ctx: StudyContext, name: str):
         """A `measure` for criteria: mean drop over `ctx`'s tasks of configurations (blocks only)."""

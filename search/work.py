@@ -26,7 +26,6 @@ import sqlalchemy as sa
 import torch
 
 from contract import names, schema, tracking
-from pruning.evaluate import Evaluator
 from search.cli import SearchError
 from search.configs import Outcome, StudyContext, evaluate_configs, lookup, run_label
 
@@ -181,14 +180,12 @@ class Worker:
     def __init__(
         self,
         ctx: StudyContext,
-        batch_size: int,
-        chunk_budget_gb: float,
         retries: int = 3,
         retry_delay: float = 60.0,
         claims: Claims | None = None,
         claim_size: int = 32,
     ):
-        self.ctx, self.batch_size, self.chunk_budget_gb = ctx, batch_size, chunk_budget_gb
+        self.ctx = ctx
         self.retries, self.retry_delay, self.claims, self.claim_size = retries, retry_delay, claims, claim_size
         ctx.counts.setdefault("failed", 0)
 
@@ -243,10 +240,11 @@ class Worker:
                 outcomes = evaluate_configs(self.ctx, pending, race, race_key)
             except Exception as err:  # the whole set failed; Ctrl-C and exits pass
                 free_memory()
-                if isinstance(err, torch.cuda.OutOfMemoryError) and self.batch_size > 1:
+                if isinstance(err, torch.cuda.OutOfMemoryError) and self.ctx.evaluator.batch_size > 1:
                     self._halve_batch()
                     logger.warning(
-                        f"{tracking.error_tag(err)}; retrying {len(pending)} configurations with batch_size {self.batch_size}"
+                        f"{tracking.error_tag(err)}; retrying {len(pending)} configurations "
+                        f"with batch_size {self.ctx.evaluator.batch_size}"
                     )
                     continue
                 error = tracking.error_tag(err)
@@ -278,11 +276,8 @@ class Worker:
         return {removed: done[removed] for removed in configs}
 
     def _halve_batch(self) -> None:
-        """Score with half the batch size from now on (a new evaluator of the same kind)."""
-        old = self.ctx.evaluator
-        self.batch_size //= 2
-        extra = {"chunk_budget_gb": self.chunk_budget_gb} if isinstance(old, Evaluator) else {}
-        self.ctx.evaluator = type(old)(old.loaded, self.ctx.tasks, self.batch_size, **extra)
+        """Score with half the batch size from now on."""
+        self.ctx.evaluator = self.ctx.evaluator.with_batch_size(self.ctx.evaluator.batch_size // 2)
 
     def _close_orphans(self, claim: Claim | None) -> None:
         """Mark the RUNNING runs that the dead owner of a taken-over claim left as KILLED."""

@@ -128,7 +128,7 @@ def test_beam_search_records_stops_apart_and_reuses_them(one_block_matters, sqli
             )
             settings = beam.Settings(2, 1, 1, (), "mean", racing)
             results = beam.run_beam_search(
-                ctx, Worker(ctx, 8, 4.0, 0, 0), settings, tracking.config_hash({**ctx.identity, **asdict(settings)})
+                ctx, Worker(ctx, 0, 0), settings, tracking.config_hash({**ctx.identity, **asdict(settings)})
             )
             return ctx, results
 
