@@ -137,16 +137,10 @@ def prediction_model(table: pd.DataFrame, ranked: list[dict], target: str, max_p
     """Ordinary least squares of the target on the strongest predictors (greedy by |Spearman r|,
     skipping near-duplicates, at most one per 5 trials): in-sample R2/MAE and leave-one-out R2/MAE."""
     usable = [c for c in ranked if math.isfinite(c["spearman_r"])]
-    chosen = []
     data = table[[c["predictor"] for c in usable] + [target]].apply(pd.to_numeric, errors="coerce")
     n_all = int(data[target].notna().sum())
     limit = max(1, min(max_predictors, n_all // PER_PREDICTOR))
-    for c in usable:
-        pair = data[[*chosen, c["predictor"]]].dropna()
-        if all(abs(np.corrcoef(pair[c["predictor"]], pair[o])[0, 1]) <= COLLINEAR for o in chosen):
-            chosen.append(c["predictor"])
-        if len(chosen) == limit:
-            break
+    chosen = _predictors(data, usable, limit)
     rows = data[[*chosen, target]].dropna()
     n, k = len(rows), len(chosen)
     model = {
@@ -171,28 +165,7 @@ def prediction_model(table: pd.DataFrame, ranked: list[dict], target: str, max_p
             f"correlation and at least {k + 3} trials)"
         )
         return {**model, "formula": None, "coefficients": None, "r2": None, "mae": None, "loo_r2": None, "loo_mae": None}
-    x, y = rows[chosen].to_numpy(float), rows[target].to_numpy(float)
-    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a perfect fit: zero standard errors, p-values 0 or undefined (null)
-        fit = sm.OLS(y, sm.add_constant(x, has_constant="add")).fit()
-        beta, std_err, p_values, fitted = fit.params, fit.bse, fit.pvalues, fit.fittedvalues
-    # each trial predicted by the same model (OLS with intercept) fitted on the other n - 1
-    loo = cross_val_predict(LinearRegression(), x, y, cv=LeaveOneOut())
-    r2 = _r2(y, fitted)
-    f_p = float(fit.f_pvalue) if math.isfinite(r2) and r2 < 1 else None
-    terms = "".join(f" {'-' if b < 0 else '+'} {abs(b):.4g} × {name}" for b, name in zip(beta[1:], chosen))
-    coefficient_names = ["intercept", *chosen]
-    model.update(
-        formula=f"{target} ≈ {beta[0]:.4g}{terms}",
-        coefficients=dict(zip(coefficient_names, map(float, beta))),
-        std_errors=dict(zip(coefficient_names, map(float, std_err))),
-        p_values={m: _clean(p) for m, p in zip(coefficient_names, p_values)},
-        r2=_clean(r2),
-        mae=float(mean_absolute_error(y, fitted)),
-        f_p_value=_clean(f_p),
-        loo_r2=_clean(_r2(y, loo)),
-        loo_mae=float(mean_absolute_error(y, loo)),
-    )
+    model.update(_fit(rows[chosen].to_numpy(float), rows[target].to_numpy(float), chosen, target))
     if n < MIN_TRIALS:
         model["warnings"].append(f"only {n} trials (fewer than {MIN_TRIALS}): correlations and the model are unreliable")
     if n < PER_PREDICTOR * max(k, 1) or limit < max_predictors:
@@ -203,6 +176,43 @@ def prediction_model(table: pd.DataFrame, ranked: list[dict], target: str, max_p
     if model["loo_r2"] is not None and model["loo_r2"] < 0:
         model["warnings"].append("leave-one-out R2 < 0: the formula predicts unseen trials worse than their mean does")
     return model
+
+
+def _predictors(data: pd.DataFrame, usable: list[dict], limit: int) -> list[str]:
+    """Up to `limit` predictors, greedy in the order of `usable`, skipping a near-duplicate of one already chosen."""
+    chosen = []
+    for c in usable:
+        pair = data[[*chosen, c["predictor"]]].dropna()
+        if all(abs(np.corrcoef(pair[c["predictor"]], pair[o])[0, 1]) <= COLLINEAR for o in chosen):
+            chosen.append(c["predictor"])
+        if len(chosen) == limit:
+            break
+    return chosen
+
+
+def _fit(x: np.ndarray, y: np.ndarray, chosen: list[str], target: str) -> dict:
+    """The OLS fit of `y` on `x` (with intercept): formula, coefficients, in-sample and leave-one-out R2/MAE."""
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a perfect fit: zero standard errors, p-values 0 or undefined (null)
+        fit = sm.OLS(y, sm.add_constant(x, has_constant="add")).fit()
+        beta, std_err, p_values, fitted = fit.params, fit.bse, fit.pvalues, fit.fittedvalues
+    # each trial predicted by the same model (OLS with intercept) fitted on the other n - 1
+    loo = cross_val_predict(LinearRegression(), x, y, cv=LeaveOneOut())
+    r2 = _r2(y, fitted)
+    f_p = float(fit.f_pvalue) if math.isfinite(r2) and r2 < 1 else None
+    terms = "".join(f" {'-' if b < 0 else '+'} {abs(b):.4g} × {name}" for b, name in zip(beta[1:], chosen))
+    coefficient_names = ["intercept", *chosen]
+    return dict(
+        formula=f"{target} ≈ {beta[0]:.4g}{terms}",
+        coefficients=dict(zip(coefficient_names, map(float, beta))),
+        std_errors=dict(zip(coefficient_names, map(float, std_err))),
+        p_values={m: _clean(p) for m, p in zip(coefficient_names, p_values)},
+        r2=_clean(r2),
+        mae=float(mean_absolute_error(y, fitted)),
+        f_p_value=_clean(f_p),
+        loo_r2=_clean(_r2(y, loo)),
+        loo_mae=float(mean_absolute_error(y, loo)),
+    )
 
 
 def _clean(x) -> float | None:

@@ -154,6 +154,20 @@ def digests(path: Path, config: TransferConfig | None = None) -> tuple[str, str]
     return whole.hexdigest(), hashlib.md5(b"".join(parts), usedforsecurity=False).hexdigest() + f"-{len(parts)}"
 
 
+def _manifest_entry(run, objects: list[dict]) -> dict:
+    """A run as the manifest lists it: kind, name, experiment, status, start, commit, params (no secrets), objects."""
+    return {
+        "kind": run.data.tags.get(names.KIND),
+        "run_name": run.info.run_name,
+        "experiment_id": run.info.experiment_id,
+        "status": run.info.status,
+        "start_time": run.info.start_time,
+        "source_commit": run.data.tags.get("mlflow.source.git.commit"),
+        "params": {k: public(v) for k, v in sorted(run.data.params.items())},
+        "objects": objects,
+    }
+
+
 def export(client, s3, bucket: str, prefix: str, runs: list) -> dict:
     """Upload the runs' artifacts and the manifest; the counts and the manifest."""
     existing = _existing(s3, bucket, prefix)
@@ -185,16 +199,7 @@ def export(client, s3, bucket: str, prefix: str, runs: list) -> dict:
                 put(_key(prefix, run_id, path.relative_to(local).as_posix()), path)
                 for path in sorted(p for p in local.rglob("*") if p.is_file())
             ]
-        listed[run_id] = {
-            "kind": run.data.tags.get(names.KIND),
-            "run_name": run.info.run_name,
-            "experiment_id": run.info.experiment_id,
-            "status": run.info.status,
-            "start_time": run.info.start_time,
-            "source_commit": run.data.tags.get("mlflow.source.git.commit"),
-            "params": {k: public(v) for k, v in sorted(run.data.params.items())},
-            "objects": objects,
-        }
+        listed[run_id] = _manifest_entry(run, objects)
     manifest_key = _key(prefix, "manifest.json")
     previous = {}
     if manifest_key in existing:

@@ -223,26 +223,26 @@ def run_main(main, argv=None, user_errors: tuple = ()) -> int:
     try:
         main(argv)
     except Exception as err:
-        from contract import profiles, tracking  # here, not above: `--help` loads no MLflow
+        from contract import launcher, profiles, tracking  # here, not above: `--help` loads no MLflow
 
-        purged = tracking.forget_secret_launcher_run()
+        purged = launcher.forget_secret_launcher_run()
         if not purged:
-            tracking.fail_launcher_run(err)
+            launcher.fail_launcher_run(err)
         if not isinstance(err, (*user_errors, UsageError, tracking.TrackingError, profiles.ProfileError)):
             raise  # a bug: the traceback stays, the run says why it failed
         print(f"error: {err}{f'; {purged}' if purged else ''}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
-        from contract import tracking
+        from contract import launcher, tracking
 
         print(f"error: {tracking.stop_reason(err).split(' before')[0]}; {tracking.stop_in_flight(err)}", file=sys.stderr)
-        tracking.fail_launcher_run(err)
+        launcher.fail_launcher_run(err)
         return 143 if isinstance(err, tracking.Terminated) else 130
     except BaseException as err:  # SystemExit (`--help`: code 0)
         if not (isinstance(err, SystemExit) and not err.code):
-            from contract import tracking
+            from contract import launcher
 
-            tracking.fail_launcher_run(err)
+            launcher.fail_launcher_run(err)
         raise
     finally:
         for name, handler in previous.items():

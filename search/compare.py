@@ -110,6 +110,43 @@ def _context(ctx: StudyContext, tasks: list[Task], loaded, settings, split: str,
     return StudyContext(ctx.client, ctx.experiment_id, ctx.parent_id, evaluator, identity)
 
 
+def _tasks(s: MethodSelectionSettings) -> tuple[list[Task], list[Task], list[Task]]:
+    """The tasks selected on and scored on (disjoint), and the perplexity tasks among the first."""
+    names_ = parse_task_list(s.tasks)
+    select_tasks = [
+        load_split(t, s.select_split, s.select_n_samples or s.n_samples, s.ppl_docs, s.seed, s.data_dir, s.sample) for t in names_
+    ]
+    score_tasks = [load_split(t, s.score_split, s.n_samples, s.ppl_docs, s.seed, s.data_dir, s.sample) for t in names_]
+    check_disjoint(select_tasks, score_tasks)
+    return select_tasks, score_tasks, [t for t in select_tasks if t.kind == "perplexity"]
+
+
+def _report(loaded, methods, s, select_tasks, score_tasks, selection, per_unit, selected, outcomes) -> dict:
+    """The method selection report: what each method selected, its share of parameters, its score runs, the criteria."""
+    from pruning.families import removed_parameters
+
+    total = sum(p.numel() for p in loaded.model.parameters())
+    return {
+        "model": loaded.name,
+        "num_blocks": loaded.num_blocks,
+        "methods": [m.name for m in methods],
+        "k": list(range(1, s.max_k + 1)),
+        "select_split": s.select_split,
+        "score_split": s.score_split,
+        "select_data": procedures.data_of(select_tasks),
+        "score_data": procedures.data_of(score_tasks),
+        "selected": {m: [[str(u) for u in c] for c in cs] for m, cs in selected.items()},
+        "fraction_removed": {m: [removed_parameters(loaded, c) / total for c in cs] for m, cs in selected.items()},
+        "score_runs": {m: [outcomes[c].run_id for c in cs] for m, cs in selected.items()},
+        "baseline_run": outcomes[()].run_id,
+        "criteria": per_unit,
+        "cost": {
+            name: {**spent, "unit": "forward passes of the unpruned model over data"} for name, spent in selection.cost.items()
+        },
+        "tasks": [{"name": t.name, "kind": t.kind, "headline": t.headline} for t in score_tasks],
+    }
+
+
 def main(argv=None) -> None:
     """Select with every method and score the selections: `python -m search.compare ...` or
     `mlflow run . -e select_methods`."""
@@ -119,13 +156,7 @@ def main(argv=None) -> None:
     check_splits(s.select_split, s.score_split)
     if s.max_k < 1:
         raise SearchError(f"max_k must be at least 1, got {s.max_k}")
-    names_ = parse_task_list(s.tasks)
-    select_tasks = [
-        load_split(t, s.select_split, s.select_n_samples or s.n_samples, s.ppl_docs, s.seed, s.data_dir, s.sample) for t in names_
-    ]
-    score_tasks = [load_split(t, s.score_split, s.n_samples, s.ppl_docs, s.seed, s.data_dir, s.sample) for t in names_]
-    check_disjoint(select_tasks, score_tasks)
-    ppl_tasks = [t for t in select_tasks if t.kind == "perplexity"]
+    select_tasks, score_tasks, ppl_tasks = _tasks(s)
     wanted = {m.criterion for m in methods if m.criterion}
     if not ppl_tasks and wanted & {"ppl_drop", "taylor"}:
         raise SearchError(
@@ -160,29 +191,7 @@ def main(argv=None) -> None:
         configs = sorted({c for cs in selected.values() for c in cs} | {()})
         logger.info(f"scoring {len(configs)} distinct configurations on {s.score_split}: {procedures.data_of(score_tasks)}")
         outcomes = Worker(score_ctx).run(configs)
-        total = sum(p.numel() for p in loaded.model.parameters())
-        from pruning.families import removed_parameters
-
-        report = {
-            "model": loaded.name,
-            "num_blocks": loaded.num_blocks,
-            "methods": [m.name for m in methods],
-            "k": list(range(1, s.max_k + 1)),
-            "select_split": s.select_split,
-            "score_split": s.score_split,
-            "select_data": procedures.data_of(select_tasks),
-            "score_data": procedures.data_of(score_tasks),
-            "selected": {m: [[str(u) for u in c] for c in cs] for m, cs in selected.items()},
-            "fraction_removed": {m: [removed_parameters(loaded, c) / total for c in cs] for m, cs in selected.items()},
-            "score_runs": {m: [outcomes[c].run_id for c in cs] for m, cs in selected.items()},
-            "baseline_run": outcomes[()].run_id,
-            "criteria": per_unit,
-            "cost": {
-                name: {**spent, "unit": "forward passes of the unpruned model over data"}
-                for name, spent in selection.cost.items()
-            },
-            "tasks": [{"name": t.name, "kind": t.kind, "headline": t.headline} for t in score_tasks],
-        }
+        report = _report(loaded, methods, s, select_tasks, score_tasks, selection, per_unit, selected, outcomes)
         failed = [m for m, runs in report["score_runs"].items() if any(outcomes[c].error for c in selected[m])]
         if failed:
             raise RuntimeError(f"scoring the selections of {', '.join(failed)} failed; rerun to retry (the rest is reused)")
