@@ -35,6 +35,7 @@ from analysis.report import stars
 from analysis.store import AnalysisError
 from contract import names, tracking
 from contract.records import SensitivityReport
+from pruning.drop import importances
 
 SPLITS = ("train", "validation")
 _CHUNK = 100  # bootstrap resamples drawn at once (bounds memory on large splits)
@@ -55,8 +56,8 @@ def select_studies(client, model: str = "", experiment: str = "") -> tuple[str, 
     for run in found:  # newest first: the first study seen per (task, split) is the latest
         split = run.data.params.get("split", "")
         for key in run.data.metrics:
-            if key.startswith("importance/") and split in SPLITS:
-                chosen.setdefault(key.removeprefix("importance/"), {}).setdefault(split, run)
+            if key.startswith(names.importance("")) and split in SPLITS:
+                chosen.setdefault(key.removeprefix(names.importance("")), {}).setdefault(split, run)
     return models[0], chosen
 
 
@@ -80,16 +81,6 @@ def examples(results: list[dict]) -> tuple[np.ndarray, np.ndarray | None]:
         else:
             values.append(np.asarray(result["acc"] if "acc" in result else result["score"], float)[index])
     return np.array(values), (np.array(tokens) if tokens else None)
-
-
-def importances(values: np.ndarray, tokens: np.ndarray | None, weights: np.ndarray) -> np.ndarray:
-    """Importance vectors (one row per row of example `weights`): baseline accuracy (score) - accuracy
-    without block i, or log(ppl without i) - log(baseline ppl) with log ppl = sum nll / sum tokens."""
-    if tokens is None:
-        score = weights @ values.T / weights.sum(axis=1, keepdims=True)
-        return score[:, :1] - score[:, 1:]
-    log_ppl = (weights @ values.T) / (weights @ tokens.T)
-    return log_ppl[:, 1:] - log_ppl[:, :1]
 
 
 def rowwise_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:

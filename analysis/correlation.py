@@ -350,7 +350,7 @@ def write(result: dict, folder: Path) -> None:
     """Every output file of the analysis into `folder`."""
     table, target, ranked = result["table"], result["target"], result["ranked"]
     first = ["trial_number", "run_id", "success"]
-    table[first + [c for c in table.columns if c not in first]].to_csv(folder / "search_results.csv", index=False)
+    table[first + [c for c in table.columns if c not in first]].to_csv(folder / names.STUDY_RESULTS, index=False)
     (folder / "correlation_report.txt").write_text(
         report_text(result["label"], table, result["excluded"], ranked, result["untested"], result["model"], target)
     )

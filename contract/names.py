@@ -63,10 +63,7 @@ def metric(name: str, task: str) -> str:
 
 def importance(task: str) -> str:
     """Metric of a sensitivity parent run: the importance of each block on `task` (step = block)."""
-    return f"{IMPORTANCE_PREFIX}{task}"
-
-
-IMPORTANCE_PREFIX = "importance/"
+    return f"importance/{task}"
 
 
 def baseline_metric(metric_name: str) -> str:

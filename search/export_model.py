@@ -228,7 +228,7 @@ def main(argv=None) -> None:
             logger.warning(warning)
         params = {
             "model": source.model,
-            "num_removed": len(exported.units),
+            names.NUM_REMOVED: len(exported.units),
             "dtype": report["dtype"],
             "device": report["device"],
             "tasks": ",".join(source.tasks),

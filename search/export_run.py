@@ -61,7 +61,7 @@ def log_export(client, run_id: str, source: Source, exported: Exported, report: 
         run_id,
         metrics=values,
         tags={
-            "removed_blocks": ",".join(map(str, exported.removed)),
+            names.REMOVED_BLOCKS: ",".join(map(str, exported.removed)),
             names.REMOVED_UNITS: label(exported.units),
             "source_run_id": source.run_id,
             "source_kind": source.kind,
@@ -86,7 +86,7 @@ def register(client, run_id: str, name: str, source: Source, exported: Exported)
     import mlflow
 
     blocks, units = ",".join(map(str, exported.removed)), label(exported.units)
-    tags = {"source_run_id": source.run_id, "removed_blocks": blocks, "export_run_id": run_id, "source_kind": source.kind}
+    tags = {"source_run_id": source.run_id, names.REMOVED_BLOCKS: blocks, "export_run_id": run_id, "source_kind": source.kind}
     tags[names.REMOVED_UNITS] = units
     version = mlflow.register_model(f"runs:/{run_id}/model", name, tags=tags).version
     origin = f"{source.kind} run {source.run_id}" if source.run_id else "an explicit unit list"

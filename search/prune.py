@@ -166,7 +166,7 @@ def _log(client, run_id, loaded, metrics, report, groups, stats, scores, setting
     }
     for name in LAYER_SERIES:
         tracking.log_series(client, run_id, name, series[name])
-    tracking.log_json(client, run_id, "prune_report.json", {"settings": asdict(settings), "metrics": metrics, **series})
+    tracking.log_json(client, run_id, names.PRUNE_REPORT, {"settings": asdict(settings), "metrics": metrics, **series})
     tracking.log_per_example(client, run_id, scores.values())
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "group_importance.npz"
@@ -187,7 +187,7 @@ def main(argv=None) -> None:
     settings = cli.settings_from(PruneSettings, args)
     settings.check()
     client = tracking.connect(args.tracking_uri or None)
-    with tracking.study_run(client, "prune", f"prune/{settings.model}", asdict(settings)) as (run_id, exp_id):
+    with tracking.study_run(client, names.PRUNE, f"{names.PRUNE}/{settings.model}", asdict(settings)) as (run_id, exp_id):
         metrics = prune_and_evaluate(client, run_id, exp_id, settings)
     shown = ", ".join(
         f"{k} {metrics[k]:.4g}" for k in ("acc_mean", "headline_mean", "ppl", "grad_norm_ratio", "pruning_rate") if k in metrics

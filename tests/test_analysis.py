@@ -37,12 +37,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SECRET = "wJalrXUtnFEMI-do-not-log-7c1e"
 ACCESS = "AKIAEXPORTTESTKEY42"
 # Runs `python -m <module> <args>` and then says which model-side modules the process imported: torch,
-# transformers, or any of pruning/ but the torch-free unit type (pruning.units) that contract.records uses.
+# transformers, or any of pruning/ but its torch-free parts: the unit type (pruning.units) that contract.records
+# uses and the definition of a drop (pruning.drop) that the consistency report bootstraps.
 RUN_MODULE = (
     "import runpy, sys\nname = sys.argv.pop(1)\ntry:\n    runpy.run_module(name, run_name='__main__', alter_sys=True)\n"
     "finally:\n    print('model side imported:',\n"
     "          sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers'}\n"
-    "                 | {m for m in sys.modules if m.startswith('pruning.') and m != 'pruning.units'}))"
+    "                 | {m for m in sys.modules if m.startswith('pruning.') and m not in ('pruning.units', 'pruning.drop')}))"
 )
 # Train and validation effects of removing each of 8 blocks, per synthetic task.
 MC_DROPS = [0.40, 0.0, 0.06, 0.12, 0.18, 0.24, 0.30, 0.36]

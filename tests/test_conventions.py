@@ -298,11 +298,14 @@ def test_contract_names_are_never_spelled_as_literals_in_search_or_analysis():
     import ast
 
     values, prefixes = _contract_literals()
+    coincidences = {("analysis/correlation.py", "study")}  # a key of the correlation report, not the run kind
     assert "removed_blocks" in values and "importance/" in prefixes and "baseline_" in prefixes  # the check itself works
     root, found = Path(__file__).resolve().parents[1], []
     for path in [p for package in ("search", "analysis") for p in sorted((root / package).rglob("*.py"))]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Constant) and node.value in values:
+                if (str(path.relative_to(root)), node.value) in coincidences:
+                    continue
                 found.append(f"{path.relative_to(root)}:{node.lineno} {node.value!r} (names.{values[node.value]})")
             elif isinstance(node, ast.JoinedStr) and node.values and isinstance(node.values[0], ast.Constant):
                 start = str(node.values[0].value)
