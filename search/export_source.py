@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from contract import names, tracking
 from contract.records import BeamResults
 from pruning.tasks import parse_task_list
-from pruning.units import Config, UnitError, normalize, parse_units
+from pruning.units import Config, UnitError, normalize, parse_blocks, parse_units
 from search.cli import SearchError
 
 
@@ -29,14 +29,6 @@ class Source:
     run_id: str = ""
     reference_run_id: str = ""  # the run whose metrics the re-scored exported model should match
     sample: str = "seeded"  # how the n_samples examples were taken: seeded or first
-
-
-def parse_blocks(text: str) -> tuple[int, ...]:
-    """Block indices from `3,5,7`."""
-    try:
-        return tuple(int(p) for p in text.split(",") if p.strip())
-    except ValueError:
-        raise SearchError(f"blocks {text!r} is not a list of block indices; allowed: e.g. 3,5,7") from None
 
 
 def source_of(client, args) -> Source:
