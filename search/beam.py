@@ -34,22 +34,19 @@ if __name__ == "__main__":  # `--help` and a bad argument are answered before th
 import dataclasses
 import logging
 import math
-import tempfile
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 
 from contract import names, tracking
-from contract.records import BeamResults, BeamStep, Candidate, Recommendation, unit_names
-from pruning.drop import drop
+from contract.records import BeamResults, BeamStep, Candidate, unit_names
 from pruning.racing import Beam, Race
 from pruning.tasks import parse_task_list
 from pruning.units import Config, all_units, identity, normalize, parse_blocks, removed_blocks
-from search import figures, monitoring, summaries
+from search import beam_records, monitoring, summaries
 from search.cli import SearchError, run_main
-from search.configs import Outcome, StudyContext, config_text, run_label
+from search.configs import Outcome, StudyContext, run_label
 from search.context import open_context, study_params
 from search.work import Worker, shared_claims
 
@@ -185,30 +182,6 @@ def select(rows: dict[tuple[int, ...], Candidate], candidates: list[tuple[int, .
     return sorted(ok, key=lambda c: (score(rows[c], criterion), c))[:width]
 
 
-def candidate_row(ctx: StudyContext, baseline: dict, outcome: Outcome) -> Candidate:
-    """What a step reports about one candidate: metrics and drop per task, or its error. A
-    candidate that racing stopped has `drops` None (it is never ranked), its `partial_drops` on
-    the examples it saw (`n_examples` per task) and the reason in `stopped`."""
-    status = "FAILED" if outcome.error else "STOPPED" if outcome.stopped else "FINISHED"
-    removed = outcome.removed
-    row = Candidate(
-        list(removed_blocks(removed)),
-        outcome.conf_hash,
-        outcome.run_id,
-        status,
-        outcome.metrics,
-        error=outcome.error,
-        removed_units=unit_names(removed),
-    )
-    if outcome.metrics is not None:
-        drops = {t.name: drop(t, baseline[t.name], outcome.metrics[t.name]) for t in ctx.tasks}
-        if outcome.stopped:
-            row.partial_drops, row.n_examples, row.stopped = drops, outcome.seen, outcome.stopped
-        else:
-            row.drops, row.mean_drop = drops, float(np.mean(list(drops.values())))
-    return row
-
-
 def race_of(ctx: StudyContext, settings: Settings, candidates: dict[str, list]) -> Race | None:
     """The step's race: one beam per criterion (mean: every task weighs 1/T), or None without racing."""
     if not settings.racing or not ctx.evaluator.races:
@@ -216,27 +189,6 @@ def race_of(ctx: StudyContext, settings: Settings, candidates: dict[str, list]) 
     tasks = [t.name for t in ctx.tasks]
     weights = {c: {t: 1 / len(tasks) for t in tasks} if c == "mean" else {c: 1.0} for c in candidates}
     return Race([Beam(weights[c], set(members)) for c, members in candidates.items()], settings.beam_width, settings.racing_alpha)
-
-
-def best_entry(row: Candidate, k: int, num_blocks: int, previous: float, complete: bool, params: int) -> Recommendation:
-    """One line of the recommendation table: removing `k` units (`params` parameters)."""
-    drops = list(row.drops.values())
-    return Recommendation(
-        k,
-        row.removed_blocks,
-        row.mean_drop,
-        float(np.std(drops)),
-        len(drops),
-        row.mean_drop - previous,
-        num_blocks - len(row.removed_blocks),
-        [b for b in range(num_blocks) if b not in row.removed_blocks],
-        row.drops,
-        row.config_hash,
-        row.run_id,
-        complete,
-        row.removed_units,
-        params,
-    )
 
 
 def budget_check(loaded, settings: Settings):
@@ -281,7 +233,7 @@ def run_beam_search(ctx: StudyContext, worker: Worker, settings: Settings, key: 
         logger.info(f"beam step {k} of {settings.steps(n)}: {len(union)} candidates")
         ctx.stage, started, before = f"beam step {k} of {settings.steps(n)}", time.monotonic(), dict(ctx.counts)
         outcomes = worker.run(union, race_of(ctx, settings, candidates), f"{key}/step{k}")
-        rows = {r: candidate_row(ctx, base.metrics, outcomes[r]) for r in union}
+        rows = {r: beam_records.candidate_row(ctx, base.metrics, outcomes[r]) for r in union}
         step = BeamStep(
             k,
             [rows[r] for r in union],
@@ -299,9 +251,9 @@ def run_beam_search(ctx: StudyContext, worker: Worker, settings: Settings, key: 
             ]
             if beams[c]:
                 previous = best[c][-1].mean_drop if best[c] else 0.0
-                best[c].append(best_entry(rows[beams[c][0]], k, n, previous, complete[c], params(beams[c][0])))
+                best[c].append(beam_records.best_entry(rows[beams[c][0]], k, n, previous, complete[c], params(beams[c][0])))
         tracking.log_json(ctx.client, ctx.parent_id, names.beam_step(k), step.to_json())
-        _log_step(ctx, criteria_names, best, k)
+        beam_records.log_step(ctx, criteria_names, best, k)
         first = criteria_names[0]
         ranked = sorted(union, key=lambda r: (rank_key(rows[r], first), r))
         scored = {r: outcomes[r].run_id for r in union if not outcomes[r].reused}
@@ -311,8 +263,19 @@ def run_beam_search(ctx: StudyContext, worker: Worker, settings: Settings, key: 
         logger.info(
             summaries.step_line(k, settings.steps(n), beams[first], kept, len(union), step_counts, time.monotonic() - started)
         )
+    results = _results(ctx, settings, base, best, criteria_names, failed)
+    beam_records.log_results(ctx, results)
+    return results
+
+
+def _results(
+    ctx: StudyContext, settings: Settings, base: Outcome, best: dict, criteria_names: list[str], failed: list
+) -> BeamResults:
+    """The search's results: the main beam's best entry per step, each task beam's, the failures and counts."""
+    n = ctx.evaluator.loaded.num_blocks
+    tasks = [t.name for t in ctx.tasks]
     main = best[criteria_names[0]]
-    results = BeamResults(
+    return BeamResults(
         ctx.identity["model"],
         tasks,
         n,
@@ -325,71 +288,6 @@ def run_beam_search(ctx: StudyContext, worker: Worker, settings: Settings, key: 
         failed,
         {"parent_run_id": ctx.parent_id, **ctx.counts},
     )
-    _log_results(ctx, results)
-    return results
-
-
-def _log_step(ctx: StudyContext, criteria_names: list[str], best: dict[str, list[Recommendation]], k: int) -> None:
-    metrics = {}
-    main = best[criteria_names[0]]
-    if len(main) == k:
-        entry = main[-1]
-        metrics = {
-            "mean_drop": entry.mean_drop,
-            "std_drop": entry.std_drop,
-            "incremental_drop": entry.incremental_drop,
-            **{f"drop/{t}": d for t, d in entry.drops.items()},
-        }
-    metrics.update({f"best_drop/{c}": best[c][-1].drops[c] for c in criteria_names if c != "mean" and len(best[c]) == k})
-    tracking.log(ctx.client, ctx.parent_id, metrics=metrics, step=k)
-
-
-def _log_results(ctx: StudyContext, results: BeamResults) -> None:
-    baseline = {names.baseline_metric(names.metric(m, t)): v for t, ms in results.baseline.items() for m, v in ms.items()}
-    counts = {f"configs_{k}": v for k, v in ctx.counts.items()}
-    recommended = {names.recommended_tag(e.num_removed): config_text(e.units) for e in results.recommendations}
-    tracking.log(
-        ctx.client, ctx.parent_id, metrics={**baseline, **counts}, tags={names.FAILED_CONFIGS: len(results.failed), **recommended}
-    )
-    tracking.log_json(ctx.client, ctx.parent_id, names.BEAM_RESULTS, results.to_json())
-    ctx.client.log_text(ctx.parent_id, summary(results), names.BEAM_TABLE)
-    reuse = summaries.mark_reuse(ctx.client, ctx.parent_id, ctx.counts)
-    tracking.describe(ctx.client, ctx.parent_id, summaries.beam_description(results, ctx.identity, reuse))
-    if results.recommendations:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / names.BEAM_DROPS_PLOT
-            figures.plot_beam_drops(results, ctx.identity, path)
-            ctx.client.log_artifact(ctx.parent_id, str(path))
-
-
-def summary(results: BeamResults) -> str:
-    """The recommendation table (markdown), per-task bests, and failures."""
-    criterion = results.settings["criterion"]
-    ranking = "mean drop over the tasks" if criterion in ("mean", "all") else f"drop on {criterion}"
-    unit = results.settings.get("removal_unit", "block")
-    what = f"of {results.num_blocks} blocks" if unit == "block" else f"units ({unit}s) of {results.num_blocks} blocks"
-    lines = [
-        f"## Removing 1..{len(results.recommendations)} {what} (ranked by {ranking}; tasks: {', '.join(results.tasks)})",
-        "",
-        "| removed | blocks | mean drop | std | datasets | increment | active blocks |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for e in results.recommendations:
-        flag = "" if e.complete else " (some candidates failed)"
-        lines.append(
-            f"| {e.num_removed} | {summaries.shown(e.units)}{flag} | {e.mean_drop:.4f} | {e.std_drop:.4f} "
-            f"| {e.n_datasets} | {e.incremental_drop:+.4f} | {e.num_active_blocks} -> {e.active_blocks} |"
-        )
-    if results.per_task:
-        lines.append("")
-    for task, entries in results.per_task.items():
-        lines.append(f"best on {task}: " + ", ".join(f"{summaries.shown(e.units)} ({e.drops[task]:.4f})" for e in entries))
-    if results.failed:
-        lines.append(
-            f"\nFAILED configurations ({len(results.failed)}), not ranked: "
-            + "; ".join(f"{summaries.shown(f.units)}: {f.error}" for f in results.failed)
-        )
-    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> None:
@@ -424,7 +322,7 @@ def main(argv=None) -> None:
                 from search.procedures import run_procedure
 
                 results = run_procedure(ctx, worker, settings, key, given)
-    print(summary(results))
+    print(beam_records.summary(results))
     print(f"parent run: {run_id}\nsee it: {tracking.ui_hint(client.tracking_uri)}")
 
 

@@ -36,7 +36,8 @@ from pruning.families import removed_parameters
 from pruning.tasks import Task
 from pruning.units import Config, Unit, normalize
 from search.beam import Settings as BeamSettings
-from search.beam import _log_results, best_entry, candidate_row, run_beam_search
+from search.beam import run_beam_search
+from search.beam_records import best_entry, candidate_row, log_results
 from search.cli import SearchError
 from search.configs import StudyContext, study_identity
 from search.work import Worker
@@ -261,5 +262,5 @@ def run_procedure(ctx: StudyContext, worker: Worker, settings: BeamSettings, key
         failed,
         {"parent_run_id": ctx.parent_id, "cost": selection.cost, **ctx.counts},
     )
-    _log_results(ctx, results)
+    log_results(ctx, results)
     return results
