@@ -23,7 +23,8 @@ import time
 import numpy as np
 from scipy.stats import norm
 
-from benchmarks.run import SCALE_TASKS, _stamp, racing_ceiling, real_tasks
+from benchmarks.common import SCALE_TASKS, _stamp, real_tasks
+from benchmarks.sensitivity import racing_ceiling
 from contract import cli
 from contract.cli import setting
 from pruning.drop import drop

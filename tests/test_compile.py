@@ -81,7 +81,7 @@ def test_dense_fallback_where_flex_is_missing(caplog):
 
 
 def test_gpu_scoring_keys_and_table():
-    from benchmarks.run import markdown, summary
+    from benchmarks.report import markdown, summary
 
     def path(rate, mfu):
         return {"tokens_per_s": rate, "mfu": mfu, "matmul_fraction": mfu * 1.25, "compile_seconds": 30.0, "max_abs_ll_diff": 0.01}

@@ -12,7 +12,9 @@ from helpers import tiny_lm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmarks/ is not an installed package
 
-from benchmarks.run import bench_forward, bench_sensitivity, markdown, summary, word_tokenizer  # noqa: E402
+from benchmarks.forward import bench_forward, word_tokenizer  # noqa: E402
+from benchmarks.report import markdown, summary  # noqa: E402
+from benchmarks.sensitivity import bench_sensitivity  # noqa: E402
 from pruning.evaluate import Evaluator, look_sizes  # noqa: E402
 from pruning.models import LoadedModel, find_blocks_path, load_model  # noqa: E402
 from pruning.packing import SHARED_CONTEXT_FAMILIES, packed_attention_mask, shares_context  # noqa: E402
