@@ -223,12 +223,12 @@ def run_main(main, argv=None, user_errors: tuple = ()) -> int:
     try:
         main(argv)
     except Exception as err:
-        from contract import launcher, profiles, tracking  # here, not above: `--help` loads no MLflow
+        from contract import launcher, profiles, stores, tracking  # here, not above: `--help` loads no MLflow
 
         purged = launcher.forget_secret_launcher_run()
         if not purged:
             launcher.fail_launcher_run(err)
-        if not isinstance(err, (*user_errors, UsageError, tracking.TrackingError, profiles.ProfileError)):
+        if not isinstance(err, (*user_errors, UsageError, stores.TrackingError, profiles.ProfileError)):
             raise  # a bug: the traceback stays, the run says why it failed
         print(f"error: {err}{f'; {purged}' if purged else ''}", file=sys.stderr)
         return 2

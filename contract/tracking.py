@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import os
-import re
 import socket
 import tempfile
 import time
@@ -23,16 +22,14 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # mlflow takes over a second to import: loaded where used, so that an entry point's --help is quick
     from mlflow.tracking import MlflowClient
 
-from contract import names, profiles, schema
+from contract import names, profiles, schema, stores
 from contract.names import CONFIG_HASH, ERROR, HOST, KIND, PID
+from contract.naming import name_run, run_name
+from contract.stores import TrackingError, first_line
 
 logger = logging.getLogger(__name__)
 
 MAX_METRICS, MAX_PARAMS_TAGS = 1000, 100  # what MLflow accepts in one log_batch call
-
-
-class TrackingError(RuntimeError):
-    """The tracking store cannot be reached or used."""
 
 
 def connect(tracking_uri: str | None = None) -> MlflowClient:
@@ -53,26 +50,26 @@ def connect(tracking_uri: str | None = None) -> MlflowClient:
             f"mlflow run started run {os.environ['MLFLOW_RUN_ID']} in {launcher!r} but {source} names "
             f"{uri!r}: give mlflow run the same store (MLFLOW_TRACKING_URI={uri} mlflow run ...)"
         )
-    _check_local_store(uri)
-    database = _database_url(uri)
+    stores.check_local_store(uri)
+    database = stores.database_url(uri)
     with contextlib.ExitStack() as held:
         if database:  # workers starting together on a new store: one creates the schema, the others wait
             try:
                 held.enter_context(schema.creation_lock(database))
             except Exception as err:  # the database server does not answer, or refuses the login
-                raise TrackingError(f"cannot reach tracking store {_shown(uri)!r}: {first_line(err)}") from None
+                raise TrackingError(f"cannot reach tracking store {stores.shown(uri)!r}: {first_line(err)}") from None
         try:
             mlflow.set_tracking_uri(uri)
             client = MlflowClient(uri)
-            with fast_requests():
+            with stores.fast_requests():
                 experiments = client.search_experiments(max_results=1)
         except Exception as err:  # unreachable server, bad URL, refused credentials, unusable file
             if database:  # the database answered the lock: it is there, and MLflow cannot use it
                 raise TrackingError(
-                    f"tracking store {_shown(uri)!r} is a database MLflow cannot use ({first_line(err)}); "
-                    f"{schema.repair_hint(database, _shown(uri))}"
+                    f"tracking store {stores.shown(uri)!r} is a database MLflow cannot use ({first_line(err)}); "
+                    f"{schema.repair_hint(database, stores.shown(uri))}"
                 ) from None
-            status = _http_status(err)
+            status = stores.http_status(err)
             if status == 401:
                 raise TrackingError(
                     f"tracking store {uri!r} refused the credentials (HTTP 401): set "
@@ -84,88 +81,11 @@ def connect(tracking_uri: str | None = None) -> MlflowClient:
     if experiments:  # every experiment's artifacts live in the store's artifact storage
         location = experiments[0].artifact_location
         try:
-            with fast_requests():
+            with stores.fast_requests():
                 get_artifact_repository(location, tracking_uri=uri).list_artifacts()
         except Exception as err:  # missing bucket, unreachable S3, no S3 credentials
             raise TrackingError(f"cannot reach the artifact storage {location!r} of {uri!r}: {first_line(err)}") from None
     return client
-
-
-# How the start-up check talks to a server: one retry, 10 s per request, so that an unreachable or
-# refusing store is reported within 30 s (MLflow's defaults retry for minutes).
-FAST_REQUESTS = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
-}
-
-
-@contextlib.contextmanager
-def fast_requests():
-    """MLflow HTTP requests made inside fail fast (see FAST_REQUESTS); the environment is restored after."""
-    saved = {k: os.environ.get(k) for k in FAST_REQUESTS}
-    os.environ.update(FAST_REQUESTS)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def _database_url(uri: str) -> str | None:
-    """The SQLAlchemy URL of a database tracking store (sqlite:, postgresql:, mysql:, ...); None for a
-    server or a folder."""
-    if "://" not in uri or uri.startswith(("http://", "https://", "file:", "databricks")):
-        return None
-    try:
-        from sqlalchemy.engine import make_url
-
-        make_url(uri)
-    except Exception:
-        return None
-    return uri
-
-
-def _shown(uri: str) -> str:
-    """A store's URI with its password hidden."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(uri).render_as_string(hide_password=True) if _database_url(uri) else uri
-    except Exception:
-        return uri
-
-
-def _check_local_store(uri: str) -> None:
-    """A `sqlite:///path` store must name a file in a folder (MLflow creates missing folders)."""
-    if not uri.startswith("sqlite:"):
-        return
-    from sqlalchemy.engine import make_url
-
-    try:
-        database = make_url(uri).database
-    except Exception:
-        raise TrackingError(
-            f"tracking URI {uri!r} is not a database URI; allowed: sqlite:///<path to a .db file>, "
-            "http(s)://host:port, or a profile"
-        ) from None
-    if not database or database == ":memory:":
-        return
-    path = Path(database).expanduser()
-    if path.is_dir():
-        raise TrackingError(f"tracking URI {uri!r} names the folder {str(path)!r}; allowed: sqlite:///<path to a .db file>")
-    for folder in path.parents:
-        if folder.exists():
-            if not folder.is_dir():
-                raise TrackingError(
-                    f"tracking URI {uri!r}: {str(folder)!r} is a file, not a folder; allowed: "
-                    "sqlite:///<path to a .db file in a folder>"
-                )
-            return
 
 
 def ui_hint(uri: str) -> str:
@@ -173,24 +93,6 @@ def ui_hint(uri: str) -> str:
     if uri.startswith(("http://", "https://")):
         return f"open {uri.rstrip('/')} in a browser"
     return f"mlflow ui --backend-store-uri {uri}  (then open http://127.0.0.1:5000)"
-
-
-def _http_status(err: Exception) -> int | None:
-    """The HTTP status of a failed request: requests' errors carry the response, MLflow's the code."""
-    response = getattr(err, "response", None)
-    if response is not None:
-        return response.status_code
-    return err.get_http_status_code() if hasattr(err, "get_http_status_code") else None
-
-
-def first_line(err: BaseException) -> str:
-    """One line saying why `err` happened: the server's own message where it sent one (an HTTP
-    error's `message`, the database driver's under a SQLAlchemy error), else the error's first line."""
-    try:
-        text = err.response.json()["message"]
-    except Exception:
-        text = str(getattr(err, "orig", None) or err)
-    return (text.strip().splitlines()[0] if text.strip() else type(err).__name__)[:300]
 
 
 def config_hash(identity: dict) -> str:
@@ -248,78 +150,6 @@ def open_run(
     new_params = {k: v for k, v in params.items() if k not in existing and str(v) != ""}
     log(client, run_id, params=new_params, tags={KIND: kind, HOST: socket.gethostname(), PID: str(os.getpid()), **(tags or {})})
     return run_id, exp_id
-
-
-# The default model's name (pruning.models.DEFAULT_MODEL; not imported: analysis never loads torch).
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-# The settings a study's run name shows after model, tasks and sample size, per kind: (param, label).
-NAME_SETTINGS = {
-    names.BEAM_SEARCH: (("beam_width", "width"), ("max_removed", "max_removed")),
-    names.PRUNE: (("pruning_ratio", "ratio"),),
-    names.EXPORT: (("num_removed", "removed"), ("dest", "")),
-    names.CORRELATION: (("study_name", ""), ("target", "")),
-    names.BEAM_SUMMARY: (("beam_search_run_id", "of"),),
-    names.STUDY: (("study_name", ""),),
-    names.STUDY_WORKER: (("study_name", ""),),
-}
-_NAME_LIMIT = 250
-
-
-def model_label(model: str) -> str:
-    """A model as a run name shows it: `default` is the default model's name; a hub id, folder or
-    .gguf file its last part (`HuggingFaceTB/SmolLM2-1.7B` -> `SmolLM2-1.7B`)."""
-    model = str(model).strip().rstrip("/")
-    if model in ("", "default"):
-        return DEFAULT_MODEL_NAME if model else ""
-    return re.sub(r"\.gguf$", "", model.replace("\\", "/").rsplit("/", 1)[-1])
-
-
-def run_name(kind: str, params: dict) -> str:
-    """A study run's name: its kind, model, tasks, sample size, split (when not validation) and the
-    key settings of its kind, e.g. `sensitivity SmolLM2-135M-Instruct piqa,arc_easy n=100`."""
-    parts = [kind]
-    if str(params.get("model", "")).strip():
-        parts.append(model_label(params["model"]))
-    tasks = str(params.get("tasks", "")).strip()
-    if tasks:
-        parts.append(tasks if len(tasks) <= 80 else tasks[:77] + "...")
-    n = str(params.get("n_samples", "")).strip()
-    if n:
-        parts.append("n=all" if n == "0" else f"n={n}")
-    split = str(params.get("split", "")).strip()
-    if split and split != "validation":
-        parts.append(split)
-    for key, label in NAME_SETTINGS.get(kind, ()):
-        value = str(params.get(key, "")).strip()
-        if value:
-            parts.append(f"{label}={value}" if label else value)
-    return " ".join(parts)[:_NAME_LIMIT]
-
-
-def name_run(client: MlflowClient, run_id: str, name: str, current: str | None = None) -> None:
-    """Give run `run_id` (one `mlflow run` created) the name `name`, unless it has one the user gave
-    (`mlflow run --run-name`); MLflow's made-up names (`bemused-fox-123`) are replaced."""
-    if current is None:
-        current = client.get_run(run_id).info.run_name
-    if _generated_name(current):
-        client.update_run(run_id, name=name)
-
-
-def _generated_name(name: str | None) -> bool:
-    """Whether a run name is one MLflow made up (`bemused-fox-123`), not one the user gave."""
-    if not name:
-        return True
-    match = re.fullmatch(r"([a-z]+)-([a-z]+)-(\d+)", name)
-    if not match:
-        return False
-    try:
-        from mlflow.utils import name_utils
-
-        predicates = {w.lower() for w in name_utils._GENERATOR_PREDICATES}
-        nouns = {w.lower() for w in name_utils._GENERATOR_NOUNS}
-    except (ImportError, AttributeError):  # MLflow moved its word lists: the pattern alone decides
-        return True
-    return match.group(1) in predicates and match.group(2) in nouns
 
 
 def _hint_experiment(client: MlflowClient, exp_id: str, experiment: str) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from contract import cli, tracking
+from contract import cli, stores
 from pruning.criteria import CriterionError
 from pruning.models import ModelError
 from pruning.tasks import TaskError
@@ -13,7 +13,7 @@ class SearchError(ValueError):
     """A search parameter, or the storage that workers share, cannot be used."""
 
 
-USER_ERRORS = (ModelError, TaskError, tracking.TrackingError, SearchError, CriterionError, UnitError)
+USER_ERRORS = (ModelError, TaskError, stores.TrackingError, SearchError, CriterionError, UnitError)
 
 
 def run_main(main, argv=None) -> int:

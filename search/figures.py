@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from contract import tracking
+from contract import naming
 from contract.records import BeamResults
 from search.configs import config_text
 from search.summaries import drop_unit
@@ -51,7 +51,7 @@ def plot_beam_drops(results: BeamResults, identity: dict, path: Path):
     axes[-1].set_xlabel(f"{what} removed (the recommended set for each number)")
     n = identity.get("n_samples") or "all"
     fig.suptitle(
-        f"{tracking.model_label(results.model)}: {what} to remove (beam width {results.settings['beam_width']})\n"
+        f"{naming.model_label(results.model)}: {what} to remove (beam width {results.settings['beam_width']})\n"
         f"tasks {', '.join(results.tasks)}; n={n} per task; drop vs the unpruned model",
         fontsize=10,
     )

@@ -18,7 +18,7 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from contract import names, tracking
+from contract import names, naming, tracking
 from contract.trial_table import trial_table
 from pruning.tasks import parse_task_list
 from search.study_spec import GRAD_COLUMNS, StudySpec
@@ -143,7 +143,7 @@ def description(study: optuna.Study, table: pd.DataFrame, setup: dict, counts: d
     done = table[table["success"]].sort_values(objective, ascending=direction == "minimize") if len(table) else table
     params = list(setup["space"])
     lines = [
-        f"### Taylor study {study.study_name!r} of {tracking.model_label(base['model'])}\n",
+        f"### Taylor study {study.study_name!r} of {naming.model_label(base['model'])}\n",
         f"Tasks {base['tasks']}, n={base['n_samples'] or 'all'} per task; searched: {', '.join(params)}; "
         f"objective {', '.join(f'{o} ({d})' for o, d in zip(setup['objectives'], setup['directions']))}.\n",
         f"Trials: {counts['trials_complete']} complete, {counts['trials_failed']} failed.\n",

@@ -21,7 +21,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.exceptions import ExperimentalWarning
 from optuna.storages import RDBStorage
 
-from contract import names, schema, tracking
+from contract import names, naming, schema, stores, tracking
 from search.cli import SearchError
 from search.study_spec import StudySpec
 from search.work import engine_url
@@ -47,7 +47,7 @@ def open_storage(spec: StudySpec) -> RDBStorage:
             warnings.simplefilter("ignore", ExperimentalWarning)
             return RDBStorage(url.render_as_string(hide_password=False), engine_kwargs=engine)
     except Exception as err:  # unreachable server, refused login, missing driver, bad path
-        raise SearchError(f"cannot use Optuna storage {storage_label(spec.storage)!r}: {tracking.first_line(err)}") from None
+        raise SearchError(f"cannot use Optuna storage {storage_label(spec.storage)!r}: {stores.first_line(err)}") from None
 
 
 def open_study(spec: StudySpec, storage: RDBStorage, client) -> tuple[optuna.Study, str]:
@@ -73,7 +73,7 @@ def _set_up(study: optuna.Study, spec: StudySpec, client) -> str:
         "objective": ",".join(spec.objectives),
         "direction": ",".join(spec.directions),
     }
-    name = tracking.run_name(
+    name = naming.run_name(
         names.STUDY,
         {
             "model": spec.settings.model,
@@ -129,14 +129,14 @@ def _join(study: optuna.Study, spec: StudySpec, client) -> str:
     try:
         client.get_run(parent)
     except Exception:
-        raise tracking.TrackingError(
+        raise stores.TrackingError(
             f"study {spec.name!r} records into {setup['tracking_uri']!r} (parent run {parent}), which this worker's "
             f"tracking store {client.tracking_uri!r} does not hold: use the same store"
         ) from None
     own = os.environ.get("MLFLOW_RUN_ID")
     if own and own != parent:  # this `mlflow run` is a worker of the study: link it to the parent, name it as such
         worker = {"model": spec.settings.model, "tasks": spec.settings.tasks, "n_samples": spec.settings.n_samples}
-        tracking.name_run(client, own, tracking.run_name(names.STUDY_WORKER, {**worker, "study_name": spec.name}))
+        naming.name_run(client, own, naming.run_name(names.STUDY_WORKER, {**worker, "study_name": spec.name}))
         tracking.log(
             client,
             own,

@@ -9,7 +9,7 @@ import logging
 
 import numpy as np
 
-from contract import names, tracking
+from contract import names, naming, tracking
 from contract.records import BeamResults, SensitivityReport
 from pruning.units import Config, is_blocks_only, removed_blocks
 from search.configs import config_text
@@ -78,7 +78,7 @@ def sensitivity_description(report: SensitivityReport, identity: dict, reuse: st
     rows += [row(i, "(most)") for i in order[:k]] + [row(i, "(least)") for i in order[::-1][:k]]
     units = ", ".join(f"{t}: {drop_unit(report.baseline[t])}" for t in report.importance)
     return (
-        f"{reuse}### Block sensitivity of {tracking.model_label(identity['model'])}\n\n"
+        f"{reuse}### Block sensitivity of {naming.model_label(identity['model'])}\n\n"
         f"Tasks {', '.join(report.importance)}, n={identity['n_samples'] or 'all'} per task, split {identity['split']}; "
         f"{report.num_blocks} blocks, each removed alone. Importance = drop when the block is removed ({units}).\n\n"
         + "\n".join(rows)
@@ -106,7 +106,7 @@ def beam_description(results: BeamResults, identity: dict, reuse: str = "") -> s
     s = results.settings
     ranking = "mean drop over the tasks" if s["criterion"] in ("mean", "all") else f"drop on {s['criterion']}"
     head = (
-        f"{reuse}### Blocks to remove from {tracking.model_label(results.model)} ({results.num_blocks} blocks)\n\n"
+        f"{reuse}### Blocks to remove from {naming.model_label(results.model)} ({results.num_blocks} blocks)\n\n"
         f"Beam search, width {s['beam_width']}, ranked by {ranking}; tasks {', '.join(results.tasks)}, "
         f"n={identity['n_samples'] or 'all'} per task, split {identity['split']}. "
         "Drops are against the unpruned model; ± is the std over the tasks.\n\n"
@@ -143,7 +143,7 @@ def export_description(source, what: str, report: dict, metrics: dict) -> str:
     dense, pruned = report["dense"], report["pruned"]
     origin = f"{source.kind} run `{source.run_id}`" if source.run_id else "an explicit block list"
     lines = [
-        f"### {tracking.model_label(source.model)} with {what}\n",
+        f"### {naming.model_label(source.model)} with {what}\n",
         f"From {origin}. Timed on {report['device_name']} ({report['device']}, {report['dtype']}), batch "
         f"{report['settings']['batch']}, {report['settings']['prompt_len']} prompt + {report['settings']['new_tokens']} "
         f"new tokens, {report['settings']['rounds']} alternating rounds after a warm-up.\n",

@@ -25,7 +25,7 @@ from pathlib import Path
 import sqlalchemy as sa
 import torch
 
-from contract import names, schema, tracking
+from contract import names, schema, stores, tracking
 from search.cli import SearchError
 from search.configs import Outcome, StudyContext, evaluate_configs, lookup, run_label
 
@@ -93,7 +93,7 @@ class Claims:
             with schema.creation_lock(url):  # workers starting together: one creates the table
                 self.table.metadata.create_all(self.engine)
         except sa.exc.SQLAlchemyError as err:
-            raise SearchError(f"cannot use storage {self.shown!r}: {tracking.first_line(err)}") from None
+            raise SearchError(f"cannot use storage {self.shown!r}: {stores.first_line(err)}") from None
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.started = time.time()
         self._stop = threading.Event()

@@ -19,7 +19,7 @@ from helpers import mlflow_run, runs
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from contract import cli, names, profiles, tracking
+from contract import cli, names, profiles, stores, tracking
 from pruning.tasks import TaskError, load_task
 from search.cli import run_main
 
@@ -29,7 +29,7 @@ PIQA = {"goal": "Open a jar", "sol1": "Twist the lid.", "sol2": "Eat the lid.", 
 
 @pytest.fixture(autouse=True)
 def not_under_mlflow_run(monkeypatch):
-    for name in ("MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI", "PRUNETRACK_PROFILE", *tracking.FAST_REQUESTS):
+    for name in ("MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI", "PRUNETRACK_PROFILE", *stores.FAST_REQUESTS):
         monkeypatch.delenv(name, raising=False)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from contract import names, tracking
+from contract import names, naming, tracking
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,7 @@ def test_default_model_name_is_the_model_sides():
     """tracking names the default model without importing pruning (analysis never loads torch)."""
     from pruning.models import DEFAULT_MODEL
 
-    assert tracking.DEFAULT_MODEL_NAME == DEFAULT_MODEL
+    assert naming.DEFAULT_MODEL_NAME == DEFAULT_MODEL
 
 
 @pytest.fixture
@@ -86,7 +86,7 @@ def test_study_run_renames_the_run_mlflow_run_created(client, monkeypatch, caplo
     """`mlflow run` creates the run (an MLflow-made name such as `bemused-fox-123`) and logs every
     MLproject parameter; the study renames it and adds only what is missing."""
     created = client.create_run("0")  # what mlflow run does without --experiment-name
-    assert tracking._generated_name(created.info.run_name), created.info.run_name
+    assert naming._generated_name(created.info.run_name), created.info.run_name
     client.log_param(created.info.run_id, "revision", "")  # mlflow run logs the MLproject params as given
     monkeypatch.setenv("MLFLOW_RUN_ID", created.info.run_id)
     with tracking.study_run(client, "beam_search", "beam_search/default", {**PARAMS, "beam_width": 3, "max_removed": 4}) as (
@@ -112,9 +112,9 @@ def test_study_run_renames_the_run_mlflow_run_created(client, monkeypatch, caplo
 
 
 def test_generated_names():
-    assert tracking._generated_name("bemused-fox-123") and tracking._generated_name(None)
-    assert not tracking._generated_name("ablation-3") and not tracking._generated_name("my-own-run")
-    assert not tracking._generated_name("sensitivity SmolLM2-135M-Instruct pydoc_ppl n=100")
+    assert naming._generated_name("bemused-fox-123") and naming._generated_name(None)
+    assert not naming._generated_name("ablation-3") and not naming._generated_name("my-own-run")
+    assert not naming._generated_name("sensitivity SmolLM2-135M-Instruct pydoc_ppl n=100")
 
 
 # --------------------------------------------------------------------------- dependencies
