@@ -247,6 +247,9 @@ def run_main(main, argv=None, user_errors: tuple = ()) -> int:
     finally:
         for name, handler in previous.items():
             signal.signal(getattr(signal, name), handler)
+        tracking = sys.modules.get("contract.tracking")  # not imported by `--help`
+        if tracking is not None:  # the next entry point run in this process starts with nothing in flight
+            tracking.forget_in_flight()
     return 0
 
 

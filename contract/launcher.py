@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 from contract.names import ERROR
-from contract.tracking import error_tag, fast_requests, first_line, process_alive, stop_reason
+from contract.stores import fast_requests, first_line
+from contract.tracking import error_tag, process_alive, stop_reason
 
 logger = logging.getLogger(__name__)
 

@@ -347,6 +347,11 @@ def in_flight(client: MlflowClient, exp_id: str) -> None:
     _OPENED.setdefault(client.tracking_uri, (client, set()))[1].add(exp_id)
 
 
+def forget_in_flight() -> None:
+    """Forget where this process opened runs: its entry point has returned (contract.cli.run_main)."""
+    _OPENED.clear()
+
+
 def stop_in_flight(error: BaseException) -> str:
     """End every RUNNING run of this process (tagged with its host and pid) KILLED with why it was stopped,
     in one batch: configuration runs first, the study's run last. What was done, as the stop message says it."""
@@ -361,7 +366,7 @@ def stop_in_flight(error: BaseException) -> str:
         except Exception as err:  # the store does not answer: the next start closes them
             failed.append(first_line(err))
     defer_stops = False
-    _OPENED.clear()
+    forget_in_flight()
     if failed:
         return f"runs in flight could not all be marked KILLED ({failed[0]}); the next start closes them"
     return "the runs in flight are marked KILLED"

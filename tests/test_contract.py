@@ -120,7 +120,8 @@ def test_records_round_trip_through_json_and_reject_what_they_are_not():
     ("modules", "banned"),
     [
         (
-            "contract.names, contract.records, contract.tracking, contract.cli, contract.trial_table, contract.profiles",
+            "contract.names, contract.records, contract.tracking, contract.stores, contract.naming, contract.launcher, "
+            "contract.cli, contract.trial_table, contract.profiles",
             ("torch", "transformers", "pruning", "search", "analysis", "optuna"),
         ),
         (
