@@ -211,13 +211,19 @@ class Worker:
                 elif claim is not None and claim.status == FAILED and claim.heartbeat >= self.claims.started:
                     settled[removed] = Outcome(removed, hashes[removed], error=claim.error)
                     continue  # failed while this worker ran; one that failed before is retried
+                elif claim is not None and claim.status == RUNNING and claim.owner == self.claims.owner:
+                    won.append(removed)  # taken over from a dead worker while this one scored (_taking_over)
+                    continue
                 elif claim is not None and claim.status == RUNNING and self.claims.alive(claim):
                     continue
                 if len(won) < self.claim_size and self.claims.take(hashes[removed], claim):
                     self._close_orphans(claim)
                     won.append(removed)
             if won:
-                for removed, outcome in self.evaluate(won, race, race_key).items():
+                others = [hashes[r] for r in configs if r not in settled and r not in won]
+                with self._taking_over(others):
+                    outcomes = self.evaluate(won, race, race_key)
+                for removed, outcome in outcomes.items():
                     self.claims.settle(hashes[removed], outcome.error)
                     settled[removed] = outcome
             elif len(settled) < len(configs):
@@ -278,6 +284,33 @@ class Worker:
     def _halve_batch(self) -> None:
         """Score with half the batch size from now on."""
         self.ctx.evaluator = self.ctx.evaluator.with_batch_size(self.ctx.evaluator.batch_size // 2)
+
+    @contextlib.contextmanager
+    def _taking_over(self, hashes: list[str]):
+        """While this worker scores its claimed set, take over at once (every POLL_S) the claims on
+        `hashes` whose owner is gone (Claims.alive) and mark their runs KILLED; `run` scores them
+        next. Step-wide scoring cannot add a configuration to a set already under way, so the
+        takeover happens between two rounds of scoring, not after every claimed set of the step.
+        A thread, so that the scoring loop itself stays as it is."""
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.wait(POLL_S):
+                try:
+                    for claim in self.claims.rows(hashes).values():
+                        if claim.status == RUNNING and not self.claims.alive(claim) and self.claims.take(claim.conf_hash, claim):
+                            self._close_orphans(claim)
+                            logger.info(f"took over configuration {claim.conf_hash} from {claim.owner}, whose process is gone")
+                except Exception as err:  # the store or the claims table did not answer: the next look tries again
+                    logger.warning(f"looking for dead workers' claims failed: {stores.first_line(err)}")
+
+        thread = threading.Thread(target=watch, name="claims-takeover", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
 
     def _close_orphans(self, claim: Claim | None) -> None:
         """Mark the RUNNING runs that the dead owner of a taken-over claim left as KILLED."""

@@ -362,6 +362,47 @@ def test_claims_are_exclusive_and_taken_over_from_dead_or_silent_owners(tmp_path
         work.Claims("postgresql://postgres:secret@127.0.0.1:1/x")
 
 
+def test_a_dead_workers_claim_is_taken_over_while_a_survivor_scores(tmp_path, sqlite_store, monkeypatch):
+    """A survivor busy with its own claimed set takes over a dead worker's claim within a poll, not
+    after its set: the claim becomes its own and the dead worker's run KILLED while it scores; the
+    configuration is scored in its next round."""
+    from types import SimpleNamespace
+
+    from search.configs import Outcome
+
+    _, client = sqlite_store
+    exp_id = tracking.experiment_id(client, "beam_search/m")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    ctx = SimpleNamespace(client=client, counts={"reused": 0}, hash_of=lambda removed: f"hash-{removed[0]}")
+    seen, rounds = {}, []
+
+    def evaluate(self, configs, race=None, race_key=None):
+        rounds.append(list(configs))
+        if len(rounds) == 1:  # the survivor's own set: it scores until the dead worker's claim is its own
+            deadline = time.monotonic() + 30
+            while client.get_run(orphan).info.status == "RUNNING":
+                assert time.monotonic() < deadline, "the dead worker's run was not closed while the survivor scored"
+                time.sleep(0.1)
+            seen["owner"] = self.claims.rows(["hash-2"])["hash-2"].owner
+        return {c: Outcome(c, ctx.hash_of(c)) for c in configs}
+
+    monkeypatch.setattr(work.Worker, "evaluate", evaluate)
+    with work.Claims(str(tmp_path / "claims.db")) as claims:
+        assert claims.take("hash-2", None)  # the dead worker's claim, and its run left RUNNING
+        with claims.engine.begin() as conn:
+            conn.execute(claims.table.update().values(owner=f"{socket.gethostname()}:{dead.pid}:dead"))
+        tags = {names.CONFIG_HASH: "hash-2", names.HOST: socket.gethostname(), names.PID: str(dead.pid)}
+        orphan = client.create_run(exp_id, tags=tags).info.run_id
+        worker = work.Worker(ctx, retries=0, retry_delay=0, claims=claims, claim_size=1)
+        # claim_size 1: the survivor claims (1,) and scores it; the dead worker's (2,) is left to the takeover
+        outcomes = worker.run([(1,), (2,)])
+    assert rounds == [[(1,)], [(2,)]] and set(outcomes) == {(1,), (2,)}
+    assert seen["owner"] == claims.owner  # taken over while the survivor was still scoring its own set
+    assert client.get_run(orphan).info.status == "KILLED"
+    assert "stopped before finishing" in client.get_run(orphan).data.tags[names.ERROR]
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
