@@ -96,24 +96,32 @@ def _count(n: int) -> str:
 
 
 @contextlib.contextmanager
-def phase(label: str, every: float = EVERY):
-    """Log `label...` on entry, `still <label> (Ns)` every `every` seconds while it runs, and
-    `<label>: done in Ns` on exit: for steps that cannot count their work."""
-    start = time.monotonic()
-    logger.info(f"{label} ...")
+def repeating(seconds: float, action):
+    """Call `action()` every `seconds` in a background thread while the block runs; stopped and
+    joined on exit (a heartbeat, a watch for dead workers' claims, a still-running line)."""
     stop = threading.Event()
 
-    def beat():
-        while not stop.wait(every):
-            logger.info(f"still {label} ({duration(time.monotonic() - start)} so far)")
+    def loop():
+        while not stop.wait(seconds):
+            action()
 
-    thread = threading.Thread(target=beat, daemon=True)
+    thread = threading.Thread(target=loop, daemon=True)
     thread.start()
     try:
         yield
     finally:
         stop.set()
         thread.join()
+
+
+@contextlib.contextmanager
+def phase(label: str, every: float = EVERY):
+    """Log `label...` on entry, `still <label> (Ns)` every `every` seconds while it runs, and
+    `<label>: done in Ns` on exit: for steps that cannot count their work."""
+    start = time.monotonic()
+    logger.info(f"{label} ...")
+    with repeating(every, lambda: logger.info(f"still {label} ({duration(time.monotonic() - start)} so far)")):
+        yield
     logger.info(f"{label}: done in {duration(time.monotonic() - start)}")
 
 

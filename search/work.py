@@ -16,7 +16,6 @@ import gc
 import logging
 import os
 import socket
-import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import sqlalchemy as sa
 import torch
 
 from contract import names, schema, stores, tracking
+from search import progress
 from search.cli import SearchError
 from search.configs import Outcome, StudyContext, evaluate_configs, lookup, run_label
 
@@ -96,29 +96,27 @@ class Claims:
             raise SearchError(f"cannot use storage {self.shown!r}: {stores.first_line(err)}") from None
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.started = time.time()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name="claims-heartbeat", daemon=True)
+        self._beating = progress.repeating(HEARTBEAT_S, self._beat)
 
     def __enter__(self) -> Claims:
-        self._thread.start()
+        self._beating.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+        self._beating.__exit__(None, None, None)
         t = self.table
         with self.engine.begin() as conn:
             conn.execute(sa.delete(t).where(t.c.owner == self.owner, t.c.status == RUNNING))
         self.engine.dispose()
 
     def _beat(self) -> None:
+        """Refresh the heartbeat of this worker's running claims."""
         t = self.table
-        while not self._stop.wait(HEARTBEAT_S):
-            try:
-                with self.engine.begin() as conn:
-                    conn.execute(sa.update(t).where(t.c.owner == self.owner, t.c.status == RUNNING).values(heartbeat=time.time()))
-            except sa.exc.SQLAlchemyError as err:  # the next beat tries again
-                logger.warning(f"claims heartbeat failed: {str(err).splitlines()[0]}")
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(sa.update(t).where(t.c.owner == self.owner, t.c.status == RUNNING).values(heartbeat=time.time()))
+        except sa.exc.SQLAlchemyError as err:  # the next beat tries again
+            logger.warning(f"claims heartbeat failed: {str(err).splitlines()[0]}")
 
     def rows(self, hashes: list[str]) -> dict[str, Claim]:
         """The claims on `hashes` that exist, by hash."""
@@ -291,26 +289,19 @@ class Worker:
         `hashes` whose owner is gone (Claims.alive) and mark their runs KILLED; `run` scores them
         next. Step-wide scoring cannot add a configuration to a set already under way, so the
         takeover happens between two rounds of scoring, not after every claimed set of the step.
-        A thread, so that the scoring loop itself stays as it is."""
-        stop = threading.Event()
+        A background look (search.progress.repeating), so that the scoring loop stays as it is."""
 
-        def watch() -> None:
-            while not stop.wait(POLL_S):
-                try:
-                    for claim in self.claims.rows(hashes).values():
-                        if claim.status == RUNNING and not self.claims.alive(claim) and self.claims.take(claim.conf_hash, claim):
-                            self._close_orphans(claim)
-                            logger.info(f"took over configuration {claim.conf_hash} from {claim.owner}, whose process is gone")
-                except Exception as err:  # the store or the claims table did not answer: the next look tries again
-                    logger.warning(f"looking for dead workers' claims failed: {stores.first_line(err)}")
+        def look() -> None:
+            try:
+                for claim in self.claims.rows(hashes).values():
+                    if claim.status == RUNNING and not self.claims.alive(claim) and self.claims.take(claim.conf_hash, claim):
+                        self._close_orphans(claim)
+                        logger.info(f"took over configuration {claim.conf_hash} from {claim.owner}, whose process is gone")
+            except Exception as err:  # the store or the claims table did not answer: the next look tries again
+                logger.warning(f"looking for dead workers' claims failed: {stores.first_line(err)}")
 
-        thread = threading.Thread(target=watch, name="claims-takeover", daemon=True)
-        thread.start()
-        try:
+        with progress.repeating(POLL_S, look):
             yield
-        finally:
-            stop.set()
-            thread.join()
 
     def _close_orphans(self, claim: Claim | None) -> None:
         """Mark the RUNNING runs that the dead owner of a taken-over claim left as KILLED."""
