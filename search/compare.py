@@ -29,6 +29,7 @@ import random
 import time
 
 from contract import names, tracking
+from pruning.compile import use_compile
 from pruning.evaluate import Evaluator
 from pruning.models import load_model
 from pruning.tasks import SPLITS, Task, load_task, parse_task_list, sample
@@ -105,7 +106,8 @@ def check_disjoint(select: list[Task], score: list[Task]) -> None:
 
 
 def _context(ctx: StudyContext, tasks: list[Task], loaded, settings, split: str, n_samples: int) -> StudyContext:
-    evaluator = Evaluator(loaded, tasks, settings.batch_size, chunk_budget_gb=settings.chunk_budget_gb)
+    compiled = use_compile(settings.compile, loaded.device)
+    evaluator = Evaluator(loaded, tasks, settings.batch_size, chunk_budget_gb=settings.chunk_budget_gb, compile=compiled)
     identity = study_identity(loaded, tasks, split, n_samples, settings.seed, settings.sample)
     return StudyContext(ctx.client, ctx.experiment_id, ctx.parent_id, evaluator, identity)
 

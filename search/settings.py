@@ -184,6 +184,7 @@ class MethodSelectionSettings:
     device: str = _as_eval("device")
     dtype: str = _as_eval("dtype")
     blocks_path: str = _as_eval("blocks_path")
+    compile: str = _as_eval("compile")
     data_dir: str = _as_eval("data_dir")
     select_n_samples: int = setting(
         0, "examples per task on the selection split (0 = n_samples); n_samples is the scoring split's"
