@@ -137,18 +137,19 @@ class Evaluator:
 
     def with_batch_size(self, batch_size: int) -> Evaluator:
         """The same evaluator with `batch_size` rows per batch (pruning.scoring.ConfigEvaluator)."""
-        other = Evaluator(
-            self.loaded,
-            self.tasks,
-            batch_size,
-            self.max_length,
-            self.chunk_budget / 2**30,
-            self.shared_context,
-            self.compiled,
-            self.flex,
-        )
+        other = self._like(self.tasks, batch_size)
         other.observer = self.observer
         return other
+
+    def with_tasks(self, tasks: list[Task]) -> Evaluator:
+        """An evaluator of `tasks` with this one's options (batch size, memory budget, compile, attention)."""
+        return self._like(tasks, self.batch_size)
+
+    def _like(self, tasks: list[Task], batch_size: int) -> Evaluator:
+        budget_gb = self.chunk_budget / 2**30
+        return Evaluator(
+            self.loaded, tasks, batch_size, self.max_length, budget_gb, self.shared_context, self.compiled, self.flex
+        )
 
     def _choose_attention(self, flex: bool | None) -> bool:
         """Compile the blocks (or not), and whether packed rows use flex_attention; logged."""

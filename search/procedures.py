@@ -28,11 +28,9 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from contract import names, tracking
 from contract.records import BeamResults
 from pruning import criteria
-from pruning.compile import use_compile
 from pruning.criteria import CRITERIA, Inputs
 from pruning.criteria.states import BlockStates
 from pruning.drop import drop
-from pruning.evaluate import Evaluator
 from pruning.families import removed_parameters
 from pruning.tasks import Task
 from pruning.units import Config, Unit, normalize
@@ -232,8 +230,7 @@ def run_procedure(ctx: StudyContext, worker: Worker, settings: BeamSettings, key
         )
     ppl_ctx = None
     if ppl_tasks:
-        compiled = use_compile(given.compile, loaded.device)
-        evaluator = Evaluator(loaded, ppl_tasks, given.batch_size, chunk_budget_gb=given.chunk_budget_gb, compile=compiled)
+        evaluator = ctx.evaluator.with_tasks(ppl_tasks)
         identity = study_identity(loaded, ppl_tasks, given.split, given.n_samples, given.seed, given.sample)
         ppl_ctx = StudyContext(ctx.client, ctx.experiment_id, ctx.parent_id, evaluator, identity)
     selection = Selection(ctx, ppl_ctx, given)

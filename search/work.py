@@ -96,14 +96,14 @@ class Claims:
             raise SearchError(f"cannot use storage {self.shown!r}: {stores.first_line(err)}") from None
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.started = time.time()
-        self._beating = progress.repeating(HEARTBEAT_S, self._beat)
+        self._held = contextlib.ExitStack()
 
     def __enter__(self) -> Claims:
-        self._beating.__enter__()
+        self._held.enter_context(progress.repeating(HEARTBEAT_S, self._beat))
         return self
 
     def __exit__(self, *exc) -> None:
-        self._beating.__exit__(None, None, None)
+        self._held.close()
         t = self.table
         with self.engine.begin() as conn:
             conn.execute(sa.delete(t).where(t.c.owner == self.owner, t.c.status == RUNNING))
@@ -116,7 +116,7 @@ class Claims:
             with self.engine.begin() as conn:
                 conn.execute(sa.update(t).where(t.c.owner == self.owner, t.c.status == RUNNING).values(heartbeat=time.time()))
         except sa.exc.SQLAlchemyError as err:  # the next beat tries again
-            logger.warning(f"claims heartbeat failed: {str(err).splitlines()[0]}")
+            logger.warning(f"claims heartbeat failed: {stores.first_line(err)}")
 
     def rows(self, hashes: list[str]) -> dict[str, Claim]:
         """The claims on `hashes` that exist, by hash."""
