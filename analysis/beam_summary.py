@@ -20,7 +20,7 @@ if __name__ == "__main__":  # `--help` and a bad argument are answered before th
 
 import json
 import math
-import tempfile
+from functools import partial
 from pathlib import Path
 
 from matplotlib.figure import Figure  # no pyplot: no backend or global figure state
@@ -200,9 +200,7 @@ def main(argv=None) -> None:
     }
     summary = {"beam_search_run_id": run.info.run_id, **summarize(results, {**tagged, **types})}
     params = {"beam_search_run_id": run.info.run_id, "task_types": settings.task_types}
-    with tempfile.TemporaryDirectory() as tmp:
-        write(summary, Path(tmp))
-        run_id = job.publish(client, names.BEAM_SUMMARY, params, Path(tmp), args.output_dir)
+    run_id = job.publish(client, names.BEAM_SUMMARY, params, partial(write, summary), args.output_dir)
     print(markdown(summary) + f"beam search run: {run.info.run_id}\nanalysis run: {run_id}")
 
 

@@ -20,7 +20,7 @@ Writes, as the artifacts of a `compare_methods` run:
 
 from __future__ import annotations
 
-from analysis.settings import CompareMethodsSettings
+from analysis.settings import CompareMethodsSettings, check_bootstrap
 from analysis.settings import compare_methods_parser as parser
 from contract import cli
 
@@ -29,7 +29,7 @@ if __name__ == "__main__":  # `--help` and a bad argument are answered before th
 
 import json
 import math
-import tempfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -237,19 +237,14 @@ def main(argv=None) -> None:
     """Run the analysis: `python -m analysis.compare_methods ...` or `mlflow run . -e compare_methods`."""
     args = parser().parse_args(argv)
     settings = cli.settings_from(CompareMethodsSettings, args)
-    if settings.n_resamples < 1:
-        raise AnalysisError(f"n_resamples must be at least 1, got {settings.n_resamples}")
-    if not 0 < settings.ci_level < 1:
-        raise AnalysisError(f"ci_level must be between 0 and 1 (exclusive), got {settings.ci_level}")
+    check_bootstrap(settings.n_resamples, settings.ci_level)
     client = tracking.connect(args.tracking_uri or None)
     run = select_run(client, settings.run_id, settings.experiment)
     report = store.read_json(client, run.info.run_id, names.METHOD_SELECTION_REPORT)
     result = compare(report, per_example(client, report), settings.n_resamples, settings.ci_level, settings.seed)
     result["method_selection_run_id"] = run.info.run_id
     params = {"method_selection_run_id": run.info.run_id, "n_resamples": settings.n_resamples, "seed": settings.seed}
-    with tempfile.TemporaryDirectory() as tmp:
-        write(result, Path(tmp))
-        run_id = job.publish(client, names.COMPARE_METHODS, params, Path(tmp), args.output_dir)
+    run_id = job.publish(client, names.COMPARE_METHODS, params, partial(write, result), args.output_dir)
     print(markdown(result) + f"method selection run: {run.info.run_id}\nanalysis run: {run_id}")
 
 

@@ -11,7 +11,7 @@ per-example results, recomputes both importance vectors and r. Consistent when r
 
 from __future__ import annotations
 
-from analysis.settings import ConsistencySettings
+from analysis.settings import ConsistencySettings, check_bootstrap
 from analysis.settings import consistency_parser as parser
 from contract import cli
 
@@ -20,8 +20,8 @@ if __name__ == "__main__":  # `--help` and a bad argument are answered before th
 
 import json
 import math
-import tempfile
 import warnings
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -170,10 +170,7 @@ def consistency(
     level: float = 0.95,
 ) -> dict:
     """Everything the analysis reports (consistency.json)."""
-    if n_resamples < 1 or not 0 < level < 1:
-        raise AnalysisError(
-            f"n_resamples {n_resamples} and ci_level {level} out of range; allowed: n_resamples >= 1, 0 < ci_level < 1"
-        )
+    check_bootstrap(n_resamples, level)
     model, chosen = select_studies(client, model, experiment)
     reports: dict[str, SensitivityReport] = {}
     datasets, skipped = [], {}
@@ -321,9 +318,7 @@ def main(argv=None) -> None:
         "n_consistent": s["n_consistent"],
         **({"mean_r": s["mean_r"]} if s["mean_r"] is not None else {}),
     }
-    with tempfile.TemporaryDirectory() as tmp:
-        write(result, Path(tmp))
-        run_id = job.publish(client, names.CONSISTENCY, params, Path(tmp), args.output_dir, metrics)
+    run_id = job.publish(client, names.CONSISTENCY, params, partial(write, result), args.output_dir, metrics)
     print(summary_text(result) + f"analysis run: {run_id}")
 
 

@@ -23,8 +23,8 @@ if __name__ == "__main__":  # `--help` and a bad argument are answered before th
 import json
 import math
 import re
-import tempfile
 import warnings
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -219,10 +219,10 @@ def _clean(x) -> float | None:
     return float(x) if x is not None and math.isfinite(x) else None
 
 
-def report_text(
-    label: str, table: pd.DataFrame, excluded: dict, ranked: list[dict], untested: dict, model: dict, target: str
-) -> str:
-    """correlation_report.txt."""
+def report_text(result: dict) -> str:
+    """correlation_report.txt of an analysis result (`analyse`)."""
+    label, table, excluded, target = result["label"], result["table"], result["excluded"], result["target"]
+    ranked, untested, model = result["ranked"], result["untested"], result["model"]
     n = len(table)
     lines = [
         f"Correlation of trial results with {target}: {label}",
@@ -351,9 +351,7 @@ def write(result: dict, folder: Path) -> None:
     table, target, ranked = result["table"], result["target"], result["ranked"]
     first = ["trial_number", "run_id", "success"]
     table[first + [c for c in table.columns if c not in first]].to_csv(folder / names.STUDY_RESULTS, index=False)
-    (folder / "correlation_report.txt").write_text(
-        report_text(result["label"], table, result["excluded"], ranked, result["untested"], result["model"], target)
-    )
+    (folder / "correlation_report.txt").write_text(report_text(result))
     (folder / "prediction_model.json").write_text(json.dumps(result["model"], indent=1, ensure_ascii=False))
     (folder / "correlations.json").write_text(
         json.dumps(
@@ -387,10 +385,8 @@ def main(argv=None) -> None:
         "target": settings.target,
         "max_predictors": settings.max_predictors,
     }
-    with tempfile.TemporaryDirectory() as tmp:
-        write(result, Path(tmp))
-        run_id = job.publish(client, names.CORRELATION, params, Path(tmp), args.output_dir, metrics)
-        print((Path(tmp) / "correlation_report.txt").read_text() + f"analysis run: {run_id}")
+    run_id = job.publish(client, names.CORRELATION, params, partial(write, result), args.output_dir, metrics)
+    print(report_text(result) + f"analysis run: {run_id}")
 
 
 if __name__ == "__main__":

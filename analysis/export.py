@@ -28,6 +28,7 @@ import os
 import re
 import tempfile
 import time
+from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -217,10 +218,15 @@ def export(client, s3, bucket: str, prefix: str, runs: list) -> dict:
             "runs": merged,
         }
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "manifest.json"
-            path.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-            put(manifest_key, path)
+            put(manifest_key, write_manifest(manifest, Path(tmp)))
     return {**counts, "manifest": manifest}
+
+
+def write_manifest(manifest: dict, folder: Path) -> Path:
+    """`folder`/manifest.json; its path."""
+    path = folder / "manifest.json"
+    path.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    return path
 
 
 def main(argv=None) -> None:
@@ -250,9 +256,7 @@ def main(argv=None) -> None:
         "endpoint_url": public(url or ""),
     }
     metrics = {"uploaded": result["uploaded"], "skipped": result["skipped"], "n_runs": len(runs)}
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "manifest.json").write_text(json.dumps(result["manifest"], indent=1, sort_keys=True))
-        run_id = job.publish(client, names.EXPORT, params, Path(tmp), args.output_dir, metrics)
+    run_id = job.publish(client, names.EXPORT, params, partial(write_manifest, result["manifest"]), args.output_dir, metrics)
     print(
         f"exported {len(runs)} runs to {settings.dest}: uploaded {result['uploaded']}, skipped {result['skipped']} "
         f"(already there, same size and MD5)\nanalysis run: {run_id}"

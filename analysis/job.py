@@ -1,6 +1,6 @@
 """What every analysis job shares: its own MLflow run, one-line errors (its settings: analysis.settings).
 
-An analysis writes its outputs into a folder; `publish` then records them as one run tagged
+An analysis writes its outputs into a temporary folder; `publish` then records them as one run tagged
 `prunetrack.kind=<kind>` (the run `mlflow run` started, else a new one in experiment `analysis`),
 logs the folder as the run's artifacts and copies it to `--output_dir` when given.
 """
@@ -8,6 +8,8 @@ logs the folder as the run's artifacts and copies it to `--output_dir` when give
 from __future__ import annotations
 
 import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
@@ -19,16 +21,24 @@ EXPERIMENT = "analysis"
 
 
 def publish(
-    client: MlflowClient, kind: str, params: dict, outputs: Path, output_dir: str = "", metrics: dict | None = None
+    client: MlflowClient,
+    kind: str,
+    params: dict,
+    write: Callable[[Path], None],
+    output_dir: str = "",
+    metrics: dict | None = None,
 ) -> str:
-    """Record the files in `outputs` as the artifacts of an analysis run of `kind`; its run id."""
-    with tracking.study_run(client, kind, EXPERIMENT, params) as (run_id, _):
-        tracking.log(client, run_id, metrics=metrics or {})
-        tracking.describe(client, run_id, description(kind, outputs, metrics or {}))
-        client.log_artifacts(run_id, str(outputs))
-    if output_dir:
-        shutil.copytree(outputs, output_dir, dirs_exist_ok=True)
-        cli.ignore_in_checkout(output_dir)
+    """Record the files `write` puts into a temporary folder as the artifacts of an analysis run of `kind`; its run id."""
+    with tempfile.TemporaryDirectory() as tmp:
+        outputs = Path(tmp)
+        write(outputs)
+        with tracking.study_run(client, kind, EXPERIMENT, params) as (run_id, _):
+            tracking.log(client, run_id, metrics=metrics or {})
+            tracking.describe(client, run_id, description(kind, outputs, metrics or {}))
+            client.log_artifacts(run_id, str(outputs))
+        if output_dir:
+            shutil.copytree(outputs, output_dir, dirs_exist_ok=True)
+            cli.ignore_in_checkout(output_dir)
     return run_id
 
 

@@ -21,15 +21,31 @@ class OutputSettings:
 
 
 @dataclass
-class ConsistencySettings:
+class BootstrapSettings:
+    """How an analysis resamples for its intervals."""
+
+    n_resamples: int = setting(1000, "bootstrap resamples")
+    ci_level: float = setting(0.95, "confidence interval level")
+    seed: int = setting(0, "bootstrap seed")
+
+
+def check_bootstrap(n_resamples: int, ci_level: float) -> None:
+    """Reject resampling settings out of range (one-line errors)."""
+    from analysis.store import AnalysisError
+
+    if n_resamples < 1:
+        raise AnalysisError(f"n_resamples {n_resamples} out of range; allowed: >= 1")
+    if not 0 < ci_level < 1:
+        raise AnalysisError(f"ci_level {ci_level} out of range; allowed: 0 < ci_level < 1")
+
+
+@dataclass
+class ConsistencySettings(BootstrapSettings):
     """The `consistency` entry point's settings."""
 
     model: str = setting("", "the model's name as the sensitivity studies logged it")
     experiment: str = setting("", "only studies in this experiment (name or id)")
     threshold: float = setting(0.9, "consistent when Spearman r >= threshold")
-    n_resamples: int = setting(1000, "bootstrap resamples")
-    ci_level: float = setting(0.95, "bootstrap interval level")
-    seed: int = setting(0, "bootstrap seed")
 
 
 @dataclass
@@ -53,14 +69,11 @@ class BeamSummarySettings:
 
 
 @dataclass
-class CompareMethodsSettings:
+class CompareMethodsSettings(BootstrapSettings):
     """The `compare_methods` entry point's settings."""
 
     run_id: str = setting("", "the method_selection run (search.compare); empty: the latest FINISHED one")
     experiment: str = setting("", "look for method selections in this experiment only")
-    n_resamples: int = setting(1000, "paired bootstrap resamples (examples within each task; units for correlations)")
-    ci_level: float = setting(0.95, "confidence interval level")
-    seed: int = setting(0, "bootstrap seed")
 
 
 @dataclass

@@ -2,54 +2,40 @@
 
 from __future__ import annotations
 
+import functools
+import operator
+
 from benchmarks.common import LLAMA3_8B
+
+# the top-level keys other tools read: part -> {key: path of the value within the part}
+SUMMARY_KEYS = {
+    "sensitivity": {"sensitivity_speedup": ("speedup",), "sensitivity_max_abs_diff": ("max_abs_diff",)},
+    "scale_sensitivity": {"scale_sensitivity_speedup": ("speedup",), "scale_max_abs_diff": ("max_abs_diff",)},
+    "sublayer_sensitivity": {
+        "sublayer_sensitivity_speedup": ("speedup",),
+        "sublayer_sensitivity_max_abs_diff": ("max_abs_diff",),
+    },
+    "racing": {"racing_eval_ratio": ("eval_ratio",), "racing_same_recommendations": ("same_recommendations",)},
+    "multiple_choice": {"mc_speedup_vs_lm_eval": ("speedup",), "mc_acc_equal": ("acc_equal",)},
+    "forward": {"mfu": ("ours", "mfu"), "mfu_plain_transformers": ("plain", "mfu")},
+    "scoring": {"scoring_compiled_speedup": ("compiled_speedup",), "scoring_flex_speedup": ("flex_speedup",)},
+    "gpu_scoring": {
+        "gpu_scoring_tokens_per_s": ("paths", "compiled_flex", "tokens_per_s"),
+        "gpu_scoring_mfu": ("paths", "compiled_flex", "mfu"),
+        "gpu_compiled_speedup": ("compiled_speedup",),
+        "gpu_flex_speedup": ("flex_speedup",),
+        "gpu_scoring_device": ("device",),
+        "gpu_scoring_date": ("date",),
+    },
+}
 
 
 def summary(results: dict) -> dict:
-    """The top-level keys other tools read."""
+    """The top-level keys other tools read (SUMMARY_KEYS) of the parts measured."""
     flat = {"device": results.get("device")}
-    if "sensitivity" in results:
-        flat |= {
-            "sensitivity_speedup": results["sensitivity"]["speedup"],
-            "sensitivity_max_abs_diff": results["sensitivity"]["max_abs_diff"],
-        }
-    if "scale_sensitivity" in results:
-        flat |= {
-            "scale_sensitivity_speedup": results["scale_sensitivity"]["speedup"],
-            "scale_max_abs_diff": results["scale_sensitivity"]["max_abs_diff"],
-        }
-    if "sublayer_sensitivity" in results:
-        flat |= {
-            "sublayer_sensitivity_speedup": results["sublayer_sensitivity"]["speedup"],
-            "sublayer_sensitivity_max_abs_diff": results["sublayer_sensitivity"]["max_abs_diff"],
-        }
-    if "racing" in results:
-        flat |= {
-            "racing_eval_ratio": results["racing"]["eval_ratio"],
-            "racing_same_recommendations": results["racing"]["same_recommendations"],
-        }
-    if "multiple_choice" in results:
-        flat |= {
-            "mc_speedup_vs_lm_eval": results["multiple_choice"]["speedup"],
-            "mc_acc_equal": results["multiple_choice"]["acc_equal"],
-        }
-    if "forward" in results:
-        flat |= {"mfu": results["forward"]["ours"]["mfu"], "mfu_plain_transformers": results["forward"]["plain"]["mfu"]}
-    if "scoring" in results:
-        flat |= {
-            "scoring_compiled_speedup": results["scoring"]["compiled_speedup"],
-            "scoring_flex_speedup": results["scoring"]["flex_speedup"],
-        }
-    if "gpu_scoring" in results:
-        g = results["gpu_scoring"]
-        flat |= {
-            "gpu_scoring_tokens_per_s": g["paths"]["compiled_flex"]["tokens_per_s"],
-            "gpu_scoring_mfu": g["paths"]["compiled_flex"]["mfu"],
-            "gpu_compiled_speedup": g["compiled_speedup"],
-            "gpu_flex_speedup": g["flex_speedup"],
-            "gpu_scoring_device": g["device"],
-            "gpu_scoring_date": g["date"],
-        }
+    for part, keys in SUMMARY_KEYS.items():
+        if part in results:
+            flat |= {key: functools.reduce(operator.getitem, path, results[part]) for key, path in keys.items()}
     return flat
 
 

@@ -15,6 +15,7 @@ import math
 import numpy as np
 
 PERPLEXITY = "perplexity"
+RACING_ALPHA = 0.05  # racing's default error level per step (pruning.racing); here, torch-free, for the settings
 SCORE_OF_KIND = {"multiple_choice": "acc", "generation": "score"}
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import norm
 
-from pruning.drop import example_terms
+from pruning.drop import RACING_ALPHA, example_terms
 from pruning.evaluate import MIN_LOOK_EXAMPLES
 from pruning.units import label, normalize
 
@@ -53,7 +53,7 @@ class Race:
 
     beams: list[Beam]
     width: int
-    alpha: float = 0.05
+    alpha: float = RACING_ALPHA
 
     def stop(self, evaluator, lls: dict) -> dict[tuple, str]:
         """Configurations (keys of `lls`: per task, example -> request log-likelihoods) to stop now,

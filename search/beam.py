@@ -41,8 +41,8 @@ import numpy as np
 
 from contract import names, tracking
 from contract.records import BeamResults, BeamStep, Candidate, unit_names
+from pruning.drop import RACING_ALPHA
 from pruning.racing import Beam, Race
-from pruning.tasks import parse_task_list
 from pruning.units import Config, all_units, identity, normalize, parse_blocks, removed_blocks
 from search import beam_records, monitoring, summaries
 from search.cli import SearchError, run_main
@@ -55,7 +55,8 @@ logger = logging.getLogger(__spec__.name)  # `python -m search.beam` runs it as 
 
 @dataclass(frozen=True)
 class Settings:
-    """What the search explores and how it ranks."""
+    """The search plan: what it explores and how it ranks, normalized from the settings of beam_search
+    (settings_of) or select_methods (search.procedures); it defines the beam key."""
 
     beam_width: int
     max_removed: int
@@ -63,7 +64,7 @@ class Settings:
     protect: tuple[int, ...]
     criterion: str  # mean, all, a task name (the drop criterion), or another criterion (pruning.criteria)
     racing: bool = True  # stop candidates that are confidently out of every beam (pruning.racing)
-    racing_alpha: float = 0.05
+    racing_alpha: float = RACING_ALPHA
     removal_unit: str = "block"  # block, sublayer or both (pruning.units.all_units)
     max_params_removed_frac: float = 0.0  # 0: no parameter budget
     procedure: str = "beam"  # search.procedures; not in the beam key while `beam`, so keys stay as they were
@@ -94,38 +95,16 @@ class Settings:
 
 
 def settings_of(args: BeamSearchSettings) -> Settings:
-    """The search parameters, checked before any compute."""
-    tasks = parse_task_list(args.tasks)
-    for name in ("beam_width", "max_removed", "min_active_blocks"):
-        if getattr(args, name) < 1:
-            raise SearchError(f"{name} must be at least 1, got {getattr(args, name)}")
-    if args.retries < 0 or args.retry_delay < 0:
-        raise SearchError(f"retries and retry_delay must be >= 0, got {args.retries} and {args.retry_delay}")
-    from pruning.criteria import CRITERIA
-    from search.procedures import beam_width, check
+    """The search plan of checked beam_search settings: greedy's width 1, `drop` as `mean`, protect parsed."""
+    from search.procedures import beam_width
 
-    criterion = "mean" if args.criterion == "drop" else args.criterion
-    if criterion not in ("mean", "all", *tasks, *CRITERIA):
-        allowed = ", ".join(["mean", "all", *tasks, *CRITERIA])
-        raise SearchError(f"unknown criterion {args.criterion!r}; allowed: {allowed}")
-    check("drop" if criterion in ("mean", "all", *tasks) else criterion, args.procedure)
-    if args.removal_unit != "block" and (args.procedure not in ("beam", "greedy") or criterion in CRITERIA):
-        raise SearchError(
-            f"criterion {args.criterion} with procedure {args.procedure} chooses whole blocks; allowed: removal_unit block, "
-            "or criterion mean, all or a task with procedure beam or greedy"
-        )
-    if not 0 < args.racing_alpha < 1:
-        raise SearchError(f"racing_alpha must be between 0 and 1 (exclusive), got {args.racing_alpha}")
-    if args.claim_size < 1:
-        raise SearchError(f"claim_size must be at least 1, got {args.claim_size}")
-    if not 0 <= args.max_params_removed_frac < 1:
-        raise SearchError(f"max_params_removed_frac must be in [0, 1), got {args.max_params_removed_frac}")
+    args.check()
     return Settings(
         beam_width(args.procedure, args.beam_width),
         args.max_removed,
         args.min_active_blocks,
         parse_blocks(args.protect, "protect"),
-        criterion,
+        "mean" if args.criterion == "drop" else args.criterion,
         args.racing,
         args.racing_alpha,
         args.removal_unit,

@@ -26,7 +26,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -43,7 +43,7 @@ from search import monitoring, progress
 from search.cli import SearchError, run_main
 from search.export_run import log_export, register
 from search.export_source import Source, source_of
-from search.export_timing import SpeedSettings, check_lengths, measure, peak_memory, random_prompts, speed_report
+from search.export_timing import check_lengths, measure, peak_memory, random_prompts, speed_report
 
 logger = logging.getLogger(__spec__.name)  # `python -m search.export_model` runs it as __main__: log under its own name
 
@@ -105,7 +105,7 @@ def plain_width_config(pruned_dir: Path):
     return config
 
 
-def export_blocks(source: Source, args, directory: Path, speed: SpeedSettings) -> Exported:
+def export_blocks(source: Source, args: ExportModelSettings, directory: Path) -> Exported:
     """Save the dense model without the source's blocks and units to `directory` (pruning.export_units); the
     in-place removal (pruning.families.units_removed) is the reference."""
     with progress.phase(f"loading model {source.model}"):
@@ -115,7 +115,7 @@ def export_blocks(source: Source, args, directory: Path, speed: SpeedSettings) -
     removed = check_blocks(source.removed, dense.num_blocks)
     if not (removed or source.units):
         raise SearchError(f"blocks is empty; allowed: one or more of 0..{dense.num_blocks - 1}")
-    check_lengths(dense, speed)
+    check_lengths(dense, args)
     units = (*removed, *source.units)
     try:
         with units_removed(dense, units):
@@ -124,10 +124,10 @@ def export_blocks(source: Source, args, directory: Path, speed: SpeedSettings) -
             config = save_without_units(dense, units, directory)
     except UnitError as err:
         raise SearchError(str(err)) from None
-    return finish(source, dense, directory, reference, config, args, speed)
+    return finish(source, dense, directory, reference, config, args)
 
 
-def export_width(source: Source, args, client, directory: Path, speed: SpeedSettings) -> Exported:
+def export_width(source: Source, args: ExportModelSettings, client, directory: Path) -> Exported:
     """Save a prune run's uniform `pruned_model/` with a plain config to `directory`; `load_pruned` is the reference."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -139,7 +139,7 @@ def export_width(source: Source, args, client, directory: Path, speed: SpeedSett
         raise SearchError(f"prune run {source.run_id} has no artifact pruned_model/ (it ran with save_model=false)") from None
     config = plain_width_config(pruned_dir)
     dense = load_model(source.model, device=args.device, dtype=args.dtype, revision=source.revision)
-    check_lengths(dense, speed)
+    check_lengths(dense, args)
     device, dtype = dense.device, next(dense.model.parameters()).dtype
     pruned = taylor.load_pruned(pruned_dir).to(device=device, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(pruned_dir)
@@ -149,10 +149,10 @@ def export_width(source: Source, args, client, directory: Path, speed: SpeedSett
     plain.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     del pruned, plain
-    return finish(source, dense, directory, reference, (), args, speed)
+    return finish(source, dense, directory, reference, (), args)
 
 
-def finish(source: Source, dense: LoadedModel, directory: Path, reference, units: Config, args, speed: SpeedSettings) -> Exported:
+def finish(source: Source, dense: LoadedModel, directory: Path, reference, units: Config, args: ExportModelSettings) -> Exported:
     """Reload the exported directory with plain transformers (and its shipped code), check its logits, time it
     against the dense model, measure both KV caches."""
     with progress.phase("reloading the exported model with plain transformers"):
@@ -165,13 +165,13 @@ def finish(source: Source, dense: LoadedModel, directory: Path, reference, units
             f"model by {diff:.3g} (tolerance {TOLERANCE[dtype]:g}): "
             "this family cannot be exported as a plain config"
         )
-    with progress.phase(f"timing dense and pruned ({speed.repeats} to {speed.max_repeats} alternating rounds)"):
-        timings = measure(dense, loaded, speed)
+    with progress.phase(f"timing dense and pruned ({args.repeats} to {args.max_repeats} alternating rounds)"):
+        timings = measure(dense, loaded, args)
     with progress.phase("measuring peak memory"):
-        peaks = peak_memory([dense, loaded], speed, [(source.model, source.revision), (str(directory), None)])
+        peaks = peak_memory([dense, loaded], args, [(source.model, source.revision), (str(directory), None)])
     timings["dense"]["peak_memory_mb"], timings["pruned"]["peak_memory_mb"] = peaks
     for side, model in (("dense", dense), ("pruned", loaded)):
-        timings[side][names.KV_CACHE_BYTES_PER_TOKEN] = kv_cache_bytes_per_token(model.model, random_prompts(model, speed))
+        timings[side][names.KV_CACHE_BYTES_PER_TOKEN] = kv_cache_bytes_per_token(model.model, random_prompts(model, args))
     return Exported(directory, loaded, removed_blocks(units), units, diff, timings)
 
 
@@ -206,8 +206,7 @@ def main(argv=None) -> None:
     """Export a pruned model: `python -m search.export_model ...` or `mlflow run . -e export_model`."""
     args = parser().parse_args(argv)
     settings = cli.settings_from(ExportModelSettings, args)
-    speed = SpeedSettings(settings.speed_batch, settings.prompt_len, settings.new_tokens, settings.repeats, settings.max_repeats)
-    speed.check()
+    settings.check()
     client = tracking.connect(args.tracking_uri or None)
     source = source_of(client, settings)
     for name in source.tasks:  # unknown tasks and data fail before any model loads
@@ -219,11 +218,11 @@ def main(argv=None) -> None:
     with monitored or contextlib.nullcontext(), tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp) / "hf"
         if source.kind == names.PRUNE:
-            exported = export_width(source, settings, client, directory, speed)
+            exported = export_width(source, settings, client, directory)
         else:
-            exported = export_blocks(source, settings, directory, speed)
+            exported = export_blocks(source, settings, directory)
         metrics = rescore(exported, source, settings)
-        report = speed_report(exported, speed)
+        report = speed_report(exported, settings)
         for warning in report["warnings"]:
             logger.warning(warning)
         params = {
@@ -239,7 +238,7 @@ def main(argv=None) -> None:
             "torch_threads": report["torch_threads"],
             "register_as": settings.register_as,
             **{f"rescore_{k}": v for k, v in rescored_with(source).items()},
-            **{f"speed_{k}" if k == "batch" else k: v for k, v in asdict(speed).items()},
+            **settings.speed_settings(),
         }
         with tracking.study_run(client, names.EXPORT, f"{names.EXPORT}/{source.model}", params) as (run_id, _):
             log_export(client, run_id, source, exported, report, metrics, settings)
@@ -250,8 +249,8 @@ def main(argv=None) -> None:
     print(
         f"exported {source.model}, {exported.what}: {report['pruned']['n_params']:,} of "
         f"{report['dense']['n_params']:,} parameters; prefill {report['prefill_speedup']:.2f}x, decode "
-        f"{report['decode_speedup']:.2f}x ({report['device']}, {report['dtype']}, batch {speed.batch}, "
-        f"{speed.prompt_len}+{speed.new_tokens} tokens, {report['settings']['rounds']} rounds; 95% intervals "
+        f"{report['decode_speedup']:.2f}x ({report['device']}, {report['dtype']}, batch {settings.speed_batch}, "
+        f"{settings.prompt_len}+{settings.new_tokens} tokens, {report['settings']['rounds']} rounds; 95% intervals "
         f"{report['prefill_speedup_low']:.2f}-{report['prefill_speedup_high']:.2f}x and "
         f"{report['decode_speedup_low']:.2f}-{report['decode_speedup_high']:.2f}x)"
     )

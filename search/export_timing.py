@@ -10,7 +10,6 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,30 +20,10 @@ from pruning.export_units import ships_code
 from pruning.models import LoadedModel, load_model
 from search import speedup
 from search.cli import SearchError
+from search.settings import SpeedSettings
 
 if TYPE_CHECKING:
     from search.export_model import Exported
-
-
-@dataclass
-class SpeedSettings:
-    """How dense and pruned models are timed: `batch` random prompts of `prompt_len` tokens, then
-    `new_tokens` greedy decode steps with the KV cache; one warm-up, then at least `repeats` rounds,
-    more until the speedups' intervals are tight (search.speedup), at most `max_repeats`
-    (ExportModelSettings' speed_batch, prompt_len, new_tokens, repeats, max_repeats)."""
-
-    batch: int
-    prompt_len: int
-    new_tokens: int
-    repeats: int
-    max_repeats: int
-
-    def check(self) -> None:
-        for name, value in asdict(self).items():
-            if value < 1:
-                raise SearchError(f"{name} {value} out of range; allowed: >= 1")
-        if self.max_repeats < self.repeats:
-            raise SearchError(f"max_repeats {self.max_repeats} is below repeats {self.repeats}; allowed: >= repeats")
 
 
 def check_lengths(loaded: LoadedModel, speed: SpeedSettings) -> None:
@@ -64,7 +43,7 @@ def _sync(device: torch.device) -> None:
 def random_prompts(loaded: LoadedModel, speed: SpeedSettings) -> torch.Tensor:
     """`batch` x `prompt_len` random token ids, the same for every model of the same vocabulary."""
     vocab = loaded.model.get_input_embeddings().num_embeddings
-    ids = torch.randint(0, vocab, (speed.batch, speed.prompt_len), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, vocab, (speed.speed_batch, speed.prompt_len), generator=torch.Generator().manual_seed(0))
     return ids.to(loaded.device)
 
 
@@ -111,8 +90,8 @@ def measure(dense: LoadedModel, pruned: LoadedModel, speed: SpeedSettings) -> di
             "n_params": sum(t.numel() for t in params),
             "n_block_params": speedup.block_parameters(loaded.model),
             "weight_mb": sum(t.numel() * t.element_size() for t in params) / 2**20,
-            "prefill_tokens_per_s": speed.batch * speed.prompt_len / p,
-            "decode_tokens_per_s": speed.batch * speed.new_tokens / d,
+            "prefill_tokens_per_s": speed.speed_batch * speed.prompt_len / p,
+            "decode_tokens_per_s": speed.speed_batch * speed.new_tokens / d,
             "decode_ms_per_token": 1000 * d / speed.new_tokens,
             "prefill_seconds": list(prefill),
             "decode_seconds": list(decode),
@@ -131,7 +110,7 @@ def peak_memory(models: list[LoadedModel], speed: SpeedSettings, sources: list[t
     code = "import sys; from search.export_timing import _child_peak; print(_child_peak(*sys.argv[1:]))"
     children = [
         subprocess.Popen(
-            [sys.executable, "-c", code, source, dtype, revision or "", json.dumps(asdict(speed))],
+            [sys.executable, "-c", code, source, dtype, revision or "", json.dumps(speed.speed_settings())],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -173,7 +152,7 @@ def speed_report(exported: Exported, speed: SpeedSettings) -> dict:
     dense, pruned = exported.speed["dense"], exported.speed["pruned"]
     return {
         "settings": {
-            **asdict(speed),
+            **{name.removeprefix("speed_"): value for name, value in speed.speed_settings().items()},
             "warmup": 1,
             "rounds": len(dense["prefill_seconds"]),
             "statistic": "tokens/s: median; speedup: geometric mean of the paired round ratios, 95% t interval",

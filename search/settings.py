@@ -13,19 +13,19 @@ from dataclasses import dataclass, fields
 from contract import cli
 from contract.cli import setting
 from pruning.compile import COMPILE_CHOICES
-from pruning.tasks import SAMPLES, TaskError
+from pruning.drop import RACING_ALPHA
+from pruning.tasks import SAMPLES, TaskError, parse_task_list
 
 REMOVAL_UNITS = ("block", "sublayer", "both")  # pruning.units.all_units
 
 
 @dataclass
-class EvalSettings:
-    """The model and the data it is scored on."""
+class ModelDataSettings:
+    """The model and the data it is scored on, whichever split."""
 
     model: str = setting("default", "hub id, local model directory, .gguf file, or 'default'")
     revision: str = setting("", "hub revision (branch, tag or commit)")
     tasks: str = setting("pydoc_ppl,pydoc_cloze", "comma-separated task names or suites (zero_shot_7: the seven zero-shot tasks)")
-    split: str = setting("validation", "train or validation")
     n_samples: int = setting(100, "examples per task (0 = all)")
     sample: str = setting(
         "seeded",
@@ -42,6 +42,13 @@ class EvalSettings:
     )
     blocks_path: str = setting("", "dotted path of the block list, for model families not known")
     data_dir: str = setting("", "folder with <task>/<split>.jsonl copies (offline; also $PRUNETRACK_DATA_DIR)")
+
+
+@dataclass
+class EvalSettings(ModelDataSettings):
+    """The model and the data it is scored on: one split."""
+
+    split: str = setting("validation", "train or validation")
     system_metrics: bool = setting(False, "log CPU and memory (and GPU, always on CUDA) as MLflow system metrics")
 
 
@@ -78,13 +85,42 @@ class BeamSearchSettings(SensitivitySettings):
         "", "database shared by workers: postgresql://..., sqlite:///path, a file path or a profile name; empty: one process"
     )
     racing: bool = setting(True, "stop candidates confidently out of every beam early (false: exhaustive)")
-    racing_alpha: float = setting(0.05, "error level of racing's stops, per step")
+    racing_alpha: float = setting(RACING_ALPHA, "error level of racing's stops, per step")
     claim_size: int = setting(32, "configurations a worker claims and scores together when workers share storage")
     max_params_removed_frac: float = setting(
         0.0,
         "never remove more than this fraction of the blocks' parameters (0: no limit); e.g. 0.1334 with "
         "removal_unit=sublayer matches removing 4 of 30 equal blocks",
     )
+
+    def check(self) -> None:
+        """Validate the search's settings before any compute (one-line errors)."""
+        from pruning.criteria import CRITERIA
+        from search.cli import SearchError
+        from search.procedures import check
+
+        tasks = parse_task_list(self.tasks)
+        for name in ("beam_width", "max_removed", "min_active_blocks"):
+            if getattr(self, name) < 1:
+                raise SearchError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.retries < 0 or self.retry_delay < 0:
+            raise SearchError(f"retries and retry_delay must be >= 0, got {self.retries} and {self.retry_delay}")
+        criterion = "mean" if self.criterion == "drop" else self.criterion
+        if criterion not in ("mean", "all", *tasks, *CRITERIA):
+            allowed = ", ".join(["mean", "all", *tasks, *CRITERIA])
+            raise SearchError(f"unknown criterion {self.criterion!r}; allowed: {allowed}")
+        check("drop" if criterion in ("mean", "all", *tasks) else criterion, self.procedure)
+        if self.removal_unit != "block" and (self.procedure not in ("beam", "greedy") or criterion in CRITERIA):
+            raise SearchError(
+                f"criterion {self.criterion} with procedure {self.procedure} chooses whole blocks; allowed: removal_unit "
+                "block, or criterion mean, all or a task with procedure beam or greedy"
+            )
+        if not 0 < self.racing_alpha < 1:
+            raise SearchError(f"racing_alpha must be between 0 and 1 (exclusive), got {self.racing_alpha}")
+        if self.claim_size < 1:
+            raise SearchError(f"claim_size must be at least 1, got {self.claim_size}")
+        if not 0 <= self.max_params_removed_frac < 1:
+            raise SearchError(f"max_params_removed_frac must be in [0, 1), got {self.max_params_removed_frac}")
 
 
 DEFAULT_METHODS = (
@@ -151,15 +187,11 @@ class PruneSettings:
 
 
 @dataclass
-class ExportModelSettings(EvalSettings):
-    """The `export_model` entry point's settings: what to export, where, and how to time it."""
+class SpeedSettings:
+    """How export_model times dense and pruned models: `speed_batch` random prompts of `prompt_len` tokens,
+    then `new_tokens` greedy decode steps with the KV cache; one warm-up, then at least `repeats` rounds, more
+    until the speedups' intervals are tight (search.speedup), at most `max_repeats`."""
 
-    run_id: str = setting("", "a beam_search or prune run to export")
-    num_removed: int = setting(0, "which recommendation of a beam search (0: the largest)")
-    blocks: str = setting("", "blocks to remove from model instead of a run, e.g. 3,5,7")
-    units: str = setting("", "units to remove from model instead of a run, e.g. a4,a13,b20 (attention, mlp, block)")
-    register_as: str = setting("", "register the model under this name (a new version)")
-    output_dir: str = setting("", "also write the plain Hugging Face model directory here")
     speed_batch: int = setting(1, "prompts timed together")
     prompt_len: int = setting(128, "tokens per timed prompt")
     new_tokens: int = setting(32, "greedy decode steps timed (with the KV cache)")
@@ -168,24 +200,38 @@ class ExportModelSettings(EvalSettings):
         30, "timed rounds at most: rounds go on until the speedups' 95 percent intervals are within 5 percent"
     )
 
+    def speed_settings(self) -> dict:
+        """These settings alone, by name (the export run's params; what a timing subprocess is sent)."""
+        return {f.name: getattr(self, f.name) for f in fields(SpeedSettings)}
+
+    def check(self) -> None:
+        """Validate the timing settings (one-line errors)."""
+        from search.cli import SearchError
+
+        for name, value in self.speed_settings().items():
+            if value < 1:
+                raise SearchError(f"{name} {value} out of range; allowed: >= 1")
+        if self.max_repeats < self.repeats:
+            raise SearchError(f"max_repeats {self.max_repeats} is below repeats {self.repeats}; allowed: >= repeats")
+
 
 @dataclass
-class MethodSelectionSettings:
+class ExportModelSettings(SpeedSettings, EvalSettings):
+    """The `export_model` entry point's settings: what to export, where, and how to time it (SpeedSettings)."""
+
+    run_id: str = setting("", "a beam_search or prune run to export")
+    num_removed: int = setting(0, "which recommendation of a beam search (0: the largest)")
+    blocks: str = setting("", "blocks to remove from model instead of a run, e.g. 3,5,7")
+    units: str = setting("", "units to remove from model instead of a run, e.g. a4,a13,b20 (attention, mlp, block)")
+    register_as: str = setting("", "register the model under this name (a new version)")
+    output_dir: str = setting("", "also write the plain Hugging Face model directory here")
+
+
+@dataclass
+class MethodSelectionSettings(ModelDataSettings):
     """The `select_methods` entry point's settings: which criterion/procedure pairs select configurations
     of k = 1..max_k blocks on one split, and the split their selections are scored on."""
 
-    model: str = _as_eval("model")
-    revision: str = _as_eval("revision")
-    tasks: str = _as_eval("tasks")
-    n_samples: int = _as_eval("n_samples")
-    sample: str = _as_eval("sample")
-    batch_size: int = _as_eval("batch_size")
-    seed: int = _as_eval("seed")
-    device: str = _as_eval("device")
-    dtype: str = _as_eval("dtype")
-    blocks_path: str = _as_eval("blocks_path")
-    compile: str = _as_eval("compile")
-    data_dir: str = _as_eval("data_dir")
     select_n_samples: int = setting(
         0, "examples per task on the selection split (0 = n_samples); n_samples is the scoring split's"
     )
@@ -199,7 +245,7 @@ class MethodSelectionSettings:
     score_split: str = setting("validation/b", "where selections are scored; no example may be shared with select_split")
     beam_width: int = setting(3, "configurations kept per step by the beam procedure")
     racing: bool = setting(True, "greedy and beam stop candidates confidently out of every beam early")
-    racing_alpha: float = setting(0.05, "error level of racing's stops, per step")
+    racing_alpha: float = setting(RACING_ALPHA, "error level of racing's stops, per step")
 
 
 def sensitivity_parser() -> argparse.ArgumentParser:

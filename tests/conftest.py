@@ -74,3 +74,20 @@ def store_template(tmp_path_factory):
 def sqlite_store(store_template, tmp_path):
     """(uri, client) of a fresh SQLite tracking store at tmp_path/mlflow.db."""
     return copy_store(store_template, tmp_path / "mlflow.db")
+
+
+MEASURED: list[str] = []  # lines the `measured` fixture adds, shown at the end of the run
+
+
+@pytest.fixture
+def measured():
+    """A function that records a measurement line (e.g. the soak test's worst takeover time); `make test` shows
+    them in a section of its own at the end."""
+    return MEASURED.append
+
+
+def pytest_terminal_summary(terminalreporter):
+    if MEASURED:
+        terminalreporter.section("measured")
+        for line in MEASURED:
+            terminalreporter.write_line(line)

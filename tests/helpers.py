@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -94,3 +95,12 @@ def mlflow_run(uri: str, entry: str, *params: str, cwd: Path, options=(), env=No
     for param in params:
         cmd += ["-P", param]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=cwd, timeout=timeout)
+
+
+def assert_each_config_once(client) -> Counter:
+    """Every configuration hash has exactly one FINISHED run; returns the statuses of all config runs."""
+    config_runs = runs(client, "config")
+    finished = Counter(r.data.tags["config_hash"] for r in config_runs if r.info.status == "FINISHED")
+    assert finished and set(finished.values()) == {1}, finished
+    assert {r.data.tags["config_hash"] for r in config_runs} == set(finished)
+    return Counter(r.info.status for r in config_runs)

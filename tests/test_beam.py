@@ -9,14 +9,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import sqlalchemy as sa
 import torch
-from helpers import copy_store, mlflow_run, runs
+from helpers import assert_each_config_once, copy_store, mlflow_run, runs
 from mlflow.tracking import MlflowClient
 
 import pruning.evaluate
@@ -100,15 +99,6 @@ def assert_close(a, b, path="results"):
             assert_close(x, y, f"{path}[{i}]")
     else:
         assert a == b, f"{path}: {a} != {b}"
-
-
-def assert_each_config_once(client: MlflowClient) -> Counter:
-    """Every configuration hash has exactly one FINISHED run; returns the statuses of all config runs."""
-    config_runs = runs(client, "config")
-    finished = Counter(r.data.tags["config_hash"] for r in config_runs if r.info.status == "FINISHED")
-    assert finished and set(finished.values()) == {1}, finished
-    assert {r.data.tags["config_hash"] for r in config_runs} == set(finished)
-    return Counter(r.info.status for r in config_runs)
 
 
 @pytest.fixture(scope="module")

@@ -46,10 +46,11 @@ def local_file(name: str, split: str, data_dir: str | None) -> Path | None:
     return path if path.is_file() else None
 
 
-def check_jsonl(path: Path) -> None:
-    """Reject a local copy that lm-eval would fail on with a library traceback: an empty file, or a line
-    that is not a JSON object (blank lines are skipped, as the JSON loader does)."""
-    records = 0
+def jsonl_records(path: Path) -> list[tuple[int, dict]]:
+    """The records of a local JSONL copy with their line numbers; a file lm-eval would fail on with a library
+    traceback (not UTF-8, a line that is not a JSON object) is rejected in one line. Blank lines are skipped,
+    as the JSON loader does."""
+    records = []
     try:
         with path.open(encoding="utf-8") as lines:
             for line_no, line in enumerate(lines, 1):
@@ -66,12 +67,17 @@ def check_jsonl(path: Path) -> None:
                     raise TaskError(
                         f"{path}:{line_no}: a JSON {type(record).__name__}, not a record; allowed: one JSON object per line"
                     ) from None
-                records += 1
+                records.append((line_no, record))
     except UnicodeDecodeError as err:
         raise TaskError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); allowed: JSON lines in UTF-8") from None
     except OSError as err:
         raise TaskError(f"cannot read {path}: {err.strerror or err}") from None
-    if not records:
+    return records
+
+
+def check_jsonl(path: Path) -> None:
+    """Reject a local copy that lm-eval would fail on: unreadable (jsonl_records) or empty."""
+    if not jsonl_records(path):
         raise TaskError(f"{path} is empty; allowed: one JSON record per line (or remove it to use the hub's copy)")
 
 

@@ -19,7 +19,7 @@ from functools import partial
 from pathlib import Path
 
 from pruning.tasks import Task, TaskError
-from pruning.tasks.harness import DATA_DIR_ENV, local_file
+from pruning.tasks.harness import DATA_DIR_ENV, jsonl_records, local_file
 
 KIND = "generation"
 
@@ -113,20 +113,13 @@ def load(name: str, split: str, data_dir: str | None = None) -> Task:
 
 def _read_jsonl(name: str, path: Path) -> list[dict]:
     records = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise TaskError(f"{path}:{line_no}: not a JSON record ({err.msg})") from None
-            if not isinstance(record.get("image"), str):
-                raise TaskError(f'{path}:{line_no}: missing "image" (a path relative to {path.parent})')
-            image = path.parent / record["image"]
-            if not image.is_file():
-                raise TaskError(f"task {name!r}: image file not found: {image} ({path.name} line {line_no})")
-            records.append({**record, "loader": partial(_open_image, image), "where": f"{path}:{line_no}"})
+    for line_no, record in jsonl_records(path):
+        if not isinstance(record.get("image"), str):
+            raise TaskError(f'{path}:{line_no}: missing "image" (a path relative to {path.parent})')
+        image = path.parent / record["image"]
+        if not image.is_file():
+            raise TaskError(f"task {name!r}: image file not found: {image} ({path.name} line {line_no})")
+        records.append({**record, "loader": partial(_open_image, image), "where": f"{path}:{line_no}"})
     return records
 
 
