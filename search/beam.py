@@ -104,7 +104,7 @@ def settings_of(args: BeamSearchSettings) -> Settings:
         args.max_removed,
         args.min_active_blocks,
         parse_blocks(args.protect, "protect"),
-        "mean" if args.criterion == "drop" else args.criterion,
+        args.ranked_criterion,
         args.racing,
         args.racing_alpha,
         args.removal_unit,

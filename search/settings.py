@@ -93,6 +93,11 @@ class BeamSearchSettings(SensitivitySettings):
         "removal_unit=sublayer matches removing 4 of 30 equal blocks",
     )
 
+    @property
+    def ranked_criterion(self) -> str:
+        """The criterion as the search ranks by it: `drop` is the mean drop, `mean`."""
+        return "mean" if self.criterion == "drop" else self.criterion
+
     def check(self) -> None:
         """Validate the search's settings before any compute (one-line errors)."""
         from pruning.criteria import CRITERIA
@@ -105,7 +110,7 @@ class BeamSearchSettings(SensitivitySettings):
                 raise SearchError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.retries < 0 or self.retry_delay < 0:
             raise SearchError(f"retries and retry_delay must be >= 0, got {self.retries} and {self.retry_delay}")
-        criterion = "mean" if self.criterion == "drop" else self.criterion
+        criterion = self.ranked_criterion
         if criterion not in ("mean", "all", *tasks, *CRITERIA):
             allowed = ", ".join(["mean", "all", *tasks, *CRITERIA])
             raise SearchError(f"unknown criterion {self.criterion!r}; allowed: {allowed}")
